@@ -1,0 +1,1 @@
+"""RNN-family text classifiers and language models: data, tokenizers, models, training."""
