@@ -92,13 +92,13 @@ class RNNClassifier(nn.Module):
             return self.elman_output(x, lengths)
         _, state = run_packed(self.rnn, x, lengths)
         h = state[0] if isinstance(state, tuple) else state  # (L*D, B, H); LSTM state is (h, c)
-        last = h[-self.cfg.directions:].transpose(0, 1).reshape(len(lengths), -1)  # (B, D*H): top layer
+        last = h[-self.cfg.directions:].transpose(0, 1).reshape(-1, self.head.in_features)  # (B, D*H): top layer
         return self.head(self.drop(last))  # (B, num_labels)
 
     def elman_output(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         out, _ = run_packed(self.rnn, x, lengths)  # (B, T, H)
         out = torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)  # (B, T+1, H): h_{-1} = 0 first
-        last = (lengths - 1).view(-1, 1, 1)
+        last = (lengths.to(x.device) - 1).view(-1, 1, 1)
         x_last = x.gather(1, last.expand(-1, 1, x.shape[2])).squeeze(1)  # (B, E): x_T
         h_prev = out.gather(1, last.expand(-1, 1, out.shape[2])).squeeze(1)  # (B, H): h_{T-1}
         return F.log_softmax(self.i2o(torch.cat([x_last, h_prev], dim=1)), dim=-1)
