@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUNS := runs
+REPOSITORY := model_repository
 
 .PHONY: install test models serve clean
 
@@ -12,14 +13,18 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[train,test]"
+	$(PY) -m pip install -q -e ".[train,export,test]"
 	touch $@
 
 test: install
 	$(PY) -m pytest
 
-# the quick default models: an IMDB GRU classifier and a Time Machine character GRU
-models: install $(RUNS)/imdb-gru/model.safetensors $(RUNS)/timemachine-gru/model.safetensors
+# the quick default models, trained and exported (verified) into the model repository:
+# an IMDB GRU classifier and a Time Machine character GRU
+models: install $(REPOSITORY)/imdb-gru $(REPOSITORY)/timemachine-gru
+
+$(REPOSITORY)/%: $(RUNS)/%/model.safetensors
+	$(PY) -m export $(RUNS)/$* --repository $(REPOSITORY)
 
 $(RUNS)/imdb-gru/model.safetensors:
 	$(PY) -m models.train classifier --data imdb --arch gru --epochs 4 --out $(RUNS)/imdb-gru
@@ -27,9 +32,9 @@ $(RUNS)/imdb-gru/model.safetensors:
 $(RUNS)/timemachine-gru/model.safetensors:
 	$(PY) -m models.train lm --data timemachine --arch gru --out $(RUNS)/timemachine-gru
 
-# serving arrives with the export and serving issues; until then `make serve` trains the defaults
+# serving arrives with the serving issue; until then `make serve` trains and exports the defaults
 serve: models
-	@echo "trained: $(RUNS)/imdb-gru $(RUNS)/timemachine-gru"
+	@echo "exported: $(REPOSITORY)/imdb-gru $(REPOSITORY)/timemachine-gru"
 
 clean:
-	rm -rf $(VENV) $(RUNS)
+	rm -rf $(VENV) $(RUNS) $(REPOSITORY)

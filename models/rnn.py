@@ -88,20 +88,23 @@ class RNNClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         x = self.drop(self.embed(input_ids))  # (B, T, E)
+        out, _ = run_packed(self.rnn, x, lengths)  # (B, T, D*H), top layer
+        last = lengths.to(x.device) - 1  # (B,)
         if self.cfg.arch == "elman":
-            return self.elman_output(x, lengths)
-        _, state = run_packed(self.rnn, x, lengths)
-        h = state[0] if isinstance(state, tuple) else state  # (L*D, B, H); LSTM state is (h, c)
-        last = h[-self.cfg.directions:].transpose(0, 1).reshape(-1, self.head.in_features)  # (B, D*H): top layer
-        return self.head(self.drop(last))  # (B, num_labels)
+            h = torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)  # (B, T+1, H): h_{-1} = 0 first
+            combined = torch.cat([at(x, last), at(h, last)], dim=1)  # (B, E+H): [x_T, h_{T-1}]
+            return F.log_softmax(self.i2o(combined), dim=-1)
+        # final states read from the outputs (so the exported graph keeps the packed-sequence
+        # pattern that becomes sequence_lens): forward at each row's last real token, backward at t=0
+        final = at(out, last)  # (B, D*H)
+        if self.cfg.directions == 2:
+            final = torch.cat([final[:, : self.cfg.hidden_size], out[:, 0, self.cfg.hidden_size:]], dim=1)
+        return self.head(self.drop(final))  # (B, num_labels)
 
-    def elman_output(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        out, _ = run_packed(self.rnn, x, lengths)  # (B, T, H)
-        out = torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)  # (B, T+1, H): h_{-1} = 0 first
-        last = (lengths.to(x.device) - 1).view(-1, 1, 1)
-        x_last = x.gather(1, last.expand(-1, 1, x.shape[2])).squeeze(1)  # (B, E): x_T
-        h_prev = out.gather(1, last.expand(-1, 1, out.shape[2])).squeeze(1)  # (B, H): h_{T-1}
-        return F.log_softmax(self.i2o(torch.cat([x_last, h_prev], dim=1)), dim=-1)
+
+def at(seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """seq[b, index[b]] for each row: (B, T, F) -> (B, F)."""
+    return seq.gather(1, index.view(-1, 1, 1).expand(-1, 1, seq.shape[2])).squeeze(1)
 
 
 class RNNLanguageModel(nn.Module):

@@ -1,0 +1,1 @@
+"""Trained runs -> verified ONNX models in a versioned model repository (python -m export)."""
