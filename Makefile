@@ -1,4 +1,4 @@
-# make serve: install, train the default models if there are none, then serve (see README).
+# make serve: install, train and export the default models if there are none, serve on port 8000.
 # make test:  install, run the whole test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[train,export,test]"
+	$(PY) -m pip install -q -e ".[train,export,serve,test]"
 	touch $@
 
 test: install
@@ -32,9 +32,8 @@ $(RUNS)/imdb-gru/model.safetensors:
 $(RUNS)/timemachine-gru/model.safetensors:
 	$(PY) -m models.train lm --data timemachine --arch gru --out $(RUNS)/timemachine-gru
 
-# serving arrives with the serving issue; until then `make serve` trains and exports the defaults
 serve: models
-	@echo "exported: $(REPOSITORY)/imdb-gru $(REPOSITORY)/timemachine-gru"
+	$(PY) -m serving --repository $(REPOSITORY) --port 8000
 
 clean:
 	rm -rf $(VENV) $(RUNS) $(REPOSITORY)

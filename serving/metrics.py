@@ -1,0 +1,18 @@
+"""Prometheus metrics of the server, served at GET /metrics."""
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+
+REQUESTS = Counter("rnnserve_requests_total", "Inference requests by model, endpoint and HTTP status",
+                   ["model", "endpoint", "status"])
+REQUEST_LATENCY = Histogram("rnnserve_request_latency_seconds", "Time from request to response",
+                            ["model", "endpoint"], buckets=LATENCY_BUCKETS)
+QUEUE_TIME = Histogram("rnnserve_queue_time_seconds", "Time a request waited before its batch ran",
+                       ["model"], buckets=LATENCY_BUCKETS)
+INFERENCE_TIME = Histogram("rnnserve_inference_time_seconds", "Time of one batch's ONNX Runtime calls",
+                           ["model"], buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("rnnserve_batch_size", "Rows per ONNX Runtime call", ["model"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+PADDING_RATIO = Histogram("rnnserve_padding_ratio", "Padded tokens / real tokens per ONNX Runtime call",
+                          ["model"], buckets=(0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4))
+QUEUE_DEPTH = Gauge("rnnserve_queue_depth", "Requests waiting in the model's queue", ["model"])

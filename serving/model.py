@@ -1,0 +1,129 @@
+"""A served model: a verified ONNX Runtime session, its tokenizer, and the verbs the routes use.
+
+load (checksum, session, warm-up) -> encode texts into token ids -> predict a padded batch ->
+respond with one prediction per row. No PyTorch: ONNX Runtime, numpy and the tokenizer only.
+"""
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from models.tokenize import Tokenizer, Vocab
+from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def latest_version(model_dir: Path) -> int:
+    found = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not found:
+        raise ModelLoadError(f"{model_dir}: no version folders")
+    return found[-1]
+
+
+@dataclass
+class ServedModel:
+    name: str
+    version: int
+    path: Path
+    manifest: dict
+    session: ort.InferenceSession
+    tokenizer: Tokenizer
+    vocab: Vocab
+    provider: str
+    output_names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, model_dir: Path, version: int | None, settings: Settings) -> "ServedModel":
+        """Load a version (the latest by default), verifying model.onnx against the manifest."""
+        version = version or latest_version(model_dir)
+        path = model_dir / str(version)
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+            onnx_bytes = (path / manifest["file"]).read_bytes()
+            vocab = Vocab.load(path / manifest["vocab_file"])
+            tokenizer = Tokenizer(**manifest["tokenizer"])
+        except (OSError, KeyError, ValueError, AssertionError) as e:
+            raise ModelLoadError(f"{path}: unreadable model version: {e}") from e
+        if hashlib.sha256(onnx_bytes).hexdigest() != manifest["sha256"]:
+            raise ModelLoadError(f"{path}: {manifest['file']} does not match the manifest's sha256")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spin_wait else "0")
+        available = ort.get_available_providers()
+        providers = [p for p in settings.providers if p in available] or ["CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(onnx_bytes, options, providers=providers)
+        except Exception as e:  # ONNX Runtime raises its own exception types
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load the graph: {e}") from e
+        provider = session.get_providers()[0]
+        log.info("loaded %s version %s on %s", model_dir.name, version, provider)
+        model = cls(model_dir.name, version, path, manifest, session, tokenizer, vocab, provider,
+                    [o.name for o in session.get_outputs()])
+        model.warm_up(settings.max_batch_size)
+        return model
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def max_len(self) -> int:
+        return self.manifest["max_len"]
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest["labels"]
+
+    def warm_up(self, max_batch_size: int):
+        """Run every length bucket once (powers of two up to max_len) at batch 1 and full batch."""
+        started = time.perf_counter()
+        lengths = sorted({min(2 ** i, self.max_len) for i in range(12)} | {self.max_len})
+        for n in lengths:
+            for batch in (1, max_batch_size):
+                self.predict(np.ones((batch, n), dtype=np.int64), np.full(batch, n, dtype=np.int64))
+        log.info("warmed up %s over lengths %s in %.2fs", self.name, lengths, time.perf_counter() - started)
+
+    def encode(self, text: str) -> tuple[list[int], bool]:
+        """(token ids cut to max_len, whether it was cut). An empty text becomes one <unk>."""
+        ids = self.vocab.encode(self.tokenizer(text))
+        return (ids[: self.max_len] or [1]), len(ids) > self.max_len
+
+    def predict(self, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """(B, T) int64 right-padded ids and (B,) lengths -> (B, num_labels) logits; LMs: zero state."""
+        feeds = {"input_ids": input_ids, "lengths": lengths}
+        for spec in self.manifest.get("state", {}).get("inputs", []):
+            shape = self.manifest["model"]["num_layers"], len(lengths), self.manifest["model"]["hidden_size"]
+            feeds[spec] = np.zeros(shape, dtype=np.float32)
+        if self.provider != "CUDAExecutionProvider":
+            return self.session.run(self.output_names[:1], feeds)[0]
+        binding = self.session.io_binding()  # on CUDA: one copy in, one copy of the logits out
+        for feed_name, value in feeds.items():
+            binding.bind_cpu_input(feed_name, value)
+        binding.bind_output(self.output_names[0], "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def respond(self, logits: np.ndarray, truncated: bool) -> dict:
+        """One classifier prediction: label, its probability, all probabilities."""
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        best = int(p.argmax())
+        return {"label": self.labels[best], "score": float(p[best]),
+                "probabilities": dict(zip(self.labels, map(float, p))), "truncated": truncated}
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "version": str(self.version), "task": self.task, "arch": self.manifest["arch"],
+                "labels": self.labels, "max_len": self.max_len, "provider": self.provider,
+                "inputs": self.manifest["inputs"], "outputs": self.manifest["outputs"]}

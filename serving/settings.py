@@ -1,0 +1,45 @@
+"""Server settings: one pydantic-settings class, every field also RNNSERVE_<NAME> in the environment."""
+from pathlib import Path
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RNNSERVE_")
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    repository: Path = Path("model_repository")
+    model_versions: dict[str, int] = {}  # pin a version per model, e.g. {"imdb-gru": 1}; else the latest
+
+    # ONNX Runtime
+    providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # the first available wins
+    intra_op_threads: int = 1  # per model; on 2 cores one thread leaves the other to the event loop
+    spin_wait: bool = False  # spinning intra-op threads compete with the event loop for the CPU
+
+    # dynamic batching
+    max_batch_size: int = 64  # rows per ONNX Runtime call
+    max_batch_tokens: int = 4096  # rows x padded length per call
+    max_queue_delay_ms: float = 1.0  # how long a batch may wait for more rows after its first
+    max_queue_size: int = 1024  # requests waiting; beyond it 503 at once
+    request_timeout_s: float = 30.0  # per request, queue and inference; 504 beyond it
+
+    # request limits
+    max_instances: int = 256  # texts or rows per request; beyond it 413
+    max_body_bytes: int = 4 * 1024 * 1024  # beyond it 413
+
+    @field_validator("max_batch_size", "max_batch_tokens", "max_queue_size", "max_instances", "max_body_bytes",
+                     "intra_op_threads")
+    @classmethod
+    def positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("max_queue_delay_ms", "request_timeout_s")
+    @classmethod
+    def not_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value

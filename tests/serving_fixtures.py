@@ -1,0 +1,51 @@
+"""A real uvicorn server on 127.0.0.1 over a repository of tiny exported models."""
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from export.repository import export_run
+from serving.app import create_app
+from serving.settings import Settings
+from tests.test_export import make_run
+
+
+def tiny_repository(folder: Path) -> Path:
+    """A BiLSTM classifier (labels neg, pos; word tokens; max_len 12) and a char GRU LM."""
+    export_run(make_run(folder / "runs" / "clf", "classifier", "bilstm"), folder / "repo", cases=5)
+    export_run(make_run(folder / "runs" / "lm", "lm", "gru"), folder / "repo", cases=5)
+    return folder / "repo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn in a thread; .url, .app (to look inside), and stop()."""
+
+    def __init__(self, repository: Path, **settings):
+        self.app = create_app(Settings(repository=repository, **settings))
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/v2/health/ready").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)

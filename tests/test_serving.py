@@ -1,0 +1,269 @@
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from models.tokenize import Tokenizer, Vocab
+from serving.batcher import Batcher, plan_calls
+from serving.model import ModelLoadError, ServedModel
+from serving.settings import Settings
+from tests.serving_fixtures import Server, tiny_repository
+
+TEXTS = ["good film", "the plot was awful awful awful", "a", "great great good film the plot " * 3,
+         "bad", "unknownword film", "the a the a good bad great awful plot film"]
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    return tiny_repository(tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    s = Server(repository, max_queue_delay_ms=5)
+    yield s
+    s.stop()
+
+
+def alone(repository, text: str) -> np.ndarray:
+    """The reference: the exported graph run on this one text, no server, no batch."""
+    folder = repository / "clf" / "1"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    ids = Vocab.load(folder / "vocab.json").encode(Tokenizer(**manifest["tokenizer"])(text))[: manifest["max_len"]]
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"input_ids": np.array([ids]), "lengths": np.array([len(ids)])})[0][0]
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
+
+
+def test_v1_predict_answers_like_the_graph_alone(server, repository):
+    r = httpx.post(f"{server.url}/v1/models/clf:predict", json={"instances": TEXTS})
+    assert r.status_code == 200, r.text
+    predictions = r.json()["predictions"]
+    assert len(predictions) == len(TEXTS)
+    for text, p in zip(TEXTS, predictions):
+        expected = alone(repository, text)
+        assert set(p) == {"label", "score", "probabilities", "truncated"}
+        assert np.abs(np.array([p["probabilities"]["neg"], p["probabilities"]["pos"]]) - expected).max() < 1e-5
+        assert p["label"] == ["neg", "pos"][int(expected.argmax())] and p["score"] == max(p["probabilities"].values())
+    assert [p["truncated"] for p in predictions] == [len(Tokenizer("word")(t)) > 12 for t in TEXTS]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, repository):
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "film", "plot", "great", "awful", "the", "a"]
+    texts = [" ".join(rng.choice(words, rng.integers(1, 20))) for _ in range(300)]
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30,
+                                     limits=httpx.Limits(max_connections=300)) as client:
+            return await asyncio.gather(*(client.post("/v1/models/clf:predict", json={"instances": [t]})
+                                          for t in texts))
+
+    before = batch_counts(server)
+    responses = asyncio.run(fire())
+    assert all(r.status_code == 200 for r in responses), {r.status_code for r in responses}
+    for text, r in zip(texts, responses):
+        p = r.json()["predictions"][0]["probabilities"]
+        assert np.abs(np.array([p["neg"], p["pos"]]) - alone(repository, text)).max() < 1e-5
+    calls, rows = (a - b for a, b in zip(batch_counts(server), before))
+    assert rows == 300 and calls < 300, (calls, rows)  # batches larger than one row were formed
+
+
+def batch_counts(server) -> tuple[float, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    count = re.search(r'rnnserve_batch_size_count\{model="clf"\} (\S+)', text)
+    total = re.search(r'rnnserve_batch_size_sum\{model="clf"\} (\S+)', text)
+    return (float(count[1]), float(total[1])) if count else (0.0, 0.0)
+
+
+BAD_REQUESTS = [
+    ("/v1/models/clf:predict", b"{not json", 400),
+    ("/v1/models/clf:predict", b'{"instances": "not a list"}', 400),
+    ("/v1/models/clf:predict", b'{"texts": ["wrong field"]}', 400),
+    ("/v1/models/clf:predict", b'{"instances": []}', 400),
+    ("/v1/models/clf:predict", b'{"instances": ["fine", "  "]}', 400),
+    ("/v1/models/clf:predict", b'{"instances": [3]}', 400),
+    ("/v1/models/clf:predict", b'{"instances": ["\xff\xfe bad utf-8"]}', 400),
+    ("/v1/models/clf:predict", json.dumps({"instances": ["x"] * 257}).encode(), 413),
+    ("/v1/models/nope:predict", b'{"instances": ["x"]}', 404),
+    ("/v1/models/lm:predict", b'{"instances": ["x"]}', 400),
+    ("/v2/models/nope/infer", b'{"inputs": []}', 404),
+    ("/v2/models/clf/versions/7/infer", b'{"inputs": []}', 404),
+]
+
+
+def v2_body(**changes) -> bytes:
+    ids = {"name": "input_ids", "shape": [2, 3], "datatype": "INT64", "data": [[2, 3, 4], [5, 6, 0]]}
+    lengths = {"name": "lengths", "shape": [2], "datatype": "INT64", "data": [3, 2]}
+    for key, value in changes.items():
+        target, field = key.split("__")
+        (ids if target == "ids" else lengths)[field] = value
+    return json.dumps({"inputs": [ids, lengths]}).encode()
+
+
+BAD_V2 = [v2_body(ids__name="tokens"), v2_body(ids__datatype="FP32"), v2_body(ids__shape=[6]),
+          v2_body(ids__data=[2, 3, 4, 5]), v2_body(lengths__data=[3, 4]), v2_body(lengths__data=[0, 2]),
+          v2_body(ids__data=[[2, 3, 4], [5, 6, 99]]), v2_body(ids__data=[["a", "b", "c"], [1, 2, 3]]),
+          v2_body(lengths__shape=[3], lengths__data=[1, 1, 1])]
+
+
+@pytest.mark.parametrize("path,body,status", BAD_REQUESTS + [("/v2/models/clf/infer", b, 400) for b in BAD_V2])
+def test_bad_input_gets_a_clear_4xx_and_the_server_goes_on(server, path, body, status):
+    r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert isinstance(r.json()["error"], str) and r.json()["error"]
+    ok = httpx.post(f"{server.url}/v1/models/clf:predict", json={"instances": ["good film"]})
+    assert ok.status_code == 200
+
+
+def test_body_over_the_limit_is_413(repository):
+    s = Server(repository, max_body_bytes=1000)
+    try:
+        r = httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good " * 300]})
+        assert r.status_code == 413 and "bytes" in r.json()["error"]
+        assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_v2_endpoints_return_the_documented_shapes(server, repository):
+    get = lambda path: httpx.get(server.url + path)
+    assert get("/v2/health/live").status_code == 200 and get("/v2/health/ready").status_code == 200
+    assert set(get("/v2").json()) == {"name", "version", "extensions"}
+    meta = get("/v2/models/clf").json()
+    assert meta == {"name": "clf", "versions": ["1"], "platform": "onnxruntime_onnx",
+                    "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+                               {"name": "lengths", "datatype": "INT64", "shape": [-1]}],
+                    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}]}
+    assert get("/v2/models/clf/versions/1").json() == meta
+    assert get("/v2/models/clf/ready").status_code == 200 and get("/v2/models/clf/versions/1/ready").status_code == 200
+    assert get("/v2/models/clf/versions/2/ready").status_code == 404
+    r = httpx.post(f"{server.url}/v2/models/clf/infer", content=v2_body())  # no content-type, as some clients send
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"model_name", "model_version", "outputs"} and body["model_version"] == "1"
+    (out,) = body["outputs"]
+    assert (out["name"], out["shape"], out["datatype"], len(out["data"])) == ("logits", [2, 2], "FP32", 4)
+    sess = ort.InferenceSession(str(repository / "clf" / "1" / "model.onnx"))
+    expected = sess.run(None, {"input_ids": np.array([[2, 3, 4]]), "lengths": np.array([3])})[0]
+    assert np.abs(np.array(out["data"][:2]) - expected[0]).max() < 1e-5
+    lm = httpx.post(f"{server.url}/v2/models/lm/infer", json={"id": "r1", "inputs": [
+        {"name": "input_ids", "shape": [2, 3], "datatype": "INT64", "data": [2, 3, 4, 5, 0, 0]},
+        {"name": "lengths", "shape": [2], "datatype": "INT64", "data": [3, 1]}]}).json()
+    assert lm["id"] == "r1" and lm["outputs"][0]["shape"] == [2, 3, 10]
+
+
+def test_v1_model_listing_shows_versions_task_labels_and_provider(server):
+    models = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models").json()["models"]}
+    assert models["clf"]["labels"] == ["neg", "pos"] and models["clf"]["task"] == "classifier"
+    assert models["lm"]["task"] == "lm" and models["clf"]["provider"] == "CPUExecutionProvider"
+    assert httpx.get(f"{server.url}/v1/models/clf").json()["version"] == "1"
+    assert httpx.get(f"{server.url}/v1/models/nope").status_code == 404
+
+
+def test_metrics_are_prometheus_text(server):
+    httpx.post(f"{server.url}/v1/models/clf:predict", json={"instances": ["good"]})
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("rnnserve_requests_total", "rnnserve_request_latency_seconds_bucket", "rnnserve_queue_time_seconds",
+                 "rnnserve_inference_time_seconds", "rnnserve_batch_size", "rnnserve_padding_ratio",
+                 "rnnserve_queue_depth"):
+        assert name in text
+    assert re.search(r'rnnserve_requests_total\{endpoint="v1_predict",model="clf",status="200"\} [1-9]', text)
+
+
+def test_overload_gets_503_at_once_and_the_server_recovers(repository):
+    s = Server(repository, max_queue_size=2, max_batch_size=1)
+    batcher = s.app.state.batchers["clf"]
+    predict = batcher.predict
+    batcher.predict = lambda ids, lengths: (time.sleep(0.05), predict(ids, lengths))[1]  # a slow model
+    try:
+        async def fire():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+                return await asyncio.gather(*(client.post("/v1/models/clf:predict", json={"instances": ["good"]})
+                                              for _ in range(40)))
+        started = time.perf_counter()
+        responses = asyncio.run(fire())
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) == {200, 503} and statuses.count(503) >= 20, statuses
+        rejected = [r for r in responses if r.status_code == 503]
+        assert all(r.headers["retry-after"] == "1" and "retry" in r.json()["error"] for r in rejected)
+        assert time.perf_counter() - started < 40 * 0.05  # rejected at once, not after waiting their turn
+        batcher.predict = predict
+        assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_a_failing_batch_fails_only_its_requests():
+    async def scenario():
+        def predict(ids, lengths):
+            if (ids == 13).any():
+                raise RuntimeError("poisoned row")
+            return np.zeros((len(ids), 2), dtype=np.float32) + lengths[:, None]
+        b = Batcher("t", predict, max_batch_size=8, max_batch_tokens=100, max_queue_delay_ms=20, max_queue_size=10)
+        b.start()
+        results = await asyncio.gather(b.submit([[1, 2]]), b.submit([[13]]), return_exceptions=True)
+        later = await b.submit([[4, 5, 6]])
+        await b.stop()
+        return results, later
+    (first, second), later = asyncio.run(scenario())
+    assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError)  # one batch, both failed
+    assert later[0].tolist() == [3.0, 3.0]  # and the batcher went on
+
+
+def test_batch_plan_sorts_by_length_and_respects_both_caps():
+    lengths = [5, 1, 9, 3, 3, 20, 2, 8]
+    calls = plan_calls(lengths, max_rows=3, max_tokens=20)
+    assert sorted(i for c in calls for i in c) == list(range(8))
+    for call in calls:
+        assert len(call) <= 3 and (len(call) == 1 or len(call) * max(lengths[i] for i in call) <= 20)
+    assert [lengths[i] for c in calls for i in c] == sorted(lengths)
+
+
+def test_a_model_that_does_not_match_its_checksum_is_refused(repository, tmp_path):
+    import shutil
+    shutil.copytree(repository / "clf", tmp_path / "clf")
+    with open(tmp_path / "clf" / "1" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelLoadError, match="sha256"):
+        ServedModel.load(tmp_path / "clf", None, Settings())
+
+
+def test_the_serving_process_imports_no_pytorch():
+    code = "import sys, serving.__main__, serving.app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_request_whose_client_went_away_is_dropped_before_it_runs(repository):
+    s = Server(repository, max_batch_size=1, max_queue_delay_ms=0)
+    batcher = s.app.state.batchers["clf"]
+    predict, seen = batcher.predict, []
+
+    def slow(ids, lengths):
+        seen.append(ids.shape[1])
+        time.sleep(0.3)
+        return predict(ids, lengths)
+
+    batcher.predict = slow
+    try:
+        async def scenario():
+            async with httpx.AsyncClient(base_url=s.url) as client:
+                busy = asyncio.ensure_future(client.post("/v1/models/clf:predict", json={"instances": ["good"]}))
+                await asyncio.sleep(0.1)  # the model is now busy with that one
+                with pytest.raises(httpx.ReadTimeout):  # this client gives up while it waits in the queue
+                    await client.post("/v1/models/clf:predict", json={"instances": ["good film plot awful"]},
+                                      timeout=0.1)
+                return await busy
+        assert asyncio.run(scenario()).status_code == 200
+        time.sleep(0.5)
+        assert seen == [1]  # the 4-token request never ran
+    finally:
+        s.stop()
