@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import v2
+from serving import lm_routes, v2
 from serving.batcher import Batcher
+from serving.generation import Sessions
 from serving.inference import infer, measured, served
 from serving.model import ServedModel
 from serving.schemas import PredictRequest, PredictResponse
@@ -37,18 +38,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.models = await asyncio.to_thread(load_models, settings)
-        app.state.batchers = {name: Batcher(name, model.predict, max_batch_size=settings.max_batch_size,
-                                            max_batch_tokens=settings.max_batch_tokens,
-                                            max_queue_delay_ms=settings.max_queue_delay_ms,
-                                            max_queue_size=settings.max_queue_size)
-                              for name, model in app.state.models.items()}
-        for batcher in app.state.batchers.values():
+        limits = dict(max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+                      max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size)
+        models = app.state.models.items()
+        app.state.batchers = {name: Batcher(name, model.run_rows, **limits) for name, model in models}
+        lms = {name: model for name, model in models if model.task == "lm"}
+        app.state.steppers = {name: Batcher(f"{name}:step", model.advance, **limits) for name, model in lms.items()}
+        app.state.sessions = {name: Sessions(model, settings.max_sessions, settings.session_idle_s)
+                              for name, model in lms.items()}
+        app.state.generations = dict.fromkeys(lms, 0)
+        for batcher in [*app.state.batchers.values(), *app.state.steppers.values()]:
             batcher.start()
         app.state.ready = True
         log.info("ready: %s", ", ".join(f"{m.name} v{m.version} ({m.provider})" for m in app.state.models.values()))
         yield
         app.state.ready = False
-        for batcher in app.state.batchers.values():
+        for batcher in [*app.state.batchers.values(), *app.state.steppers.values()]:
             await batcher.stop()
 
     app = FastAPI(title="rnnserve", version="0.1.0", lifespan=lifespan, strict_content_type=False,
@@ -59,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(v2.router)
+    app.include_router(lm_routes.router)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:

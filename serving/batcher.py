@@ -2,9 +2,10 @@
 
 A batch closes at max_batch_size rows or max_queue_delay_ms after its first row, whichever
 comes first; while one batch runs, the next fills. Its rows are sorted by length and cut into
-ONNX Runtime calls of at most max_batch_size rows and max_batch_tokens padded tokens, each padded
-only to its own longest row. Inference runs in a worker thread, off the event loop. Results go
-back to their requests row by row; a failing call fails every request in it, and the loop goes on.
+ONNX Runtime calls of at most max_batch_size rows and max_batch_tokens padded tokens; the model's
+run_rows pads each call only to its own longest row. Inference runs in a worker thread, off the
+event loop. Results go back to their requests row by row; a failing call fails every request
+in it, and the loop goes on. A row is anything with a length: token ids, or an LM step.
 """
 import asyncio
 import logging
@@ -12,8 +13,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from serving import metrics
 
@@ -26,7 +25,7 @@ class QueueFull(Exception):
 
 @dataclass
 class Request:
-    rows: list[list[int]]  # token ids, unpadded
+    rows: list  # unpadded rows (token ids, or LM steps); len(row) is its number of tokens
     future: asyncio.Future
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -44,21 +43,15 @@ def plan_calls(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[
     return calls + [current] if current else calls
 
 
-def pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    ids = np.zeros((len(rows), int(lengths.max())), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-    return ids, lengths
-
-
 class Batcher:
-    """One per model: submit(rows) -> one output per row, computed in shared batches."""
+    """One per model: submit(rows) -> one output per row, computed in shared batches.
 
-    def __init__(self, name: str, predict: Callable[[np.ndarray, np.ndarray], np.ndarray], *,
+    run_rows(rows) runs one ONNX Runtime call over a list of rows and returns one output each."""
+
+    def __init__(self, name: str, run_rows: Callable[[list], list], *,
                  max_batch_size: int, max_batch_tokens: int, max_queue_delay_ms: float, max_queue_size: int):
         self.name = name
-        self.predict = predict
+        self.run_rows = run_rows
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_delay_s = max_queue_delay_ms / 1000
@@ -74,7 +67,7 @@ class Batcher:
             self.task.cancel()
         self.executor.shutdown(wait=True)
 
-    def enqueue(self, rows: list[list[int]]) -> asyncio.Future:
+    def enqueue(self, rows: list) -> asyncio.Future:
         """Queue one request's rows; its future gets one output per row. Raises QueueFull at once
         when the queue is full. Cancelling the future drops the request if it has not run yet."""
         request = Request(rows, asyncio.get_running_loop().create_future())
@@ -85,7 +78,7 @@ class Batcher:
         metrics.QUEUE_DEPTH.labels(self.name).set(self.queue.qsize())
         return request.future
 
-    async def submit(self, rows: list[list[int]]) -> list[np.ndarray]:
+    async def submit(self, rows: list) -> list:
         return await self.enqueue(rows)
 
     async def next_batch(self) -> list[Request]:
@@ -132,16 +125,16 @@ class Batcher:
                     request.future.set_result(outputs[start: start + len(request.rows)])
                 start += len(request.rows)
 
-    def run_calls(self, rows: list[list[int]]) -> list[np.ndarray]:
+    def run_calls(self, rows: list) -> list:
         """In the worker thread: every row's output, in the order given."""
         lengths = [len(r) for r in rows]
-        outputs: list[np.ndarray | None] = [None] * len(rows)
+        outputs = [None] * len(rows)
         for call in plan_calls(lengths, self.max_batch_size, self.max_batch_tokens):
-            ids, call_lengths = pad([rows[i] for i in call])
-            out = self.predict(ids, call_lengths)
+            out = self.run_rows([rows[i] for i in call])
             assert len(out) == len(call), f"{self.name}: {len(call)} rows in, {len(out)} out"
+            longest, real = max(lengths[i] for i in call), sum(lengths[i] for i in call)
             metrics.BATCH_SIZE.labels(self.name).observe(len(call))
-            metrics.PADDING_RATIO.labels(self.name).observe(ids.size / call_lengths.sum() - 1)
+            metrics.PADDING_RATIO.labels(self.name).observe(len(call) * longest / real - 1)
             for j, i in enumerate(call):
-                outputs[i] = out[j] if out.ndim == 2 else out[j, : lengths[i]]  # LMs: (T_i, V)
+                outputs[i] = out[j]
         return outputs

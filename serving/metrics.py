@@ -1,4 +1,7 @@
-"""Prometheus metrics of the server, served at GET /metrics."""
+"""Prometheus metrics of the server, served at GET /metrics.
+
+A language model's steps run through a batcher named "<model>:step", so its time per step and
+step batch size are the inference-time and batch-size histograms under that name."""
 from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
@@ -16,3 +19,6 @@ BATCH_SIZE = Histogram("rnnserve_batch_size", "Rows per ONNX Runtime call", ["mo
 PADDING_RATIO = Histogram("rnnserve_padding_ratio", "Padded tokens / real tokens per ONNX Runtime call",
                           ["model"], buckets=(0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4))
 QUEUE_DEPTH = Gauge("rnnserve_queue_depth", "Requests waiting in the model's queue", ["model"])
+ACTIVE_GENERATIONS = Gauge("rnnserve_active_generations", "Generations in progress", ["model"])
+TOKENS_GENERATED = Counter("rnnserve_tokens_generated_total", "Tokens generated", ["model"])
+LIVE_SESSIONS = Gauge("rnnserve_live_sessions", "Sequence sessions alive", ["model"])

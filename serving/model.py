@@ -30,6 +30,25 @@ def latest_version(model_dir: Path) -> int:
     return found[-1]
 
 
+def pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad with 0: (B, T_max) int64 ids and (B,) int64 lengths."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    ids = np.zeros((len(rows), int(lengths.max())), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    return ids, lengths
+
+
+@dataclass
+class Step:
+    """LM work: advance `state` (S, layers, H) over `ids`."""
+    ids: list[int]
+    state: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 @dataclass
 class ServedModel:
     name: str
@@ -95,10 +114,35 @@ class ServedModel:
                 self.predict(np.ones((batch, n), dtype=np.int64), np.full(batch, n, dtype=np.int64))
         log.info("warmed up %s over lengths %s in %.2fs", self.name, lengths, time.perf_counter() - started)
 
+    def decode(self, ids: list[int]) -> str:
+        return ("" if self.tokenizer.kind in ("char", "jieba") else " ").join(self.vocab.decode(ids))
+
     def encode(self, text: str) -> tuple[list[int], bool]:
         """(token ids cut to max_len, whether it was cut). An empty text becomes one <unk>."""
         ids = self.vocab.encode(self.tokenizer(text))
         return (ids[: self.max_len] or [1]), len(ids) > self.max_len
+
+    def run_rows(self, rows: list[list[int]]) -> list[np.ndarray]:
+        """One call over unpadded rows: classifier logits (C,) per row; LMs (T_i, V) from the zero state."""
+        ids, lengths = pad(rows)
+        out = self.predict(ids, lengths)
+        return list(out) if out.ndim == 2 else [out[i, :n] for i, n in enumerate(lengths)]
+
+    def advance(self, steps: list["Step"]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """LMs: run each step's tokens from its state in one call -> (next-token logits (V,),
+        state (S, layers, H) at its last token) per step. Steps of any length share the call."""
+        ids, lengths = pad([s.ids for s in steps])
+        names = self.manifest["state"]["inputs"]
+        feeds = {"input_ids": ids, "lengths": lengths}
+        for k, name in enumerate(names):
+            feeds[name] = np.ascontiguousarray(np.stack([s.state[k] for s in steps], axis=1))  # (layers, B, H)
+        logits, *states = self.session.run(["logits", *self.manifest["state"]["outputs"]], feeds)
+        return [(logits[i, n - 1], np.stack([st[:, i] for st in states])) for i, n in enumerate(lengths)]
+
+    def zero_state(self) -> np.ndarray:
+        """(S, layers, H): S = 2 for LSTM (h, c), else 1."""
+        m = self.manifest["model"]
+        return np.zeros((len(self.manifest["state"]["inputs"]), m["num_layers"], m["hidden_size"]), np.float32)
 
     def predict(self, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """(B, T) int64 right-padded ids and (B,) lengths -> (B, num_labels) logits; LMs: zero state."""

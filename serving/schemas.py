@@ -79,3 +79,45 @@ class ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(min_length=1, description="an empty prompt is refused: the model needs a first token")
+    max_new_tokens: int = Field(100, ge=1)
+    temperature: float = Field(1.0, ge=0, description="0 is greedy")
+    top_k: int = Field(0, ge=0, description="0: no top-k filter")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, description="the same seed gives the same text")
+    stop: list[str] = Field([], description="stop at the first of these; it is not part of the text")
+    stream: bool = Field(False, description="answer text/event-stream, one event per token")
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    tokens: int
+    finish_reason: str = Field(description="length | stop")
+    prompt_tokens: int
+    unknown_prompt_tokens: int = Field(description="prompt tokens outside the vocabulary, read as <unk>")
+
+
+class SessionCreated(BaseModel):
+    session_id: str
+    idle_expiry_s: float
+
+
+class StepRequest(BaseModel):
+    text: str = Field(min_length=1)
+    top_k: int = Field(5, ge=1, le=100)
+
+
+class TokenProbability(BaseModel):
+    token: str
+    probability: float
+
+
+class StepResponse(BaseModel):
+    session_id: str
+    tokens: int = Field(description="tokens consumed by this step")
+    total_tokens: int = Field(description="tokens consumed by the session so far")
+    unknown_tokens: int
+    next: list[TokenProbability] = Field(description="the next-token distribution's top k")

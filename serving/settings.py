@@ -25,19 +25,25 @@ class Settings(BaseSettings):
     max_queue_size: int = 1024  # requests waiting; beyond it 503 at once
     request_timeout_s: float = 30.0  # per request, queue and inference; 504 beyond it
 
+    # language models
+    max_new_tokens: int = 1000  # the most a generate request may ask for
+    max_generations: int = 256  # concurrent generations per model; beyond it 503
+    max_sessions: int = 1024  # live sequence sessions per model; beyond it 503
+    session_idle_s: float = 300.0  # a session unused this long expires
+
     # request limits
     max_instances: int = 256  # texts or rows per request; beyond it 413
     max_body_bytes: int = 4 * 1024 * 1024  # beyond it 413
 
     @field_validator("max_batch_size", "max_batch_tokens", "max_queue_size", "max_instances", "max_body_bytes",
-                     "intra_op_threads")
+                     "intra_op_threads", "max_new_tokens", "max_generations", "max_sessions")
     @classmethod
     def positive(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be at least 1")
         return value
 
-    @field_validator("max_queue_delay_ms", "request_timeout_s")
+    @field_validator("max_queue_delay_ms", "request_timeout_s", "session_idle_s")
     @classmethod
     def not_negative(cls, value: float) -> float:
         if value < 0:

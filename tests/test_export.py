@@ -19,7 +19,7 @@ WORDS = ["good", "bad", "film", "plot", "great", "awful", "the", "a"]
 def make_run(folder, task="classifier", arch="lstm", num_layers=2, data="", model=None):
     """A run folder with a tiny untrained model, as python -m models.train writes one."""
     torch.manual_seed(0)
-    vocab = Vocab.build([WORDS])
+    vocab = Vocab.build([WORDS] if task == "classifier" else [list("the time traveller")])
     cfg = ModelConfig(task, arch, len(vocab), 2 if task == "classifier" else 0, embed_dim=8, hidden_size=12,
                       num_layers=1 if arch == "elman" else num_layers)
     model = model or build(cfg)
@@ -52,7 +52,7 @@ def test_manifest_is_complete_and_versions_count_up(tmp_path):
     assert {"task", "arch", "labels", "tokenizer", "vocab_file", "max_len", "inputs", "outputs", "state", "opset",
             "versions", "sha256", "metrics", "parity"} <= m.keys()
     assert [i["name"] for i in m["inputs"]] == ["input_ids", "lengths", "h0", "c0"]
-    assert m["inputs"][2]["shape"] == [2, "batch", 12] and m["outputs"][0]["shape"] == ["batch", "seq", 10]
+    assert m["inputs"][2]["shape"] == [2, "batch", 12] and m["outputs"][0]["shape"] == ["batch", "seq", 12]
     assert m["state"] == {"inputs": ["h0", "c0"], "outputs": ["hn", "cn"], "shape": [2, "batch", 12],
                           "initial": "zeros"}
     assert Vocab.load(second / m["vocab_file"]).itos == Vocab.load(run / "vocab.json").itos

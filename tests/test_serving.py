@@ -158,7 +158,7 @@ def test_v2_endpoints_return_the_documented_shapes(server, repository):
     lm = httpx.post(f"{server.url}/v2/models/lm/infer", json={"id": "r1", "inputs": [
         {"name": "input_ids", "shape": [2, 3], "datatype": "INT64", "data": [2, 3, 4, 5, 0, 0]},
         {"name": "lengths", "shape": [2], "datatype": "INT64", "data": [3, 1]}]}).json()
-    assert lm["id"] == "r1" and lm["outputs"][0]["shape"] == [2, 3, 10]
+    assert lm["id"] == "r1" and lm["outputs"][0]["shape"] == [2, 3, 12]
 
 
 def test_v1_model_listing_shows_versions_task_labels_and_provider(server):
@@ -182,8 +182,8 @@ def test_metrics_are_prometheus_text(server):
 def test_overload_gets_503_at_once_and_the_server_recovers(repository):
     s = Server(repository, max_queue_size=2, max_batch_size=1)
     batcher = s.app.state.batchers["clf"]
-    predict = batcher.predict
-    batcher.predict = lambda ids, lengths: (time.sleep(0.05), predict(ids, lengths))[1]  # a slow model
+    run_rows = batcher.run_rows
+    batcher.run_rows = lambda rows: (time.sleep(0.05), run_rows(rows))[1]  # a slow model
     try:
         async def fire():
             async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
@@ -196,7 +196,7 @@ def test_overload_gets_503_at_once_and_the_server_recovers(repository):
         rejected = [r for r in responses if r.status_code == 503]
         assert all(r.headers["retry-after"] == "1" and "retry" in r.json()["error"] for r in rejected)
         assert time.perf_counter() - started < 40 * 0.05  # rejected at once, not after waiting their turn
-        batcher.predict = predict
+        batcher.run_rows = run_rows
         assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]}).status_code == 200
     finally:
         s.stop()
@@ -204,11 +204,11 @@ def test_overload_gets_503_at_once_and_the_server_recovers(repository):
 
 def test_a_failing_batch_fails_only_its_requests():
     async def scenario():
-        def predict(ids, lengths):
-            if (ids == 13).any():
+        def run_rows(rows):
+            if any(13 in row for row in rows):
                 raise RuntimeError("poisoned row")
-            return np.zeros((len(ids), 2), dtype=np.float32) + lengths[:, None]
-        b = Batcher("t", predict, max_batch_size=8, max_batch_tokens=100, max_queue_delay_ms=20, max_queue_size=10)
+            return [np.zeros(2, dtype=np.float32) + len(row) for row in rows]
+        b = Batcher("t", run_rows, max_batch_size=8, max_batch_tokens=100, max_queue_delay_ms=20, max_queue_size=10)
         b.start()
         results = await asyncio.gather(b.submit([[1, 2]]), b.submit([[13]]), return_exceptions=True)
         later = await b.submit([[4, 5, 6]])
@@ -245,14 +245,14 @@ def test_the_serving_process_imports_no_pytorch():
 def test_a_request_whose_client_went_away_is_dropped_before_it_runs(repository):
     s = Server(repository, max_batch_size=1, max_queue_delay_ms=0)
     batcher = s.app.state.batchers["clf"]
-    predict, seen = batcher.predict, []
+    run_rows, seen = batcher.run_rows, []
 
-    def slow(ids, lengths):
-        seen.append(ids.shape[1])
+    def slow(rows):
+        seen.extend(map(len, rows))
         time.sleep(0.3)
-        return predict(ids, lengths)
+        return run_rows(rows)
 
-    batcher.predict = slow
+    batcher.run_rows = slow
     try:
         async def scenario():
             async with httpx.AsyncClient(base_url=s.url) as client:

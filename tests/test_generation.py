@@ -1,0 +1,191 @@
+import asyncio
+import json
+import re
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import load_run
+from models.rnn import generate as reference_generate
+from tests.serving_fixtures import Server, tiny_repository
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lm")
+    tiny_repository(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    s = Server(folder / "repo")
+    yield s
+    s.stop()
+
+
+def gen(server, **body):
+    return httpx.post(f"{server.url}/v1/models/lm:generate", json={"prompt": "the time", **body}, timeout=30)
+
+
+def test_greedy_generation_equals_the_pytorch_reference(server, folder):
+    model, config, tokenizer, vocab = load_run(folder / "runs" / "lm")
+    expected = "".join(vocab.decode(reference_generate(model, vocab.encode(tokenizer("the time")), 40, temperature=0)))
+    r = gen(server, max_new_tokens=40, temperature=0)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"text": expected, "tokens": 40, "finish_reason": "length", "prompt_tokens": 8,
+                        "unknown_prompt_tokens": 0}
+
+
+def test_the_same_seed_gives_the_same_text(server):
+    texts = [gen(server, max_new_tokens=30, seed=seed, top_k=5, top_p=0.9).json()["text"] for seed in (7, 7, 8)]
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+
+
+def test_stop_ends_the_text_before_the_stop_string(server):
+    full = gen(server, max_new_tokens=40, temperature=0).json()["text"]
+    stop = full[10:13]
+    r = gen(server, max_new_tokens=40, temperature=0, stop=[stop]).json()
+    assert r["finish_reason"] == "stop" and r["text"] == full[: full.index(stop)]
+
+
+def events(response_text: str) -> list[dict]:
+    return [json.loads(line[len("data: "):]) for line in response_text.splitlines() if line.startswith("data: ")]
+
+
+def test_streaming_sends_one_event_per_token_then_the_summary(server):
+    full = gen(server, max_new_tokens=25, temperature=0).json()
+    r = gen(server, max_new_tokens=25, temperature=0, stream=True)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    got = events(r.text)
+    assert len(got) == 26 and "".join(e["token"] for e in got[:-1]) == full["text"]
+    assert got[-1] == full
+
+
+def step_counts(server) -> tuple[float, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    count = re.search(r'rnnserve_batch_size_count\{model="lm:step"\} (\S+)', text)
+    rows = re.search(r'rnnserve_batch_size_sum\{model="lm:step"\} (\S+)', text)
+    return float(count[1]), float(rows[1])
+
+
+def test_concurrent_generations_share_steps_and_each_matches_its_solo_run(server):
+    prompts = ["the", "time", "t", "the time traveller", "ramet", "hhh", "a", "ever"] * 2
+    solo = {p: gen(server, prompt=p, max_new_tokens=30, temperature=0).json()["text"] for p in set(prompts)}
+    calls_before, rows_before = step_counts(server)
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            return await asyncio.gather(*(client.post("/v1/models/lm:generate", json={
+                "prompt": p, "max_new_tokens": 30, "temperature": 0}) for p in prompts))
+
+    responses = asyncio.run(fire())
+    assert [r.json()["text"] for r in responses] == [solo[p] for p in prompts]
+    calls, rows = step_counts(server)
+    assert rows - rows_before == 16 * 30  # one prefill plus 29 single-token steps per generation
+    assert calls - calls_before < 16 * 30 / 4  # steps of different generations shared ONNX Runtime calls
+
+
+def test_feeding_a_session_in_steps_equals_feeding_it_whole(server):
+    def session():
+        return httpx.post(f"{server.url}/v1/models/lm/sessions").json()["session_id"]
+
+    def step(sid, text):
+        r = httpx.post(f"{server.url}/v1/models/lm/sessions/{sid}:step", json={"text": text, "top_k": 12})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    a, b = session(), session()
+    for piece in ("the ti", "me tr", "a"):
+        last = step(a, piece)
+    whole = step(b, "the time tra")
+    assert last["total_tokens"] == whole["total_tokens"] == 12
+    pa = {t["token"]: t["probability"] for t in last["next"]}
+    pb = {t["token"]: t["probability"] for t in whole["next"]}
+    assert pa.keys() == pb.keys() and max(abs(pa[k] - pb[k]) for k in pa) < 1e-5
+    assert httpx.delete(f"{server.url}/v1/models/lm/sessions/{a}").status_code == 200
+    assert httpx.post(f"{server.url}/v1/models/lm/sessions/{a}:step", json={"text": "x"}).status_code == 404
+
+
+def test_sessions_expire_and_are_capped(folder):
+    s = Server(folder / "repo", session_idle_s=0.2, max_sessions=1)
+    try:
+        sid = httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"]
+        full = httpx.post(f"{s.url}/v1/models/lm/sessions")
+        assert full.status_code == 503 and full.headers["retry-after"] == "1"
+        time.sleep(0.3)
+        assert httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "t"}).status_code == 404
+        assert httpx.post(f"{s.url}/v1/models/lm/sessions").status_code == 200  # the expired one freed its place
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("body,path", [
+    ({"prompt": ""}, "lm:generate"),
+    ({"prompt": "the", "max_new_tokens": -1}, "lm:generate"),
+    ({"prompt": "the", "max_new_tokens": 10 ** 9}, "lm:generate"),
+    ({"prompt": "the", "temperature": -0.5}, "lm:generate"),
+    ({"prompt": "the", "top_k": -1}, "lm:generate"),
+    ({"prompt": "the", "top_k": 1000}, "lm:generate"),
+    ({"prompt": "the", "top_p": 0}, "lm:generate"),
+    ({"prompt": "the", "top_p": 1.5}, "lm:generate"),
+    ({"prompt": "the"}, "clf:generate"),
+    ({"text": ""}, "lm/sessions/nope:step"),
+])
+def test_bad_generation_input_gets_a_clear_4xx(server, body, path):
+    r = httpx.post(f"{server.url}/v1/models/{path}", json=body)
+    assert 400 <= r.status_code < 500 and r.json()["error"], r.text
+    assert gen(server, max_new_tokens=3).status_code == 200
+
+
+def test_unknown_session_is_404_and_unknown_characters_are_reported(server):
+    assert httpx.post(f"{server.url}/v1/models/lm/sessions/nope:step", json={"text": "t"}).status_code == 404
+    assert httpx.delete(f"{server.url}/v1/models/lm/sessions/nope").status_code == 404
+    r = gen(server, prompt="the ZQ time", max_new_tokens=2).json()
+    assert r["unknown_prompt_tokens"] == 2 and r["prompt_tokens"] == 11
+
+
+def test_generation_cap_answers_503(folder):
+    s = Server(folder / "repo", max_generations=1)
+    stepper = s.app.state.steppers["lm"]
+    advance = stepper.run_rows
+    stepper.run_rows = lambda steps: (time.sleep(0.02), advance(steps))[1]
+    try:
+        async def fire():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+                first = asyncio.ensure_future(client.post("/v1/models/lm:generate", json={
+                    "prompt": "the", "max_new_tokens": 20}))
+                await asyncio.sleep(0.1)
+                second = await client.post("/v1/models/lm:generate", json={"prompt": "the", "max_new_tokens": 2})
+                return await first, second
+        first, second = asyncio.run(fire())
+        assert first.status_code == 200 and second.status_code == 503 and second.headers["retry-after"] == "1"
+    finally:
+        s.stop()
+
+
+def test_a_client_that_disconnects_ends_its_generation(folder):
+    s = Server(folder / "repo")
+    stepper = s.app.state.steppers["lm"]
+    advance = stepper.run_rows
+    stepper.run_rows = lambda steps: (time.sleep(0.005), advance(steps))[1]
+
+    def tokens_so_far() -> float:  # the registry is the process's, shared with other tests' servers
+        return float(re.search(r'rnnserve_tokens_generated_total\{model="lm"\} (\S+)',
+                               httpx.get(f"{s.url}/metrics").text)[1])
+
+    try:
+        before = tokens_so_far()
+        with httpx.stream("POST", f"{s.url}/v1/models/lm:generate",
+                          json={"prompt": "the", "max_new_tokens": 1000, "stream": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 10:
+                    break
+        time.sleep(0.3)
+        assert s.app.state.generations["lm"] == 0
+        assert tokens_so_far() - before < 200  # it stopped long before its 1000 tokens
+    finally:
+        s.stop()
