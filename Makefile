@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUNS := runs
 REPOSITORY := model_repository
 
-.PHONY: install test models serve clean
+.PHONY: install test models serve bench clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,13 @@ $(RUNS)/timemachine-gru/model.safetensors:
 
 serve: models
 	$(PY) -m serving --repository $(REPOSITORY) --port 8000
+
+# the benchmark harness (docs/benchmarks.md): the IMDB BiLSTM and the Time Machine GRU
+bench: install $(REPOSITORY)/imdb-bilstm $(REPOSITORY)/timemachine-gru
+	$(PY) -m loadtest bench --model imdb-bilstm --lm timemachine-gru --repository $(REPOSITORY) --runs $(RUNS)
+
+$(RUNS)/imdb-bilstm/model.safetensors:
+	$(PY) -m models.train classifier --data imdb --arch bilstm --epochs 3 --out $(RUNS)/imdb-bilstm
 
 clean:
 	rm -rf $(VENV) $(RUNS) $(REPOSITORY)

@@ -169,5 +169,5 @@ class ServedModel:
 
     def metadata(self) -> dict:
         return {"name": self.name, "version": str(self.version), "task": self.task, "arch": self.manifest["arch"],
-                "labels": self.labels, "max_len": self.max_len, "provider": self.provider,
+                "labels": self.labels, "max_len": self.max_len, "vocab_size": len(self.vocab), "provider": self.provider,
                 "inputs": self.manifest["inputs"], "outputs": self.manifest["outputs"]}

@@ -1,0 +1,1 @@
+"""Load tests (Locust) and the benchmark harness: python -m loadtest run | bench."""

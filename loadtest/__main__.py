@@ -1,0 +1,84 @@
+"""Load tests and the benchmark harness.
+
+    python -m loadtest run --host http://127.0.0.1:8000 --users 64 --spawn-rate 64 --duration 60s \\
+        [--scenario predict|v2|generate|all] [--out results/run]
+    python -m loadtest bench [--model imdb-bilstm --lm timemachine-gru --repository model_repository --runs runs]
+
+`run` drives Locust headless against any host and writes its CSV and HTML reports plus a
+summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from loadtest.workloads import texts
+
+SCENARIOS = {"predict": ["PredictUser"], "v2": ["V2User"], "generate": ["GenerateUser"],
+             "all": ["PredictUser", "V2User", "GenerateUser"]}
+
+
+def run_locust(host: str, users: int, spawn_rate: float, duration: str, scenario: str, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    texts(os.environ.get("RNNSERVE_LOADTEST_WORKLOAD", "short"), 2000,  # warm the cache the locustfile reads
+          int(os.environ.get("RNNSERVE_LOADTEST_SEED", "0")))
+    command = [sys.executable, "-m", "locust", "-f", str(Path(__file__).parent / "locustfile.py"), "--headless",
+               "--host", host, "-u", str(users), "-r", str(spawn_rate), "-t", duration, "--only-summary",
+               "--csv", str(out / "locust"), "--html", str(out / "report.html"), "--stop-timeout", "10",
+               *SCENARIOS[scenario]]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    rows = list(csv.DictReader(open(out / "locust_stats.csv")))
+    summary = {"host": host, "users": users, "duration": duration, "scenario": scenario,
+               "locust_exit_code": completed.returncode, "endpoints": {}}
+    number = lambda value: float(value) if value not in ("", "N/A") else 0.0  # N/A: no requests
+    for row in rows:
+        summary["endpoints"][row["Name"]] = {
+            "requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
+            "requests_per_s": number(row["Requests/s"]), "p50_ms": number(row["50%"]),
+            "p95_ms": number(row["95%"]), "p99_ms": number(row["99%"])}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = [f"Locust, {users} users, {duration}, {scenario} against {host}", "",
+             "| endpoint | requests | failures | requests/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {e['requests']} | {e['failures']} | {e['requests_per_s']:.1f} | {e['p50_ms']:.0f} | "
+              f"{e['p95_ms']:.0f} | {e['p99_ms']:.0f} |" for name, e in summary["endpoints"].items()]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if completed.returncode not in (0, 1):  # 1: there were failures, which the summary shows
+        print(completed.stderr[-3000:], file=sys.stderr)
+    return summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="Locust, headless")
+    run.add_argument("--host", default="http://127.0.0.1:8000")
+    run.add_argument("--users", type=int, default=64)
+    run.add_argument("--spawn-rate", type=float, default=64)
+    run.add_argument("--duration", default="60s")
+    run.add_argument("--scenario", choices=list(SCENARIOS), default="predict")
+    run.add_argument("--out", type=Path, default=Path("results/locust"))
+    bench = commands.add_parser("bench", help="the benchmark harness (loadtest/bench.py)")
+    bench.add_argument("--model", default="imdb-bilstm", help="classifier in the repository, and its run in --runs")
+    bench.add_argument("--lm", default="timemachine-gru", help="language model in the repository")
+    bench.add_argument("--repository", type=Path, default=Path("model_repository"))
+    bench.add_argument("--runs", type=Path, default=Path("runs"))
+    bench.add_argument("--seconds", type=float, default=6.0, help="per measured point")
+    bench.add_argument("--repeats", type=int, default=2)
+    bench.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = p.parse_args(argv)
+    if args.command == "run":
+        summary = run_locust(args.host, args.users, args.spawn_rate, args.duration, args.scenario, args.out)
+        return summary
+    from loadtest.bench import bench as run_bench
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    summary = main()
+    if isinstance(summary, dict) and any(e["failures"] for e in summary.get("endpoints", {}).values()):
+        sys.exit(1)

@@ -1,0 +1,31 @@
+"""NAIVE BASELINE, not rnnserve: a minimal FastAPI app running the PyTorch model once per request,
+as the tutorials this project grew from do.
+
+    RUN=runs/imdb-bilstm uvicorn loadtest.baselines.torch_app:app --port 8001
+"""
+import os
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from models.checkpoint import load_run
+
+app = FastAPI(title="naive PyTorch baseline")
+model, config, tokenizer, vocab = load_run(Path(os.environ["RUN"]))
+
+
+class Body(BaseModel):
+    instances: list[str]
+
+
+@app.post("/v1/models/{name}:predict")
+def predict(name: str, body: Body) -> dict:
+    out = []
+    for text in body.instances:
+        ids = vocab.encode(tokenizer(text))[: config["max_len"]] or [1]
+        with torch.no_grad():
+            p = model(torch.tensor([ids]), torch.tensor([len(ids)])).softmax(-1)[0]
+        out.append({"label": config["labels"][int(p.argmax())], "score": float(p.max())})
+    return {"predictions": out}

@@ -1,0 +1,55 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from loadtest.client import load
+from loadtest.workloads import predict_body
+from tests.serving_fixtures import Server, tiny_repository
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tiny_repository(tmp_path_factory.mktemp("load")))
+    yield s
+    s.stop()
+
+
+def test_a_short_locust_run_of_every_scenario_ends_with_zero_failures(server, tmp_path):
+    env = os.environ | {"RNNSERVE_LOADTEST_MODEL": "clf", "RNNSERVE_LOADTEST_LM": "lm"}
+    done = subprocess.run([sys.executable, "-m", "loadtest", "run", "--host", server.url, "--users", "6",
+                           "--spawn-rate", "6", "--duration", "5s", "--scenario", "all", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    endpoints = json.loads((tmp_path / "summary.json").read_text())["endpoints"]
+    for name in ("v1 predict", "v2 infer", "generate (stream)", "time to first token", "Aggregated"):
+        assert endpoints[name]["requests"] > 0 and endpoints[name]["failures"] == 0, (name, endpoints)
+    assert (tmp_path / "report.html").exists() and (tmp_path / "summary.md").exists()
+
+
+def test_the_asyncio_client_counts_every_answer(server):
+    import asyncio
+    requests = [("/v1/models/clf:predict", predict_body(t)) for t in ("good film", "bad plot", "the")]
+    result = asyncio.run(load("127.0.0.1", int(server.url.rsplit(":", 1)[1]), requests, users=4, duration_s=1.0))
+    assert result.errors == 0 and result.statuses == {200: len(result.latencies_s)} and len(result.latencies_s) > 10
+
+
+def test_the_benchmark_harness_measures_every_stack_without_errors(tmp_path):
+    """The harness end to end on tiny models and 0.3 s points: a test of the plumbing, not of speed."""
+    tiny_repository(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "loadtest", "bench", "--model", "clf", "--lm", "lm",
+                           "--repository", str(tmp_path / "repo"), "--runs", str(tmp_path / "runs"),
+                           "--seconds", "0.3", "--repeats", "1", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results["points"]) == 2 * 6 + 3
+    for key, point in results["points"].items():
+        assert point["requests"] > 0 and point["errors"] == 0, (key, point)
+        assert point["cpu_server_s"] > 0
+    assert set(results["ceiling"]["short"]) == {"1", "8", "32", "64"}
+    assert results["locust_check"]["locust_requests_per_s"] > 0
+    assert (tmp_path / "out" / "latency_throughput.png").stat().st_size > 1000
+    assert "rnnserve 64 users / naive ONNX Runtime" in (tmp_path / "out" / "results.md").read_text()
