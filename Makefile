@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUNS := runs
 REPOSITORY := model_repository
 
-.PHONY: install test models serve bench clean
+.PHONY: install test image-test models serve bench clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest
+
+# the serving image built and run for real with podman (../shared/tools/container-engine.sh)
+image-test: install
+	$(PY) -m pytest tests/image -p no:cacheprovider -o addopts="-q" -s
 
 # the quick default models, trained and exported (verified) into the model repository:
 # an IMDB GRU classifier and a Time Machine character GRU

@@ -87,6 +87,9 @@ class ServedModel:
         except Exception as e:  # ONNX Runtime raises its own exception types
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load the graph: {e}") from e
         provider = session.get_providers()[0]
+        if settings.providers[0] != provider:
+            log.warning("%s is not available here (ONNX Runtime offers %s): %s runs on %s",
+                        settings.providers[0], available, model_dir.name, provider)
         log.info("loaded %s version %s on %s", model_dir.name, version, provider)
         model = cls(model_dir.name, version, path, manifest, session, tokenizer, vocab, provider,
                     [o.name for o in session.get_outputs()])

@@ -1,0 +1,126 @@
+"""The serving image, built and run for real with podman (make image-test; CI runs it too).
+
+Builds the Dockerfile on the local Debian base (../shared/tools/container-engine.sh) with the
+GPU wheel of ONNX Runtime but without its CUDA libraries, so the container takes the CPU
+fallback here; runs it over a small exported model repository; and checks its answers against
+the same models outside the container, under a short Locust load, then stops it by id.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serving_fixtures import Server, free_port, tiny_repository
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE = ROOT.parent / "shared" / "tools" / "container-engine.sh"
+PODMAN = ["podman", "--runtime", "runc"]
+TAG = "localhost/rnnserve:image-test"
+
+
+def sh(*command, **kw) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, **kw)
+    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout.strip()
+
+
+def ca_secret() -> list[str]:
+    """This machine reaches PyPI through a proxy whose CA pip is told of (PIP_CERT): hand it to the build."""
+    ca = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+    return ["--secret", f"id=pip_ca,src={ca}"] if ca and Path(ca).exists() else []
+
+
+@pytest.fixture(scope="module")
+def image():
+    sh("bash", str(ENGINE))
+    context_repo = ROOT / ".image-test" / "repo"
+    shutil.rmtree(ROOT / ".image-test", ignore_errors=True)
+    tiny_repository(ROOT / ".image-test")  # writes .image-test/runs and .image-test/repo
+    started = time.time()
+    sh(*PODMAN, "build", "--network", "host", "--build-arg", "BASE_IMAGE=localhost/debian:bookworm",
+       "--build-arg", "ORT_PACKAGE=onnxruntime-gpu==1.31.1", "--build-arg", "MODEL_REPOSITORY=.image-test/repo",
+       *ca_secret(), "-t", TAG, str(ROOT), timeout=1800)
+    size = int(sh(*PODMAN, "image", "inspect", TAG, "--format", "{{.Size}}"))
+    print(f"\nbuilt {TAG} in {time.time() - started:.0f}s: {size / 1e6:.0f} MB")
+    yield context_repo
+
+
+@pytest.fixture(scope="module")
+def container(image):
+    port = free_port()
+    cid = sh(*PODMAN, "run", "-d", "--network", "host", "-e", f"RNNSERVE_PORT={port}", TAG)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the HEALTHCHECK's endpoint
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("container never became ready:\n" + sh(*PODMAN, "logs", cid))
+        yield url, cid
+    finally:
+        subprocess.run([*PODMAN, "stop", "-t", "10", cid], capture_output=True)
+        subprocess.run([*PODMAN, "rm", "-f", cid], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def outside(image):
+    s = Server(image)
+    yield s.url
+    s.stop()
+
+
+REQUESTS = [
+    ("/v1/models/clf:predict", {"instances": ["good film", "awful plot the the a", "great"]}),
+    ("/v2/models/clf/infer", {"inputs": [{"name": "input_ids", "shape": [2, 3], "datatype": "INT64",
+                                          "data": [2, 3, 4, 5, 6, 0]},
+                                         {"name": "lengths", "shape": [2], "datatype": "INT64", "data": [3, 2]}]}),
+    ("/v1/models/lm:generate", {"prompt": "the time", "max_new_tokens": 30, "temperature": 0}),
+]
+
+
+@pytest.mark.parametrize("path,body", REQUESTS, ids=[r[0] for r in REQUESTS])
+def test_the_container_answers_as_the_same_models_outside_it(container, outside, path, body):
+    url, _ = container
+    inside, out = httpx.post(url + path, json=body).json(), httpx.post(outside + path, json=body).json()
+    assert json.dumps(inside, sort_keys=True) == json.dumps(out, sort_keys=True) or close(inside, out), (inside, out)
+
+
+def close(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return abs(a - b) < 1e-5
+    return a == b
+
+
+def test_the_container_uses_the_cpu_fallback_and_says_so(container):
+    url, cid = container
+    assert httpx.get(f"{url}/v1/models/clf").json()["provider"] == "CPUExecutionProvider"
+    logs = subprocess.run([*PODMAN, "logs", cid], capture_output=True, text=True)
+    assert "CUDAExecutionProvider is not available here" in logs.stderr, logs.stderr[-2000:]
+    assert sh(*PODMAN, "exec", cid, "python3", "-c",
+              "import importlib.util as u; print(u.find_spec('torch') is None)") == "True"  # no PyTorch inside
+    assert sh(*PODMAN, "exec", cid, "id", "-u") == "10001"
+
+
+def test_a_short_locust_load_against_the_container_has_zero_failures(container, tmp_path):
+    url, _ = container
+    env = os.environ | {"RNNSERVE_LOADTEST_MODEL": "clf", "RNNSERVE_LOADTEST_LM": "lm"}
+    done = subprocess.run([sys.executable, "-m", "loadtest", "run", "--host", url, "--users", "8", "--spawn-rate", "8",
+                           "--duration", "5s", "--scenario", "all", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())["endpoints"]
+    assert summary["Aggregated"]["requests"] > 0 and summary["Aggregated"]["failures"] == 0
