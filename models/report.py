@@ -1,4 +1,4 @@
-"""Print a markdown table of trained runs from their metrics.json and config.json.
+"""Print a markdown table of trained runs, with the command that reproduces each.
 
     python -m models.report runs/*
 """
@@ -6,22 +6,31 @@ import json
 import sys
 from pathlib import Path
 
+from models.train import parse_args
+
+
+def command(train_args: dict) -> str:
+    """The training command: the arguments that differ from the defaults."""
+    task = train_args["task"]
+    defaults = vars(parse_args([task, "--data", "x", "--out", "x"]))
+    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in train_args.items()
+                       if k not in ("task", "data", "out") and v != defaults.get(k) and v is not None)
+    return f"python -m models.train {task} --data {train_args['data']} --out {train_args['out']} {options}".strip()
+
 
 def row(run: Path) -> str:
     metrics = json.loads((run / "metrics.json").read_text())
     config = json.loads((run / "config.json").read_text())
-    args, model = config["train_args"], config["model"]
-    if model["task"] == "classifier":
+    if config["model"]["task"] == "classifier":
         result = f"test accuracy **{100 * metrics['test_accuracy']:.1f}%**"
     else:
         result = f"held-out perplexity **{metrics['valid_perplexity']:.2f}**"
-    recipe = (f"{args['data']} {model['arch']} {config['tokenizer']['kind']}, E{model['embed_dim']} "
-              f"H{model['hidden_size']} L{model['num_layers']}, {metrics['epochs']} epochs (best {metrics['best_epoch']})")
-    return f"| `{run.name}` | {recipe} | {result} | {metrics['wall_time_s'] / 60:.1f} min | {metrics['device']} |"
+    return (f"| `{run.name}` | `{command(config['train_args'])}` | {result} (best epoch {metrics['best_epoch']} "
+            f"of {metrics['epochs']}) | {metrics['wall_time_s'] / 60:.1f} min | {metrics['device']} |")
 
 
 if __name__ == "__main__":
-    print("| run | recipe | result | wall time | device |\n|---|---|---|---|---|")
+    print("| run | command | result | wall time | device |\n|---|---|---|---|---|")
     for path in sys.argv[1:]:
         if (Path(path) / "metrics.json").exists():
             print(row(Path(path)))
