@@ -70,6 +70,8 @@ def main(argv=None):
     bench.add_argument("--seconds", type=float, default=6.0, help="per measured point")
     bench.add_argument("--repeats", type=int, default=2)
     bench.add_argument("--out", type=Path, default=Path("results/bench"))
+    bench.add_argument("--server-env", nargs="*", default=[], metavar="RNNSERVE_X=VALUE",
+                       help="settings for the rnnserve server under test")
     args = p.parse_args(argv)
     if args.command == "run":
         summary = run_locust(args.host, args.users, args.spawn_rate, args.duration, args.scenario, args.out)

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,16 @@ def free_port() -> int:
 
 
 def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime, all threads
+    """utime + stime of a process (all its threads) and of its child processes (server workers)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # fields[1]: the parent's pid
+            total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
 
 
 def machine_busy_s() -> float:
@@ -51,25 +60,27 @@ def machine_busy_s() -> float:
     return (sum(values) - values[3] - values[4]) / TICK  # all but idle and iowait
 
 
-def start(name: str, command: list[str], env: dict, port: int) -> subprocess.Popen:
+def start(name: str, command: list[str], env: dict, port: int, ready_path: str) -> subprocess.Popen:
+    """Start a server and wait until GET ready_path answers 200 (every worker loaded)."""
     proc = subprocess.Popen(command, env=os.environ | env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=1).status == 200:
                 break
         except OSError:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited: {proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.2)
+    time.sleep(1)  # the other workers of a multi-process server finish loading
     print(f"started {name} on :{port}")
     return proc
 
 
-def ceiling(model_dir: Path, rows: list[list[int]], seconds: float) -> dict:
+def ceiling(model_dir: Path, rows: list[list[int]], seconds: float, threads: int) -> dict:
     """In-process ONNX Runtime: sequences/s and ms per call at batch 1, 8, 32, 64."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
     out = {}
@@ -118,23 +129,27 @@ def bench(args) -> dict:
     rows = {w: token_rows(model_dir, streams[w]) for w in WORKLOADS}
     results = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                            "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d %H:%M")},
-               "model": args.model, "lm": args.lm, "seconds_per_point": args.seconds, "repeats": args.repeats,
+               "model": args.model, "lm": args.lm, "server_env": args.server_env,
+               "seconds_per_point": args.seconds, "repeats": args.repeats,
                "ceiling": {}, "points": {}}
-    for w in WORKLOADS:
-        results["ceiling"][w] = ceiling(model_dir, rows[w], min(args.seconds, 3))
+    cores = len(os.sched_getaffinity(0))
+    for w in WORKLOADS:  # one thread (one server worker's session) and every core
+        results["ceiling"][w] = ceiling(model_dir, rows[w], min(args.seconds, 3), 1)
+        results["ceiling"][f"{w}, {cores} threads"] = ceiling(model_dir, rows[w], min(args.seconds, 3), cores)
         print(f"ceiling {w}: " + ", ".join(f"b{b} {v['sequences_per_s']:.0f}/s" for b, v in results["ceiling"][w].items()))
 
     ports = {"rnnserve": free_port(), "naive-onnxruntime": free_port(), "naive-pytorch": free_port()}
     py = sys.executable
     procs = {
         "rnnserve": start("rnnserve", [py, "-m", "serving", "--port", str(ports["rnnserve"]), "--host", "127.0.0.1"],
-                          {"RNNSERVE_REPOSITORY": str(args.repository)}, ports["rnnserve"]),
+                          {"RNNSERVE_REPOSITORY": str(args.repository),
+                           **dict(kv.split("=", 1) for kv in args.server_env)}, ports["rnnserve"], "/v2/health/ready"),
         "naive-onnxruntime": start("naive-onnxruntime", [py, "-m", "uvicorn", "loadtest.baselines.ort_app:app",
                                    "--port", str(ports["naive-onnxruntime"]), "--log-level", "warning"],
-                                   {"MODEL_DIR": str(model_dir)}, ports["naive-onnxruntime"]),
+                                   {"MODEL_DIR": str(model_dir)}, ports["naive-onnxruntime"], "/docs"),
         "naive-pytorch": start("naive-pytorch", [py, "-m", "uvicorn", "loadtest.baselines.torch_app:app",
                                "--port", str(ports["naive-pytorch"]), "--log-level", "warning"],
-                               {"RUN": str(args.runs / args.model)}, ports["naive-pytorch"]),
+                               {"RUN": str(args.runs / args.model)}, ports["naive-pytorch"], "/docs"),
     }
     try:
         plan = [(stack, w, users) for w in WORKLOADS for stack, users_list in
@@ -198,7 +213,8 @@ def markdown(r: dict) -> str:
     p, c = r["points"], r["ceiling"]
     lines = [f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; ONNX Runtime "
              f"{r['machine']['onnxruntime']}; {r['machine']['date']}. Model {r['model']}; "
-             f"{r['seconds_per_point']} s per point, median of {r['repeats']}.", "",
+             f"{r['seconds_per_point']} s per point, median of {r['repeats']}; rnnserve settings: "
+             f"{' '.join(r['server_env']) or 'defaults'}.", "",
              "| stack | workload | users | req/s | p50 ms | p99 ms | server CPU-s / 1k req | CPU server / generator / other (s) | disturbed |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, v in p.items():
@@ -209,16 +225,16 @@ def markdown(r: dict) -> str:
                      f"{v['server_cpu_s_per_1000']:.2f} | {v['cpu_server_s']:.1f} / {v['cpu_generator_s']:.1f} / "
                      f"{v['cpu_other_s']:.1f} | {'yes' if v['disturbed'] else 'no'} |")
     lines += ["", "| in-process ONNX Runtime | batch 1 | batch 8 | batch 32 | batch 64 |", "|---|---|---|---|---|"]
-    for w in WORKLOADS:
+    for w in c:
         lines.append(f"| {w}: sequences/s (ms per call) | " + " | ".join(
             f"{c[w][b]['sequences_per_s']:.0f} ({c[w][b]['ms_per_call_p50']:.2f})" for b in c[w]) + " |")
     lines += ["", "| ratio | short | long |", "|---|---|---|"]
-    best = {w: max(v["sequences_per_s"] for v in c[w].values()) for w in WORKLOADS}
+    best = {w: max(v["sequences_per_s"] for k in c if k.startswith(w) for v in c[k].values()) for w in WORKLOADS}
     for label, num, den in (("rnnserve 64 users / naive ONNX Runtime 64 users", "rnnserve|{w}|64", "naive-onnxruntime|{w}|64"),
                             ("rnnserve 64 users / naive PyTorch 64 users", "rnnserve|{w}|64", "naive-pytorch|{w}|64")):
         lines.append(f"| {label} (req/s) | " + " | ".join(
             f"{p[num.format(w=w)]['requests_per_s'] / p[den.format(w=w)]['requests_per_s']:.2f}x" for w in WORKLOADS) + " |")
-    lines.append("| rnnserve 64 users / best in-process ceiling (seq/s) | " + " | ".join(
+    lines.append("| rnnserve 64 users / best in-process ceiling, any threads and batch (seq/s) | " + " | ".join(
         f"{p[f'rnnserve|{w}|64']['requests_per_s'] / best[w]:.2f}" for w in WORKLOADS) + " |")
     lines.append("| rnnserve 1 user p50 - in-process batch-1 call (ms) | " + " | ".join(
         f"{p[f'rnnserve|{w}|1']['p50_ms'] - c[w][1]['ms_per_call_p50']:+.2f}" for w in WORKLOADS) + " |")
@@ -247,7 +263,7 @@ def plot(r: dict, path: Path):
             pts = sorted((v["requests_per_s"], v["p99_ms"]) for k, v in r["points"].items()
                          if k.startswith(f"{stack}|{w}|"))
             ax.plot(*zip(*pts), marker="o", label=stack)
-        best = max(v["sequences_per_s"] for v in r["ceiling"][w].values())
+        best = max(v["sequences_per_s"] for k in r["ceiling"] if k.startswith(w) for v in r["ceiling"][k].values())
         ax.axvline(best, color="gray", linestyle="--", label="in-process ceiling")
         ax.set(title=f"{w} requests", xlabel="requests/s", ylabel="p99 latency (ms)", yscale="log")
         ax.legend()

@@ -1,15 +1,19 @@
 """Serve the model repository over HTTP.
 
-    python -m serving --repository model_repository [--host 0.0.0.0] [--port 8000]
+    python -m serving --repository model_repository [--host 0.0.0.0] [--port 8000] [--workers N]
 
 Every setting can also come from the environment as RNNSERVE_<NAME> (serving/settings.py).
+With --workers N, N server processes share the port, each with its models and batchers: the
+event loop (HTTP, JSON, tokenizing) is one core's work per process, so on a CPU host one worker
+per core is what lets the server use them all. Their metrics are summed at /metrics.
 """
 import argparse
 import logging
+import os
+import tempfile
 
 import uvicorn
 
-from serving.app import create_app
 from serving.settings import Settings
 
 
@@ -19,11 +23,26 @@ def main(argv=None):
     p.add_argument("--repository", help="model repository folder (RNNSERVE_REPOSITORY)")
     p.add_argument("--host", help="RNNSERVE_HOST, default 0.0.0.0")
     p.add_argument("--port", type=int, help="RNNSERVE_PORT, default 8000")
+    p.add_argument("--workers", type=int, help="RNNSERVE_WORKERS, default: one per CPU core (one with a GPU)")
     args = p.parse_args(argv)
-    settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
+    for name, value in vars(args).items():  # the workers read their settings from the environment
+        if value is not None:
+            os.environ[f"RNNSERVE_{name.upper()}"] = str(value)
+    settings = Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                access_log=False)
+    workers = settings.workers or default_workers(settings)
+    if workers > 1:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="rnnserve-metrics-"))
+    uvicorn.run("serving.app:create_app", factory=True, host=settings.host, port=settings.port,
+                workers=workers, log_level="info", access_log=False)
+
+
+def default_workers(settings: Settings) -> int:
+    """One process per CPU core on a CPU host (measured: docs/benchmarks.md); one per GPU."""
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in settings.providers and "CUDAExecutionProvider" in ort.get_available_providers():
+        return 1
+    return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = 8000
+    workers: int = 0  # server processes sharing the port; 0: one per CPU core on a CPU host, one with a GPU
     repository: Path = Path("model_repository")
     model_versions: dict[str, int] = {}  # pin a version per model, e.g. {"imdb-gru": 1}; else the latest
 
@@ -21,7 +22,7 @@ class Settings(BaseSettings):
     # dynamic batching
     max_batch_size: int = 64  # rows per ONNX Runtime call
     max_batch_tokens: int = 4096  # rows x padded length per call
-    max_queue_delay_ms: float = 1.0  # how long a batch may wait for more rows after its first
+    max_queue_delay_ms: float = 0.0  # how long a batch may wait for more rows after its first (see README)
     max_queue_size: int = 1024  # requests waiting; beyond it 503 at once
     request_timeout_s: float = 30.0  # per request, queue and inference; 504 beyond it
 
