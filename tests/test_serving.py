@@ -267,3 +267,20 @@ def test_a_request_whose_client_went_away_is_dropped_before_it_runs(repository):
         assert seen == [1]  # the 4-token request never ran
     finally:
         s.stop()
+
+
+def test_an_off_the_shelf_v2_client_works_unchanged(server, repository):
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("clf")
+    meta = client.get_model_metadata("clf")
+    assert meta["inputs"][0]["name"] == "input_ids" and meta["outputs"][0]["datatype"] == "FP32"
+    ids, lengths = np.array([[2, 3, 4], [5, 6, 0]], dtype=np.int64), np.array([3, 2], dtype=np.int64)
+    inputs = [triton.InferInput("input_ids", list(ids.shape), "INT64"), triton.InferInput("lengths", [2], "INT64")]
+    inputs[0].set_data_from_numpy(ids, binary_data=False)
+    inputs[1].set_data_from_numpy(lengths, binary_data=False)
+    result = client.infer("clf", inputs, outputs=[triton.InferRequestedOutput("logits", binary_data=False)])
+    sess = ort.InferenceSession(str(repository / "clf" / "1" / "model.onnx"))
+    expected = sess.run(None, {"input_ids": ids, "lengths": lengths})[0]
+    assert np.abs(result.as_numpy("logits") - expected).max() < 1e-5
