@@ -14,8 +14,9 @@ def command(train_args: dict) -> str:
     task = train_args["task"]
     defaults = vars(parse_args([task, "--data", "x", "--out", "x"]))
     options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in train_args.items()
-                       if k not in ("task", "data", "out") and v != defaults.get(k) and v is not None)
-    return f"python -m models.train {task} --data {train_args['data']} --out {train_args['out']} {options}".strip()
+                       if k not in ("task", "data", "out", "arch") and v != defaults.get(k) and v is not None)
+    return (f"python -m models.train {task} --data {train_args['data']} --arch {train_args['arch']} "
+            f"--out {train_args['out']} {options}").strip()
 
 
 def row(run: Path) -> str:
