@@ -1,4 +1,3 @@
-import io
 import json
 import tarfile
 import urllib.request

@@ -4,9 +4,7 @@ import re
 import time
 
 import httpx
-import numpy as np
 import pytest
-import torch
 
 from models.checkpoint import load_run
 from models.rnn import generate as reference_generate
