@@ -14,6 +14,7 @@ import tempfile
 
 import uvicorn
 
+from serving.app import LOG_FORMAT
 from serving.settings import Settings
 
 
@@ -29,7 +30,7 @@ def main(argv=None):
         if value is not None:
             os.environ[f"RNNSERVE_{name.upper()}"] = str(value)
     settings = Settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     workers = settings.workers or default_workers(settings)
     if workers > 1:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="rnnserve-metrics-"))

@@ -24,6 +24,7 @@ from serving.schemas import PredictRequest, PredictResponse
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 
 
 def load_models(settings: Settings) -> dict[str, ServedModel]:
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # each worker process logs too
         app.state.models = await asyncio.to_thread(load_models, settings)
         limits = dict(max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
                       max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size)
