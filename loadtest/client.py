@@ -14,7 +14,6 @@ class LoadResult:
     first_byte_s: list[float] = field(default_factory=list)  # time to the first body chunk (streams)
     errors: int = 0
     statuses: dict = field(default_factory=dict)
-    body_bytes: int = 0
     elapsed_s: float = 0.0
 
 
@@ -48,10 +47,9 @@ async def user(host: str, port: int, requests, duration_s: float, result: LoadRe
             sent_at = time.perf_counter()
             writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), host.encode(), len(body), body))
-            status, payload = await read_response(reader, sent_at, result)
+            status, _ = await read_response(reader, sent_at, result)
             result.latencies_s.append(time.perf_counter() - sent_at)
             result.statuses[status] = result.statuses.get(status, 0) + 1
-            result.body_bytes += len(payload)
             result.errors += status != 200
     finally:
         writer.close()

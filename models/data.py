@@ -43,10 +43,6 @@ SOURCES = {
                           "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt",
                           ("sha1", "090b5e7e70c295757f55df93cb0a180b9691891a")),
 }
-# the copies in ../shared/data, checked the same way when read from there
-SHARED_CHECKSUMS = {
-    "aclImdb_v1_labeled.tar.gz": ("sha256", "4d287d9158d23bf982a1b4724b257c3aeb6938e85108771c63405ca60174e2c4"),
-}
 
 
 class DataNotFound(FileNotFoundError):

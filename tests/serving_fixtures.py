@@ -1,5 +1,4 @@
 """A real uvicorn server on 127.0.0.1 over a repository of tiny exported models."""
-import socket
 import threading
 import time
 from pathlib import Path
@@ -8,6 +7,7 @@ import httpx
 import uvicorn
 
 from export.repository import export_run
+from loadtest.bench import free_port
 from serving.app import create_app
 from serving.settings import Settings
 from tests.test_export import make_run
@@ -18,12 +18,6 @@ def tiny_repository(folder: Path) -> Path:
     export_run(make_run(folder / "runs" / "clf", "classifier", "bilstm"), folder / "repo", cases=5)
     export_run(make_run(folder / "runs" / "lm", "lm", "gru"), folder / "repo", cases=5)
     return folder / "repo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
