@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from loadtest.client import LoadResult, load
 from loadtest.workloads import PROMPTS, predict_body, texts, token_rows
-from serving.model import latest_version, pad
+from serving.model import pad, version_folders
 
 TICK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = ("short", "long")
@@ -123,7 +123,7 @@ def median_point(points: list[dict]) -> dict:
 
 def bench(args) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = args.repository / args.model / str(latest_version(args.repository / args.model))
+    model_dir = args.repository / args.model / str(version_folders(args.repository / args.model)[-1])
     started = time.time()
     streams = {w: texts(w, 400, seed=1 + i) for i, w in enumerate(WORKLOADS)}
     rows = {w: token_rows(model_dir, streams[w]) for w in WORKLOADS}

@@ -5,7 +5,11 @@
 Every setting can also come from the environment as RNNSERVE_<NAME> (serving/settings.py).
 With --workers N, N server processes share the port, each with its models and batchers: the
 event loop (HTTP, JSON, tokenizing) is one core's work per process, so on a CPU host one worker
-per core is what lets the server use them all. Their metrics are summed at /metrics.
+per core is what lets the server use them all. Their metrics are summed at /metrics, and a
+model-control call taken by one is followed by the others (serving/repository.py).
+
+SIGTERM drains: readiness turns false, new requests get 503, the listening socket closes,
+requests in flight are answered (at most RNNSERVE_SHUTDOWN_GRACE_S), then the process exits.
 """
 import argparse
 import logging
@@ -32,10 +36,12 @@ def main(argv=None):
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     workers = settings.workers or default_workers(settings)
-    if workers > 1:
+    if workers > 1:  # shared by the workers: metrics to sum, model-control calls to follow
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="rnnserve-metrics-"))
+        os.environ.setdefault("RNNSERVE_CONTROL_DIR", tempfile.mkdtemp(prefix="rnnserve-control-"))
     uvicorn.run("serving.app:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=workers, log_level="info", access_log=False)
+                workers=workers, log_level="info", access_log=False, limit_concurrency=settings.max_connections,
+                timeout_graceful_shutdown=settings.shutdown_grace_s)
 
 
 def default_workers(settings: Settings) -> int:

@@ -7,6 +7,8 @@ answer, and inference runs in each model's batcher (serving/batcher.py).
 import asyncio
 import logging
 import os
+import signal
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request
@@ -15,23 +17,40 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import lm_routes, v2
-from serving.batcher import Batcher
-from serving.generation import Sessions
-from serving.inference import infer, measured, served
-from serving.model import ServedModel
-from serving.schemas import PredictRequest, PredictResponse
+from serving import control, lm_routes, v2
+from serving.guards import BearerToken, BodyGuard, ShedLoad, refuse
+from serving.inference import check_text, deployed, infer, measured
+from serving.repository import ModelRepository
+from serving.request_ids import REQUEST_ID, RequestIdFilter, RequestIds
+from serving.schemas import ErrorResponse, PredictRequest, PredictResponse
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
-LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s [%(request_id)s]: %(message)s"
 
 
-def load_models(settings: Settings) -> dict[str, ServedModel]:
-    folders = sorted(p for p in settings.repository.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise RuntimeError(f"no models in {settings.repository}: run `make models` or python -m export")
-    return {p.name: ServedModel.load(p, settings.model_versions.get(p.name), settings) for p in folders}
+def configure_logging():
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())
+
+
+def drain_on_sigterm(app: FastAPI):
+    """On SIGTERM readiness turns false at once and new requests get 503; uvicorn then stops
+    accepting connections, waits for the requests in flight (at most shutdown_grace_s) and runs
+    the lifespan's shutdown. Chained in front of uvicorn's own handler (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    uvicorn_handler = signal.getsignal(signal.SIGTERM)
+
+    def draining(sig, frame):
+        app.state.ready = False
+        log.info("SIGTERM: not ready, answering the requests in flight")
+        if callable(uvicorn_handler):
+            uvicorn_handler(sig, frame)
+
+    signal.signal(signal.SIGTERM, draining)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -39,56 +58,60 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # each worker process logs too
-        app.state.models = await asyncio.to_thread(load_models, settings)
-        limits = dict(max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
-                      max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size)
-        models = app.state.models.items()
-        app.state.batchers = {name: Batcher(name, model.run_rows, **limits) for name, model in models}
-        lms = {name: model for name, model in models if model.task == "lm"}
-        app.state.steppers = {name: Batcher(f"{name}:step", model.advance, **limits) for name, model in lms.items()}
-        app.state.sessions = {name: Sessions(model, settings.max_sessions, settings.session_idle_s)
-                              for name, model in lms.items()}
-        app.state.generations = dict.fromkeys(lms, 0)
-        for batcher in [*app.state.batchers.values(), *app.state.steppers.values()]:
-            batcher.start()
+        configure_logging()  # each worker process logs too
+        repository = app.state.repository = ModelRepository(settings)
+        await repository.start()
+        watcher = asyncio.create_task(repository.watch(), name="repository-watch")
         app.state.ready = True
-        log.info("ready: %s", ", ".join(f"{m.name} v{m.version} ({m.provider})" for m in app.state.models.values()))
+        drain_on_sigterm(app)
+        log.info("ready: %s", ", ".join(f"{name} v{d.model.version} ({d.model.provider})"
+                                          for name, d in repository.deployed.items()))
         yield
         app.state.ready = False
-        for batcher in [*app.state.batchers.values(), *app.state.steppers.values()]:
-            await batcher.stop()
+        watcher.cancel()
+        await repository.close()
 
+    errors = {"4XX": {"model": ErrorResponse}, "5XX": {"model": ErrorResponse}}  # 400, not FastAPI's 422
     app = FastAPI(title="rnnserve", version="0.1.0", lifespan=lifespan, strict_content_type=False,
-                  description="RNN-family text models on ONNX Runtime with dynamic batching.")
+                  description="RNN-family text models on ONNX Runtime with dynamic batching.", responses=errors)
     app.state.settings = settings
     app.state.ready = False
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.control_token:  # innermost middleware first: RequestIds wraps them all
+        prefixes = ("/v2/repository", "/v1/models", "/v2/models") if settings.token_for_inference else ("/v2/repository",)
+        app.add_middleware(BearerToken, token=settings.control_token.get_secret_value(), prefixes=prefixes)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(ShedLoad)
+    app.add_middleware(RequestIds)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
     app.include_router(v2.router)
+    app.include_router(control.router)
     app.include_router(lm_routes.router)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
         """Every loaded model with its version, task, labels and execution provider."""
-        return {"models": [m.metadata() for m in request.app.state.models.values()]}
+        return {"models": [d.model.metadata() for d in request.app.state.repository.deployed.values()]}
 
     @app.get("/v1/models/{name}")
     async def model_info(name: str, request: Request) -> dict:
         """One model's metadata."""
-        return served(request, name).metadata()
+        return deployed(request, name).model.metadata()
 
     @app.post("/v1/models/{name}:predict", response_model=PredictResponse)
     async def predict(name: str, body: PredictRequest, request: Request) -> dict:
         """Classify texts: {"instances": ["a review", ...]} -> one prediction per text."""
-        model = served(request, name, task="classifier")
-        with measured(name, "v1_predict"):
+        deployment = deployed(request, name, task="classifier")
+        model = deployment.model
+        with measured(name, "v1_predict"), deployment.hold():
             limit = request.app.state.settings.max_instances
             if len(body.instances) > limit:
                 raise HTTPException(413, f"{len(body.instances)} instances; at most {limit} per request")
+            for i, text in enumerate(body.instances):
+                check_text(request, text, f"instance {i}")
             encoded = [model.encode(text) for text in body.instances]
-            logits = await infer(request, name, [ids for ids, _ in encoded])
+            logits = await infer(request, deployment, [ids for ids, _ in encoded])
             return {"predictions": [model.respond(row, cut) for row, (_, cut) in zip(logits, encoded)]}
 
     @app.get("/metrics", include_in_schema=False)
@@ -103,24 +126,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"error": exc.detail}, exc.status_code, headers=getattr(exc, "headers", None))
+    return refuse(exc.status_code, exc.detail, getattr(exc, "headers", None))
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-    return JSONResponse({"error": f"invalid request: {problems}"}, 400)
+    return refuse(400, f"invalid request: {problems}")
 
 
-class BodyLimit:
-    """413 for a body whose Content-Length is over max_bytes, before it is read."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"0")
-            if not length.isdigit() or int(length) > self.max_bytes:
-                response = JSONResponse({"error": f"body over {self.max_bytes} bytes"}, 413)
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything unexpected: 500 with the request id to find the traceback in the log by."""
+    log.error("unhandled %s", type(exc).__name__, exc_info=exc)
+    return refuse(500, f"internal error: {type(exc).__name__}", {"X-Request-ID": REQUEST_ID.get()})

@@ -23,6 +23,10 @@ class QueueFull(Exception):
     pass
 
 
+class Stopped(Exception):
+    """The batcher stopped (its model version was unloaded or the server is shutting down)."""
+
+
 @dataclass
 class Request:
     rows: list  # unpadded rows (token ids, or LM steps); len(row) is its number of tokens
@@ -63,9 +67,14 @@ class Batcher:
         self.task = asyncio.create_task(self.loop(), name=f"batcher-{self.name}")
 
     async def stop(self):
+        """Stop the loop; requests still queued get Stopped, never silence."""
         if self.task:
             self.task.cancel()
-        self.executor.shutdown(wait=True)
+        while not self.queue.empty():
+            request = self.queue.get_nowait()
+            if not request.future.done():
+                request.future.set_exception(Stopped(f"model {self.name!r} was unloaded"))
+        await asyncio.to_thread(self.executor.shutdown, wait=True)
 
     def enqueue(self, rows: list) -> asyncio.Future:
         """Queue one request's rows; its future gets one output per row. Raises QueueFull at once

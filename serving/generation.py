@@ -25,7 +25,7 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng
     """The next token from (V,) logits: greedy at temperature 0, else from the filtered softmax."""
     if temperature == 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
+    z = (logits.astype(np.float64) - logits.max()) / temperature  # max 0: no overflow at tiny temperatures
     if 0 < top_k < len(z):
         z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
     p = np.exp(z - z.max())

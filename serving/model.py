@@ -19,15 +19,16 @@ from serving.settings import Settings
 log = logging.getLogger(__name__)
 
 
+MANIFEST_KEYS = {"file", "sha256", "vocab_file", "tokenizer", "task", "arch", "max_len", "labels", "inputs", "outputs", "model"}
+
+
 class ModelLoadError(RuntimeError):
     pass
 
 
-def latest_version(model_dir: Path) -> int:
-    found = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    if not found:
-        raise ModelLoadError(f"{model_dir}: no version folders")
-    return found[-1]
+def version_folders(model_dir: Path) -> list[int]:
+    """The model's versions on disk, ascending: its folders named 1, 2, ..."""
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
 
 
 def pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -63,11 +64,18 @@ class ServedModel:
 
     @classmethod
     def load(cls, model_dir: Path, version: int | None, settings: Settings) -> "ServedModel":
-        """Load a version (the latest by default), verifying model.onnx against the manifest."""
-        version = version or latest_version(model_dir)
+        """Load a version (the latest by default), verifying model.onnx against the manifest, and
+        warm it up. Raises ModelLoadError with the reason for anything that fails."""
+        versions = version_folders(model_dir)
+        if not versions or (version and version not in versions):
+            raise ModelLoadError(f"{model_dir}: no version {version or ''} folder (found {versions})")
+        version = version or versions[-1]
         path = model_dir / str(version)
         try:
             manifest = json.loads((path / "manifest.json").read_text())
+            missing = MANIFEST_KEYS - manifest.keys()
+            if missing:
+                raise ValueError(f"manifest.json lacks {sorted(missing)}")
             onnx_bytes = (path / manifest["file"]).read_bytes()
             vocab = Vocab.load(path / manifest["vocab_file"])
             tokenizer = Tokenizer(**manifest["tokenizer"])
@@ -93,7 +101,10 @@ class ServedModel:
         log.info("loaded %s version %s on %s", model_dir.name, version, provider)
         model = cls(model_dir.name, version, path, manifest, session, tokenizer, vocab, provider,
                     [o.name for o in session.get_outputs()])
-        model.warm_up(settings.max_batch_size)
+        try:
+            model.warm_up(settings.max_batch_size)
+        except Exception as e:  # a graph that loads but does not run on its own inputs
+            raise ModelLoadError(f"{path}: the graph fails on warm-up: {type(e).__name__}: {e}") from e
         return model
 
     @property

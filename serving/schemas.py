@@ -87,7 +87,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, description="0 is greedy")
     top_k: int = Field(0, ge=0, description="0: no top-k filter")
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, description="the same seed gives the same text")
+    seed: int | None = Field(None, ge=0, description="the same seed gives the same text")
     stop: list[str] = Field([], description="stop at the first of these; it is not part of the text")
     stream: bool = Field(False, description="answer text/event-stream, one event per token")
 
@@ -121,3 +121,30 @@ class StepResponse(BaseModel):
     total_tokens: int = Field(description="tokens consumed by the session so far")
     unknown_tokens: int
     next: list[TokenProbability] = Field(description="the next-token distribution's top k")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    request_id: str = Field(description="also in the X-Request-ID header and the server's log lines")
+
+
+class IndexRequest(BaseModel):
+    ready: bool = Field(False, description="only the versions that are serving")
+
+
+class ModelVersionState(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY | UNLOADING | UNAVAILABLE")
+    reason: str
+
+
+class LoadRequest(BaseModel):
+    parameters: dict[str, Any] = Field({}, description='{"version": "2"} loads (and pins) that version; '
+                                                       "without it, the latest, which polling then follows")
+
+
+class ControlResponse(BaseModel):
+    name: str
+    version: str | None = Field(description="the version now serving; null after an unload")
+    state: str

@@ -6,7 +6,7 @@ answers logits (FP32). Its rows go through the model's batcher with everyone els
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 
-from serving.inference import infer, measured, served
+from serving.inference import deployed, infer, measured
 from serving.schemas import InferRequest, InferResponse, ModelMetadata, ServerMetadata
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -30,7 +30,7 @@ async def ready(request: Request):
 @router.get("", response_model=ServerMetadata)
 async def server_metadata() -> dict:
     """Server name, version and protocol extensions."""
-    return {"name": "rnnserve", "version": "0.1.0", "extensions": []}
+    return {"name": "rnnserve", "version": "0.1.0", "extensions": ["model_repository"]}
 
 
 def tensor_metadata(spec: dict) -> dict:
@@ -39,10 +39,19 @@ def tensor_metadata(spec: dict) -> dict:
 
 
 @router.get("/models/{name}", response_model=ModelMetadata)
-@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata)
-async def model_metadata(name: str, request: Request, version: str | None = None) -> dict:
+async def model_metadata(name: str, request: Request) -> dict:
     """A model's versions, platform and tensors."""
-    model = served(request, name, version)
+    return metadata(request, name)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata)
+async def model_version_metadata(name: str, version: str, request: Request) -> dict:
+    """A model version's platform and tensors (404 unless it is the version serving)."""
+    return metadata(request, name, version)
+
+
+def metadata(request: Request, name: str, version: str | None = None) -> dict:
+    model = deployed(request, name, version).model
     manifest = model.manifest
     return {"name": name, "versions": [str(model.version)], "platform": "onnxruntime_onnx",
             "inputs": [tensor_metadata(s) for s in manifest["inputs"][:2]],
@@ -50,10 +59,16 @@ async def model_metadata(name: str, request: Request, version: str | None = None
 
 
 @router.get("/models/{name}/ready")
+async def model_ready(name: str, request: Request) -> dict:
+    """200 when the model is loaded and ready."""
+    deployed(request, name)
+    return {"name": name, "ready": True}
+
+
 @router.get("/models/{name}/versions/{version}/ready")
-async def model_ready(name: str, request: Request, version: str | None = None) -> dict:
-    """200 when the model (version) is loaded and ready."""
-    served(request, name, version)
+async def model_version_ready(name: str, version: str, request: Request) -> dict:
+    """200 when this version is the one loaded and ready."""
+    deployed(request, name, version)
     return {"name": name, "ready": True}
 
 
@@ -95,15 +110,25 @@ def rows_from(body: InferRequest, vocab_size: int, max_instances: int) -> list[l
 
 
 @router.post("/models/{name}/infer", response_model=InferResponse, response_model_exclude_none=True)
-@router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse, response_model_exclude_none=True)
-async def model_infer(name: str, body: InferRequest, request: Request, version: str | None = None) -> dict:
+async def model_infer(name: str, body: InferRequest, request: Request) -> dict:
     """Logits for right-padded token ids, batched with other requests."""
-    model = served(request, name, version)
-    with measured(name, "v2_infer"):
+    return await infer_tensors(request, name, body)
+
+
+@router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse, response_model_exclude_none=True)
+async def model_version_infer(name: str, version: str, body: InferRequest, request: Request) -> dict:
+    """Logits from this version (404 unless it is the version serving)."""
+    return await infer_tensors(request, name, body, version)
+
+
+async def infer_tensors(request: Request, name: str, body: InferRequest, version: str | None = None) -> dict:
+    deployment = deployed(request, name, version)
+    model = deployment.model
+    with measured(name, "v2_infer"), deployment.hold():
         if body.outputs and [o.name for o in body.outputs] != ["logits"]:
             raise HTTPException(400, f"unknown outputs {[o.name for o in body.outputs]}; this model gives logits")
         rows = rows_from(body, len(model.vocab), request.app.state.settings.max_instances)
-        outputs = await infer(request, name, rows)
+        outputs = await infer(request, deployment, rows)
         if model.task == "lm":  # (T_i, V) per row -> (B, T, V), zero past each row's length
             padded = np.zeros((len(rows), max(map(len, rows)), outputs[0].shape[-1]), dtype=np.float32)
             for i, out in enumerate(outputs):

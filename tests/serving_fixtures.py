@@ -1,15 +1,19 @@
 """A real uvicorn server on 127.0.0.1 over a repository of tiny exported models."""
+import json
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import onnxruntime as ort
 import uvicorn
 
 from export.repository import export_run
 from loadtest.bench import free_port
 from serving.app import create_app
 from serving.settings import Settings
+from models.tokenize import Tokenizer, Vocab
 from tests.test_export import make_run
 
 
@@ -18,6 +22,18 @@ def tiny_repository(folder: Path) -> Path:
     export_run(make_run(folder / "runs" / "clf", "classifier", "bilstm"), folder / "repo", cases=5)
     export_run(make_run(folder / "runs" / "lm", "lm", "gru"), folder / "repo", cases=5)
     return folder / "repo"
+
+
+def alone(repository: Path, text: str, name: str = "clf", version: int = 1) -> np.ndarray:
+    """The reference: one version's exported graph run on this one text, no server, no batch
+    -> (num_labels,) probabilities."""
+    folder = repository / name / str(version)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    ids = Vocab.load(folder / "vocab.json").encode(Tokenizer(**manifest["tokenizer"])(text))[: manifest["max_len"]]
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"input_ids": np.array([ids]), "lengths": np.array([len(ids)])})[0][0]
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
 
 
 class Server:

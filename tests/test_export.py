@@ -16,9 +16,9 @@ from models.tokenize import Tokenizer, Vocab
 WORDS = ["good", "bad", "film", "plot", "great", "awful", "the", "a"]
 
 
-def make_run(folder, task="classifier", arch="lstm", num_layers=2, data="", model=None):
+def make_run(folder, task="classifier", arch="lstm", num_layers=2, data="", model=None, seed=0):
     """A run folder with a tiny untrained model, as python -m models.train writes one."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vocab = Vocab.build([WORDS] if task == "classifier" else [list("the time traveller")])
     cfg = ModelConfig(task, arch, len(vocab), 2 if task == "classifier" else 0, embed_dim=8, hidden_size=12,
                       num_layers=1 if arch == "elman" else num_layers)

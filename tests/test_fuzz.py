@@ -1,12 +1,13 @@
 """`python -m pytest tests/test_fuzz.py`: schemathesis fuzzes every operation of a real uvicorn
 server's /openapi.json (over the tiny models) with valid and invalid requests, most of them with
 the real path parameters (clf, lm, version 1, a live session) so that they reach inference, not
-only 404s; V2 infer also gets well-formed random tensors, which random JSON never makes. Checks:
-not_a_server_error (no 5xx, whatever the request), response_schema_conformance (a documented status
-answers its documented body) and content_type_conformance (in its documented media type); not
-status_code_conformance, as errors are 400 {"error"} where FastAPI documents 422. After every
-request a plain prediction must still be right. derandomize: every run fuzzes the same cases;
-the too_slow health check is off, as it times generation on a machine that may be busy.
+only 404s; model control too (what an unload takes away is loaded again). V2 infer also gets
+well-formed random tensors, which random JSON never makes. Checks: not_a_server_error (no 5xx,
+whatever the request), status_code_conformance (every status is documented: 200, or 4XX/5XX with
+the {"error", "request_id"} body), response_schema_conformance (a status answers its documented
+body) and content_type_conformance. After every request a plain prediction must still be right.
+derandomize: every run fuzzes the same cases; the too_slow health check is off, as it times
+generation on a machine that may be busy.
 """
 import re
 from pathlib import Path
@@ -18,13 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                               status_code_conformance)
 
 from serving.app import create_app
 from serving.settings import Settings
 from tests.serving_fixtures import Server, tiny_repository
 
-CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance]
+CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance, content_type_conformance]
 # One test per operation, named from the app's schema; the cases come from the running server's.
 # (schemathesis.pytest.from_fixture does not run on pytest 9: it sets Function._nodeid, gone in pytest 9.)
 PATHS = create_app(Settings(repository=Path("."))).openapi()["paths"]
@@ -69,6 +71,9 @@ def test_fuzzed_requests_get_documented_answers(api, server, label):
               suppress_health_check=[HealthCheck.too_slow])
     def fuzz(case):
         case.call_and_validate(checks=CHECKS, timeout=30)
+        if operation.path.endswith("/unload"):  # it may have unloaded a real model: put it back
+            for model in ("clf", "lm"):
+                assert httpx.post(f"{server.url}/v2/repository/models/{model}/load", timeout=30).status_code == 200
         r = httpx.post(f"{server.url}/v1/models/clf:predict", json={"instances": ["good film"]}, timeout=30)
         assert r.status_code == 200, r.text
         p = r.json()["predictions"][0]

@@ -130,6 +130,7 @@ def test_sessions_expire_and_are_capped(folder):
     ({"prompt": "the", "top_k": 1000}, "lm:generate"),
     ({"prompt": "the", "top_p": 0}, "lm:generate"),
     ({"prompt": "the", "top_p": 1.5}, "lm:generate"),
+    ({"prompt": "the", "seed": -1}, "lm:generate"),  # found by the fuzzer (a 500 before)
     ({"prompt": "the"}, "clf:generate"),
     ({"text": ""}, "lm/sessions/nope:step"),
 ])
@@ -137,6 +138,28 @@ def test_bad_generation_input_gets_a_clear_4xx(server, body, path):
     r = httpx.post(f"{server.url}/v1/models/{path}", json=body)
     assert 400 <= r.status_code < 500 and r.json()["error"], r.text
     assert gen(server, max_new_tokens=3).status_code == 200
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash(server):
+    """Found by the fuzzer: logits / 1e-310 overflowed to inf and NaN probabilities (a 500)."""
+    assert gen(server, temperature=1e-310, max_new_tokens=20).json()["text"] == gen(
+        server, temperature=0, max_new_tokens=20).json()["text"]
+
+
+def test_an_error_while_streaming_ends_the_stream_with_an_error_event(folder):
+    """The headers are already sent: the error and the request id go in the stream (the fuzzer
+    found streams that were cut without a word)."""
+    s = Server(folder / "repo")
+    stepper = s.app.state.repository.deployed["lm"].stepper
+    stepper.run_rows = lambda steps: 1 / 0
+    try:
+        r = httpx.post(f"{s.url}/v1/models/lm:generate", json={"prompt": "the", "stream": True},
+                       headers={"X-Request-ID": "stream-1"})
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+        assert r.status_code == 200 and events[-1]["request_id"] == "stream-1"
+        assert "ZeroDivisionError" in events[-1]["error"]
+    finally:
+        s.stop()
 
 
 def test_unknown_session_is_404_and_unknown_characters_are_reported(server):
@@ -148,7 +171,7 @@ def test_unknown_session_is_404_and_unknown_characters_are_reported(server):
 
 def test_generation_cap_answers_503(folder):
     s = Server(folder / "repo", max_generations=1)
-    stepper = s.app.state.steppers["lm"]
+    stepper = s.app.state.repository.deployed["lm"].stepper
     advance = stepper.run_rows
     stepper.run_rows = lambda steps: (time.sleep(0.02), advance(steps))[1]
     try:
@@ -167,7 +190,7 @@ def test_generation_cap_answers_503(folder):
 
 def test_a_client_that_disconnects_ends_its_generation(folder):
     s = Server(folder / "repo")
-    stepper = s.app.state.steppers["lm"]
+    stepper = s.app.state.repository.deployed["lm"].stepper
     advance = stepper.run_rows
     stepper.run_rows = lambda steps: (time.sleep(0.005), advance(steps))[1]
 
@@ -183,7 +206,7 @@ def test_a_client_that_disconnects_ends_its_generation(folder):
                 if i > 10:
                     break
         time.sleep(0.3)
-        assert s.app.state.generations["lm"] == 0
+        assert s.app.state.repository.deployed["lm"].generations == 0
         assert tokens_so_far() - before < 200  # it stopped long before its 1000 tokens
     finally:
         s.stop()

@@ -10,11 +10,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models.tokenize import Tokenizer, Vocab
+from models.tokenize import Tokenizer
 from serving.batcher import Batcher, plan_calls
 from serving.model import ModelLoadError, ServedModel
 from serving.settings import Settings
-from tests.serving_fixtures import Server, tiny_repository
+from tests.serving_fixtures import Server, alone, tiny_repository
 
 TEXTS = ["good film", "the plot was awful awful awful", "a", "great great good film the plot " * 3,
          "bad", "unknownword film", "the a the a good bad great awful plot film"]
@@ -30,17 +30,6 @@ def server(repository):
     s = Server(repository, max_queue_delay_ms=5)
     yield s
     s.stop()
-
-
-def alone(repository, text: str) -> np.ndarray:
-    """The reference: the exported graph run on this one text, no server, no batch."""
-    folder = repository / "clf" / "1"
-    manifest = json.loads((folder / "manifest.json").read_text())
-    ids = Vocab.load(folder / "vocab.json").encode(Tokenizer(**manifest["tokenizer"])(text))[: manifest["max_len"]]
-    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    logits = sess.run(None, {"input_ids": np.array([ids]), "lengths": np.array([len(ids)])})[0][0]
-    p = np.exp(logits - logits.max())
-    return p / p.sum()
 
 
 def test_v1_predict_answers_like_the_graph_alone(server, repository):
@@ -181,7 +170,7 @@ def test_metrics_are_prometheus_text(server):
 
 def test_overload_gets_503_at_once_and_the_server_recovers(repository):
     s = Server(repository, max_queue_size=2, max_batch_size=1)
-    batcher = s.app.state.batchers["clf"]
+    batcher = s.app.state.repository.deployed["clf"].batcher
     run_rows = batcher.run_rows
     batcher.run_rows = lambda rows: (time.sleep(0.05), run_rows(rows))[1]  # a slow model
     try:
@@ -244,7 +233,7 @@ def test_the_serving_process_imports_no_pytorch():
 
 def test_a_request_whose_client_went_away_is_dropped_before_it_runs(repository):
     s = Server(repository, max_batch_size=1, max_queue_delay_ms=0)
-    batcher = s.app.state.batchers["clf"]
+    batcher = s.app.state.repository.deployed["clf"].batcher
     run_rows, seen = batcher.run_rows, []
 
     def slow(rows):

@@ -1,0 +1,246 @@
+"""Model control: index, load, unload, atomic swaps under load, refused versions, polling, the
+bearer token, paths that try to leave the repository, and several workers following one call."""
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from export.repository import export_run
+from loadtest.bench import free_port
+from tests.serving_fixtures import Server, alone, tiny_repository
+from tests.test_export import make_run
+
+TEXTS = ["good film", "the plot was awful", "a", "great great good film the plot", "bad", "awful film the a"]
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory):
+    """The tiny repository with a second version of clf: other weights, so other answers."""
+    folder = tmp_path_factory.mktemp("control")
+    repository = tiny_repository(folder)
+    export_run(make_run(folder / "runs" / "clf2", "classifier", "bilstm", seed=1), repository, name="clf", cases=5)
+    for text in TEXTS:
+        assert np.abs(alone(repository, text, version=1) - alone(repository, text, version=2)).max() > 1e-3
+    return repository
+
+
+def copy_of(repository, tmp_path):
+    shutil.copytree(repository, tmp_path / "repo")
+    return tmp_path / "repo"
+
+
+def probabilities(response) -> np.ndarray:
+    return np.array([[p["probabilities"]["neg"], p["probabilities"]["pos"]] for p in response.json()["predictions"]])
+
+
+def test_index_load_and_unload(two_versions):
+    s = Server(two_versions)
+    try:
+        index = httpx.post(f"{s.url}/v2/repository/index").json()
+        assert {(r["name"], r["version"], r["state"]) for r in index} == {
+            ("clf", "1", "UNAVAILABLE"), ("clf", "2", "READY"), ("lm", "1", "READY")}
+        assert httpx.post(f"{s.url}/v2/repository/index", json={"ready": True}).json() == [
+            r for r in index if r["state"] == "READY"]
+
+        r = httpx.post(f"{s.url}/v2/repository/models/clf/load", json={"parameters": {"version": "1"}})
+        assert r.status_code == 200 and r.json() == {"name": "clf", "version": "1", "state": "READY"}
+        answer = httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": TEXTS})
+        assert np.abs(probabilities(answer) - [alone(two_versions, t, version=1) for t in TEXTS]).max() < 1e-5
+        assert httpx.get(f"{s.url}/v2/models/clf").json()["versions"] == ["1"]
+        assert httpx.get(f"{s.url}/v2/models/clf/versions/2/ready").status_code == 404
+
+        assert httpx.post(f"{s.url}/v2/repository/models/clf/unload").json()["state"] == "UNAVAILABLE"
+        assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]}).status_code == 404
+        assert httpx.post(f"{s.url}/v2/repository/models/clf/unload").status_code == 404  # not loaded
+        assert httpx.post(f"{s.url}/v2/repository/models/clf/load").json()["version"] == "2"  # the latest
+        answer = httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": TEXTS})
+        assert np.abs(probabilities(answer) - [alone(two_versions, t, version=2) for t in TEXTS]).max() < 1e-5
+
+        assert httpx.post(f"{s.url}/v2/repository/models/clf/load", json={"parameters": {"version": "7"}}).status_code == 404
+        assert httpx.post(f"{s.url}/v2/repository/models/clf/load", json={"parameters": {"version": "x"}}).status_code == 400
+        assert httpx.post(f"{s.url}/v2/repository/models/nope/load").status_code == 404
+    finally:
+        s.stop()
+
+
+def test_swaps_under_load_lose_nothing_and_each_answer_comes_from_one_version(two_versions):
+    """16 clients predict without pause while the model swaps between versions 1 and 2 six times."""
+    s = Server(two_versions, max_queue_delay_ms=2)
+    expected = {v: np.array([alone(two_versions, t, version=v) for t in TEXTS]) for v in (1, 2)}
+    answers, statuses = [], []
+
+    async def client_loop(client, stop):
+        while not stop.is_set():
+            r = await client.post("/v1/models/clf:predict", json={"instances": TEXTS})
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                answers.append(probabilities(r))
+
+    async def scenario():
+        stop = asyncio.Event()
+        async with httpx.AsyncClient(base_url=s.url, timeout=30, limits=httpx.Limits(max_connections=32)) as client:
+            clients = [asyncio.create_task(client_loop(client, stop)) for _ in range(16)]
+            swaps = []
+            for version in (1, 2, 1, 2, 1, 2):
+                await asyncio.sleep(0.3)
+                r = await client.post("/v2/repository/models/clf/load", json={"parameters": {"version": str(version)}})
+                swaps.append((r.status_code, r.json()["version"]))
+            await asyncio.sleep(0.3)
+            stop.set()
+            await asyncio.gather(*clients)
+            return swaps
+
+    try:
+        swaps = asyncio.run(scenario())
+        assert swaps == [(200, str(v)) for v in (1, 2, 1, 2, 1, 2)]
+        assert statuses and set(statuses) == {200}, {code: statuses.count(code) for code in set(statuses)}
+        came_from = [[v for v in (1, 2) if np.abs(a - expected[v]).max() < 1e-5] for a in answers]
+        assert all(len(c) == 1 for c in came_from)  # every answer is wholly one version's
+        assert {c[0] for c in came_from} == {1, 2} and len(answers) > 50
+        time.sleep(0.5)
+        assert [d.model.version for d in s.app.state.repository.retiring] == []  # old versions released
+    finally:
+        s.stop()
+
+
+def spoil(version_folder, how: str):
+    manifest_path = version_folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if how == "corrupt file":
+        with open(version_folder / "model.onnx", "r+b") as f:
+            f.seek(100)
+            f.write(b"\xff" * 64)
+    elif how == "wrong checksum":
+        manifest["sha256"] = "0" * 64
+    elif how == "bad manifest":
+        manifest_path.write_text("{not json")
+        return
+    elif how == "graph that does not run":  # a valid ONNX graph, its checksum right, its input named otherwise
+        x = helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "seq"])
+        y = helper.make_tensor_value_info("logits", TensorProto.INT64, ["batch", "seq"])
+        graph = helper.make_graph([helper.make_node("Identity", ["tokens"], ["logits"])], "broken", [x], [y])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), version_folder / "model.onnx")
+        import hashlib
+        manifest["sha256"] = hashlib.sha256((version_folder / "model.onnx").read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how", ["corrupt file", "wrong checksum", "bad manifest", "graph that does not run"])
+def test_a_bad_version_is_refused_and_the_old_one_keeps_serving(two_versions, tmp_path, how):
+    repository = copy_of(two_versions, tmp_path)
+    s = Server(repository, model_versions={"clf": 1})
+    try:
+        spoil(repository / "clf" / "2", how)
+        r = httpx.post(f"{s.url}/v2/repository/models/clf/load")
+        assert r.status_code == 400 and "load refused" in r.json()["error"], r.text
+        answer = httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": TEXTS})
+        assert np.abs(probabilities(answer) - [alone(two_versions, t, version=1) for t in TEXTS]).max() < 1e-5
+        index = {r["version"]: r for r in httpx.post(f"{s.url}/v2/repository/index").json() if r["name"] == "clf"}
+        assert index["1"]["state"] == "READY" and index["2"]["state"] == "UNAVAILABLE"
+        assert index["2"]["reason"] and index["2"]["reason"] != "not loaded"
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("name", ["..", "...", "%2e%2e", "..%2Fruns%2Fclf", "%2e%2e%2fruns%2fclf2", "%2Fetc",
+                                  "clf%2F..%2F..%2Fruns%2Fclf", ".hidden", "clf%00", "runs"])
+def test_model_names_cannot_leave_the_repository(two_versions, name):
+    """The repository's folder sits beside runs/ (whose run folders are not models): none loads."""
+    s = Server(two_versions)
+    try:
+        r = httpx.post(f"{s.url}/v2/repository/models/{name}/load")
+        assert r.status_code == 404 and r.json()["error"], (r.status_code, r.text)
+        assert set(s.app.state.repository.deployed) == {"clf", "lm"}
+        assert httpx.post(f"{s.url}/v2/repository/models/clf/load",
+                          json={"parameters": {"version": "../1"}}).status_code == 400
+    finally:
+        s.stop()
+
+
+def test_the_control_token_guards_model_control_and_leaves_inference_open(two_versions):
+    s = Server(two_versions, control_token="s3cret")
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.post(f"{s.url}/v2/repository/models/clf/unload", headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and r.json()["error"]
+        assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]}).status_code == 200
+        ok = httpx.post(f"{s.url}/v2/repository/index", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and len(ok.json()) == 3
+    finally:
+        s.stop()
+    s = Server(two_versions, control_token="s3cret", token_for_inference=True)
+    try:
+        assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]}).status_code == 401
+        assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]},
+                          headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{s.url}/v2/health/ready").status_code == 200
+        assert httpx.get(f"{s.url}/metrics").status_code == 200
+    finally:
+        s.stop()
+
+
+def test_polling_deploys_a_new_version_when_it_appears(two_versions, tmp_path):
+    repository = copy_of(two_versions, tmp_path)
+    shutil.rmtree(repository / "clf" / "2")
+    s = Server(repository, repository_poll_s=0.2, control_sync_s=0.1)
+    try:
+        assert httpx.get(f"{s.url}/v1/models/clf").json()["version"] == "1"
+        shutil.copytree(two_versions / "clf" / "2", repository / "clf" / ".2.partial")  # as export publishes
+        (repository / "clf" / ".2.partial").rename(repository / "clf" / "2")
+        deadline = time.time() + 10
+        while httpx.get(f"{s.url}/v1/models/clf").json()["version"] != "2" and time.time() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(f"{s.url}/v1/models/clf").json()["version"] == "2"
+        answer = httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": TEXTS})
+        assert np.abs(probabilities(answer) - [alone(two_versions, t, version=2) for t in TEXTS]).max() < 1e-5
+    finally:
+        s.stop()
+
+
+def test_every_worker_follows_a_load_call(two_versions, tmp_path):
+    """python -m serving --workers 2: the call reaches one process; both serve version 1 after it."""
+    port = free_port()
+    env = {**os.environ, "RNNSERVE_CONTROL_SYNC_S": "0.2"}
+    log = open(tmp_path / "server.log", "w+")
+    server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(two_versions), "--host",
+                               "127.0.0.1", "--port", str(port), "--workers", "2"], env=env, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+
+        def versions_seen(n=40) -> set[str]:  # a new connection each time: the kernel spreads them
+            return {httpx.get(f"{url}/v1/models/clf", headers={"Connection": "close"}).json()["version"]
+                    for _ in range(n)}
+
+        assert versions_seen() == {"2"}
+        assert httpx.post(f"{url}/v2/repository/models/clf/load", json={"parameters": {"version": "1"}}).status_code == 200
+        time.sleep(1.0)
+        assert versions_seen() == {"1"}
+        log.seek(0)
+        swapped = [line.split()[3] for line in log if "serving clf version 1 (was 2)" in line]
+        assert len(set(swapped)) == 2, swapped  # two processes (pids) each swapped
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+
+
+def wait_ready(url: str, timeout_s: float = 60):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not become ready")

@@ -1,0 +1,253 @@
+"""Faults and bad clients: SIGTERM drains, a model that raises, request ids, overload, slow and
+oversized bodies. The server is real uvicorn on 127.0.0.1 (a subprocess where signals or its
+memory are under test)."""
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from loadtest.bench import free_port
+from loadtest.client import LoadResult, read_response
+from tests.serving_fixtures import Server, alone, tiny_repository
+from tests.test_model_control import wait_ready
+
+TEXTS = ["good film", "the plot was awful", "a", "great great good film the plot", "bad", "awful film the a"]
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    return tiny_repository(tmp_path_factory.mktemp("reliability"))
+
+
+def start(repository, tmp_path, **settings) -> tuple[subprocess.Popen, str]:
+    """python -m serving (one worker) with RNNSERVE_* settings; its log in tmp_path/server.log."""
+    port = free_port()
+    env = {**os.environ, **{f"RNNSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
+    log = open(tmp_path / "server.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host",
+                                "127.0.0.1", "--port", str(port), "--workers", "1"], env=env, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    return process, url
+
+
+def test_sigterm_answers_every_accepted_request_then_exits(repository, tmp_path):
+    """40 requests wait in a batch that closes after 600 ms; SIGTERM comes at 300 ms. Every one
+    is answered, correctly; new connections are refused from then on; the process exits."""
+    process, url = start(repository, tmp_path, max_queue_delay_ms=600, shutdown_grace_s=10)
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=40)) as client:
+            sent = time.perf_counter()
+            requests = [asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": [TEXTS[i % 6]]}))
+                        for i in range(40)]
+            await asyncio.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.perf_counter()
+            await asyncio.sleep(0.1)
+            with pytest.raises(httpx.ConnectError):  # readiness, and all new work: refused at once
+                await httpx.AsyncClient().get(f"{url}/v2/health/ready")
+            responses = await asyncio.gather(*requests)
+            return responses, signalled - sent, time.perf_counter() - sent
+
+    try:
+        responses, signalled_at, answered_at = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [200] * 40
+        assert answered_at > signalled_at  # they were in flight when the signal came
+        for i, r in enumerate(responses):
+            p = r.json()["predictions"][0]["probabilities"]
+            assert np.abs([p["neg"], p["pos"]] - alone(repository, TEXTS[i % 6])).max() < 1e-5
+        process.wait(10)
+    finally:
+        process.kill()
+    log = (tmp_path / "server.log").read_text()
+    assert "SIGTERM: not ready" in log and "Application shutdown complete" in log
+
+
+def test_sigterm_exits_within_the_grace_period_when_requests_take_longer(repository, tmp_path):
+    process, url = start(repository, tmp_path, max_queue_delay_ms=20000, shutdown_grace_s=1)
+    try:
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                waiting = asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ["good"]}))
+                await asyncio.sleep(0.3)
+                process.send_signal(signal.SIGTERM)
+                signalled = time.perf_counter()
+                await asyncio.to_thread(process.wait, 10)
+                r = await waiting  # cut off at the end of the grace period, and told so
+                assert r.status_code == 503 and "shut down" in r.json()["error"], r.text
+                return time.perf_counter() - signalled
+        assert asyncio.run(scenario()) < 1 + 2  # the grace period, plus the process's own exit
+    finally:
+        process.kill()
+
+
+def faulty_repository(repository, folder):
+    """clf whose graph looks its first token up in a 5-row table: ids 5.. (film, good, great,
+    plot, the) make ONNX Runtime raise; the warm-up's ids (1) pass."""
+    shutil.copytree(repository / "clf", folder / "faulty")
+    version = folder / "faulty" / "1"
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    lengths = helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])
+    table = helper.make_tensor("table", TensorProto.FLOAT, [5, 2], np.arange(10, dtype=np.float32).tolist())
+    zero = helper.make_tensor("zero", TensorProto.INT64, [], [0])
+    nodes = [helper.make_node("Gather", ["input_ids", "zero"], ["first"], axis=1),
+             helper.make_node("Gather", ["table", "first"], ["logits"], axis=0)]
+    graph = helper.make_graph(nodes, "faulty", [ids, lengths], [logits], initializer=[table, zero])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), version / "model.onnx")
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["sha256"] = hashlib.sha256((version / "model.onnx").read_bytes()).hexdigest()
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(repository / "clf", folder / "clf")
+    return folder
+
+
+def test_a_model_that_raises_fails_only_its_batch_with_a_500_and_a_request_id(repository, tmp_path, caplog):
+    s = Server(faulty_repository(repository, tmp_path / "repo"), max_batch_size=1)  # a batch per request
+    try:
+        r = httpx.post(f"{s.url}/v1/models/faulty:predict", json={"instances": ["good"]},
+                       headers={"X-Request-ID": "poisoned-1"})
+        assert r.status_code == 500 and r.headers["x-request-id"] == "poisoned-1"
+        assert r.json()["request_id"] == "poisoned-1" and "inference failed" in r.json()["error"]
+        assert any(getattr(rec, "request_id", None) == "poisoned-1" and rec.levelname == "ERROR" for rec in caplog.records)
+        assert httpx.post(f"{s.url}/v1/models/faulty:predict", json={"instances": ["a bad"]}).status_code == 200
+
+        async def mixed():  # bad ones among good ones, on the same model and on another
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+                def post(model, text):
+                    return client.post(f"/v1/models/{model}:predict", json={"instances": [text]})
+                return await asyncio.gather(*(post("faulty", "the" if i % 10 == 0 else "a") for i in range(100)),
+                                            *(post("clf", t) for t in TEXTS * 5))
+        responses = asyncio.run(mixed())
+        faulty, clf = responses[:100], responses[100:]
+        assert [r.status_code for r in faulty] == [500 if i % 10 == 0 else 200 for i in range(100)]
+        assert all(r.json()["predictions"][0]["label"] == "pos" for r in faulty[1::10])  # table row 2: [4, 5]
+        assert [r.status_code for r in clf] == [200] * 30  # the other model never noticed
+        assert httpx.post(f"{s.url}/v1/models/faulty:predict", json={"instances": ["a"]}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_request_ids_are_taken_or_made_and_always_returned(repository):
+    s = Server(repository)
+    try:
+        given = httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]}, headers={"X-Request-ID": "abc-123"})
+        assert given.headers["x-request-id"] == "abc-123"
+        made = httpx.get(f"{s.url}/v2/health/live").headers["x-request-id"]
+        assert len(made) == 32 and int(made, 16) >= 0
+        odd = httpx.get(f"{s.url}/v2/health/live", headers={"X-Request-ID": "x" * 500}).headers["x-request-id"]
+        assert len(odd) == 32  # not echoed: too long, or characters a log should not carry
+        error = httpx.post(f"{s.url}/v1/models/nope:predict", json={"instances": ["good"]}, headers={"X-Request-ID": "e-1"})
+        assert error.status_code == 404 and error.json()["request_id"] == "e-1" == error.headers["x-request-id"]
+    finally:
+        s.stop()
+
+
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_overload_answers_503_fast_and_memory_stays_bounded(repository, tmp_path):
+    """300 connections send at once, four times, to a queue of 8: the rest get 503 at once;
+    accepted requests are answered right and within the deadline; the server's memory does not
+    grow. Raw sockets with the request bytes ready, so the clients are not what is slow."""
+    process, url = start(repository, tmp_path, max_queue_size=8, max_batch_size=1, request_timeout_s=10)
+    body = json.dumps({"instances": ["good film"] * 128}).encode()  # 128 calls: about 15 ms of work
+    request = (b"POST /v1/models/clf:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def one(reader, writer):
+        sent = time.perf_counter()
+        writer.write(request)
+        status, answer = await read_response(reader, sent, LoadResult())
+        return status, time.perf_counter() - sent, answer
+
+    async def scenario():
+        port = int(url.rsplit(":", 1)[1])
+        connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(300)]
+        await asyncio.gather(*(one(*c) for c in connections))  # warm
+        before = rss_mb(process.pid)
+        results = [x for _ in range(4) for x in await asyncio.gather(*(one(*c) for c in connections))]
+        for _, writer in connections:
+            writer.close()
+        return results, before, rss_mb(process.pid)
+
+    try:
+        results, before, after = asyncio.run(scenario())
+        statuses = [status for status, _, _ in results]
+        assert set(statuses) == {200, 503} and statuses.count(503) > len(statuses) // 2, \
+            {code: statuses.count(code) for code in set(statuses)}
+        rejected = sorted(t for status, t, _ in results if status == 503)
+        accepted = [(t, answer) for status, t, answer in results if status == 200]
+        print(f"{len(rejected)} rejected, median {rejected[len(rejected) // 2] * 1000:.0f} ms; {len(accepted)} "
+              f"accepted, slowest {max(t for t, _ in accepted):.2f} s; RSS {before:.0f} -> {after:.0f} MB")
+        assert rejected[len(rejected) // 2] < 1.0  # a refusal does not wait for the work in the queue
+        assert max(t for t, _ in accepted) < 10  # within the deadline: no 504s either
+        expected = alone(repository, "good film")
+        for _, answer in accepted:
+            p = json.loads(answer)["predictions"][-1]["probabilities"]
+            assert np.abs([p["neg"], p["pos"]] - expected).max() < 1e-5
+        assert after - before < 30, (before, after)  # MB, over 1,200 requests
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(15)
+
+
+def test_slow_bodies_time_out_alone_and_oversized_bodies_are_refused(repository):
+    s = Server(repository, body_timeout_s=1.0, max_body_bytes=10_000)
+    port = int(s.url.rsplit(":", 1)[1])
+    slow = []
+    try:
+        for _ in range(50):  # slowloris: headers, a little body, then silence
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST /v1/models/clf:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"instances\": [")
+            slow.append(sock)
+        started = time.perf_counter()
+        for text in TEXTS:  # meanwhile everyone else is served as usual
+            r = httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": [text]})
+            assert r.status_code == 200
+        assert time.perf_counter() - started < 1.0  # served before the slow bodies timed out
+        for sock in slow:
+            sock.settimeout(5)
+            head = sock.recv(4096)
+            assert head.startswith(b"HTTP/1.1 408"), head[:100]
+            sock.close()
+        chunks = (b"x" * 1000 for _ in range(20))  # chunked, no Content-Length: counted as it arrives
+        r = httpx.post(f"{s.url}/v1/models/clf:predict", content=chunks, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "body over" in r.json()["error"]
+        r = httpx.post(f"{s.url}/v1/models/clf:predict", content=b"x" * 20_000)
+        assert r.status_code == 413
+        assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]}).status_code == 200
+    finally:
+        for sock in slow:
+            sock.close()
+        s.stop()
+
+
+def test_text_length_is_limited(repository):
+    s = Server(repository, max_text_chars=100)
+    try:
+        for path, body in [("/v1/models/clf:predict", {"instances": ["good", "a" * 101]}),
+                           ("/v1/models/lm:generate", {"prompt": "t" * 101})]:
+            r = httpx.post(f"{s.url}{path}", json=body)
+            assert r.status_code == 413 and "at most 100" in r.json()["error"], r.text
+        assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["a" * 100]}).status_code == 200
+    finally:
+        s.stop()
