@@ -54,6 +54,8 @@ def export_run(run: Path, repository: Path, name: str | None = None, opset: int 
         if fp16:
             variants["fp16"] = fp16_variant(onnx_path, staging / "model.fp16.onnx", model, cfg, config["max_len"])
         shutil.copy(run / config["vocab_file"], staging / "vocab.json")
+        if tokenizer.file:  # the encoder's tokenizer.json: the server tokenizes with it
+            shutil.copy(run / tokenizer.file, staging / tokenizer.file)
         manifest = build_manifest(name, version, cfg, config, onnx_path, parity, variants, run, opset)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         target = repository / name / str(version)

@@ -20,6 +20,10 @@ from models.rnn import ModelConfig
 
 TOLERANCE = {"pytorch_vs_onnxruntime": 1e-4, "batched_vs_alone": 1e-5, "stepwise_vs_whole": 1e-5,
              "long_sequences": 1e-4}
+# a pretrained encoder in front: six attention layers of float32 sums, summed in another order
+# by ONNX Runtime's fused kernels and over other padded lengths (measured: docs/encoder.md)
+ENCODER_TOLERANCE = {"pytorch_vs_onnxruntime": 1e-3, "batched_vs_alone": 1e-4, "stepwise_vs_whole": 1e-5,
+                     "long_sequences": 1e-3}
 
 
 class ParityError(AssertionError):
@@ -100,14 +104,16 @@ def verify(model: nn.Module, cfg: ModelConfig, path: Path, max_len: int, cases: 
                 worst["batched_vs_alone"] = max(worst["batched_vs_alone"], max_diff(mine, alone))
     if cfg.task == "lm":
         worst["stepwise_vs_whole"] = stepwise_diff(ort_run, cfg, rng, max_len)
-    for length in (1, 3, 2 * max_len):
+    longest = min(2 * max_len, cfg.encoder["max_position_embeddings"]) if cfg.encoder else 2 * max_len
+    for length in (1, 3, longest):
         feeds = random_batch(rng, cfg, 4, length, [length, 1, length, max(1, length // 2)])
         worst["long_sequences"] = max(worst["long_sequences"],
                                       max_diff(real(torch_run(feeds), feeds, cfg), real(ort_run(feeds), feeds, cfg)))
-    failed = {k: v for k, v in worst.items() if v > TOLERANCE[k]}
+    tolerance = ENCODER_TOLERANCE if cfg.encoder else TOLERANCE
+    failed = {k: v for k, v in worst.items() if v > tolerance[k]}
     if failed and enforce:
-        raise ParityError(f"{path}: parity failed: {failed} (tolerances {TOLERANCE})")
-    return {"cases": cases, "max_abs_diff": worst, "tolerance": TOLERANCE, "within_tolerance": not failed,
+        raise ParityError(f"{path}: parity failed: {failed} (tolerances {tolerance})")
+    return {"cases": cases, "max_abs_diff": worst, "tolerance": tolerance, "within_tolerance": not failed,
             "seconds": round(time.time() - started, 2)}
 
 

@@ -3,9 +3,11 @@
     python -m loadtest run --host http://127.0.0.1:8000 --users 64 --spawn-rate 64 --duration 60s \\
         [--scenario predict|v2|generate|all] [--out results/run]
     python -m loadtest bench [--model imdb-bilstm --lm timemachine-gru --repository model_repository --runs runs]
+    python -m loadtest soak [--model imdb-gru --minutes 10 --users 32 --reload-every-s 60]
 
 `run` drives Locust headless against any host and writes its CSV and HTML reports plus a
-summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py.
+summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py;
+`soak`: loadtest/soak.py.
 """
 import argparse
 import csv
@@ -72,7 +74,18 @@ def main(argv=None):
     bench.add_argument("--out", type=Path, default=Path("results/bench"))
     bench.add_argument("--server-env", nargs="*", default=[], metavar="RNNSERVE_X=VALUE",
                        help="settings for the rnnserve server under test")
+    soak = commands.add_parser("soak", help="steady load for minutes, memory sampled (loadtest/soak.py)")
+    soak.add_argument("--model", default="imdb-gru")
+    soak.add_argument("--repository", type=Path, default=Path("model_repository"))
+    soak.add_argument("--minutes", type=float, default=10.0)
+    soak.add_argument("--users", type=int, default=32)
+    soak.add_argument("--window-s", type=float, default=30.0, help="one row of figures per window")
+    soak.add_argument("--reload-every-s", type=float, default=60.0, help="reload the model under load; 0: never")
+    soak.add_argument("--out", type=Path, default=Path("results/soak"))
     args = p.parse_args(argv)
+    if args.command == "soak":
+        from loadtest.soak import soak as run_soak
+        return run_soak(args)
     if args.command == "run":
         summary = run_locust(args.host, args.users, args.spawn_rate, args.duration, args.scenario, args.out)
         return summary

@@ -47,7 +47,7 @@ def texts(workload: str, n: int, seed: int = 0) -> list[str]:
 def token_rows(model_dir: Path, texts_: list[str]) -> list[list[int]]:
     """The texts as the server would tokenize them, from the exported model's manifest and vocabulary."""
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    tokenizer, vocab = Tokenizer(**manifest["tokenizer"]), Vocab.load(model_dir / manifest["vocab_file"])
+    tokenizer, vocab = Tokenizer(**manifest["tokenizer"], folder=str(model_dir)), Vocab.load(model_dir / manifest["vocab_file"])
     return [(vocab.encode(tokenizer(t)) or [1])[: manifest["max_len"]] for t in texts_]
 
 

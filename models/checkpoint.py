@@ -1,10 +1,12 @@
-"""A run folder: config.json, vocab.json, model.safetensors, metrics.json, curves.png.
+"""A run folder: config.json, vocab.json, model.safetensors, metrics.json, curves.png (and the
+encoder's tokenizer.json for a classifier with a pretrained encoder).
 
     python -m models.checkpoint runs/imdb-bilstm     # loads the run and prints its summary
 
 Weights are safetensors and everything else is JSON: loading a run can never execute code.
 """
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,6 +27,8 @@ def save_run(out: Path, model: nn.Module, tokenizer: Tokenizer, vocab: Vocab, la
               "max_len": max_len, "vocab_file": "vocab.json", "train_args": train_args}
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     vocab.save(out / "vocab.json")
+    if tokenizer.file:  # a pretrained encoder's own tokenizer.json travels with the run
+        shutil.copy(Path(tokenizer.folder) / tokenizer.file, out / tokenizer.file)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
@@ -42,7 +46,7 @@ def load_run(run: Path) -> tuple[nn.Module, dict, Tokenizer, Vocab]:
         raise ValueError(f"{run}: vocab.json has {len(vocab)} tokens but the model was built for {cfg.vocab_size}")
     model = build(cfg)
     model.load_state_dict(load_file(run / "model.safetensors"))
-    return model.eval(), config, Tokenizer(**config["tokenizer"]), vocab
+    return model.eval(), config, Tokenizer(**config["tokenizer"], folder=str(run)), vocab
 
 
 if __name__ == "__main__":

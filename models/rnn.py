@@ -31,6 +31,7 @@ class ModelConfig:
     hidden_size: int = 128
     num_layers: int = 1
     dropout: float = 0.0
+    encoder: dict | None = None  # a pretrained encoder's config (models/encoder.py) in place of the embedding
 
     def __post_init__(self):
         archs = ARCHS if self.task == "classifier" else LM_ARCHS
@@ -38,6 +39,9 @@ class ModelConfig:
             raise ValueError(f"no {self.task} arch {self.arch!r}: choose from {sorted(archs)}")
         if self.arch == "elman" and self.num_layers != 1:
             raise ValueError("the elman cell has one layer")
+        if self.encoder and (self.task != "classifier" or (self.embed_dim, self.vocab_size) != (
+                self.encoder["hidden_size"], self.encoder["vocab_size"])):
+            raise ValueError("an encoder feeds a classifier, with embed_dim and vocab_size its own")
 
     @property
     def directions(self) -> int:
@@ -70,12 +74,17 @@ def run_packed(rnn: nn.RNNBase, x: torch.Tensor, lengths: torch.Tensor, state=No
 
 
 class RNNClassifier(nn.Module):
-    """Embedding -> recurrent stack -> linear head on the final state (N-vs-1)."""
+    """Embedding (or a pretrained encoder's last hidden states) -> recurrent stack -> linear head
+    on the final state (N-vs-1)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=0)
+        if cfg.encoder:
+            from models.encoder import build_encoder
+            self.encoder = build_encoder(cfg.encoder)
+        else:
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=0)
         self.drop = nn.Dropout(cfg.dropout)
         self.rnn = recurrent_stack(cfg)
         if cfg.arch == "elman":
@@ -87,7 +96,11 @@ class RNNClassifier(nn.Module):
             self.head = nn.Linear(cfg.hidden_size * cfg.directions, cfg.num_labels)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.embed(input_ids))  # (B, T, E)
+        if self.cfg.encoder:
+            from models.encoder import encode
+            x = self.drop(encode(self.encoder, input_ids, lengths))  # (B, T, E): padding masked out
+        else:
+            x = self.drop(self.embed(input_ids))  # (B, T, E)
         out, _ = run_packed(self.rnn, x, lengths)  # (B, T, D*H), top layer
         last = lengths.to(x.device) - 1  # (B,)
         if self.cfg.arch == "elman":

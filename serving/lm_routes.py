@@ -41,12 +41,12 @@ async def generate(name: str, body: GenerateRequest, request: Request):
         raise HTTPException(503, f"{settings.max_generations} generations already running; retry shortly", headers=BUSY)
     generation = Generation(model, deployment.stepper, body)
     deployment.generations += 1
-    deployment.holders += 1  # until the last token is sent, also when streaming
+    deployment.acquire()  # until the last token is sent, also when streaming
     metrics.ACTIVE_GENERATIONS.labels(name).inc()
 
     def finished():
         deployment.generations -= 1
-        deployment.holders -= 1
+        deployment.release()
         metrics.ACTIVE_GENERATIONS.labels(name).dec()
 
     def summary() -> dict:

@@ -78,7 +78,7 @@ class ServedModel:
                 raise ValueError(f"manifest.json lacks {sorted(missing)}")
             onnx_bytes = (path / manifest["file"]).read_bytes()
             vocab = Vocab.load(path / manifest["vocab_file"])
-            tokenizer = Tokenizer(**manifest["tokenizer"])
+            tokenizer = Tokenizer(**manifest["tokenizer"], folder=str(path))
         except (OSError, KeyError, ValueError, AssertionError) as e:
             raise ModelLoadError(f"{path}: unreadable model version: {e}") from e
         if hashlib.sha256(onnx_bytes).hexdigest() != manifest["sha256"]:

@@ -29,7 +29,7 @@ def alone(repository: Path, text: str, name: str = "clf", version: int = 1) -> n
     -> (num_labels,) probabilities."""
     folder = repository / name / str(version)
     manifest = json.loads((folder / "manifest.json").read_text())
-    ids = Vocab.load(folder / "vocab.json").encode(Tokenizer(**manifest["tokenizer"])(text))[: manifest["max_len"]]
+    ids = Vocab.load(folder / "vocab.json").encode(Tokenizer(**manifest["tokenizer"], folder=str(folder))(text))[: manifest["max_len"]]
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     logits = sess.run(None, {"input_ids": np.array([ids]), "lengths": np.array([len(ids)])})[0][0]
     p = np.exp(logits - logits.max())

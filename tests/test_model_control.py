@@ -244,3 +244,82 @@ def wait_ready(url: str, timeout_s: float = 60):
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not become ready")
+
+
+class Planted:
+    """Unpickling this would create the marker file: it must never happen."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_model_folder_cannot_make_the_server_run_code(two_versions, tmp_path):
+    """A version whose manifest names a pickle (checksum right) and carries Python files: the load
+    is refused as not ONNX, and nothing in the folder ran."""
+    import hashlib
+    import pickle
+    repository = copy_of(two_versions, tmp_path)
+    shutil.copytree(repository / "clf" / "1", repository / "evil" / "1")
+    marker = tmp_path / "ran"
+    (repository / "evil" / "1" / "model.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    (repository / "evil" / "1" / "__init__.py").write_text(f"open({str(marker)!r}, 'w')")
+    manifest = json.loads((repository / "evil" / "1" / "manifest.json").read_text())
+    manifest.update(file="model.pkl", sha256=hashlib.sha256((repository / "evil" / "1" / "model.pkl").read_bytes()).hexdigest())
+    (repository / "evil" / "1" / "manifest.json").write_text(json.dumps(manifest))
+    shutil.move(repository / "evil", tmp_path / "evil")  # the server starts without it
+    s = Server(repository)
+    try:
+        shutil.move(tmp_path / "evil", repository / "evil")
+        r = httpx.post(f"{s.url}/v2/repository/models/evil/load")
+        assert r.status_code == 400 and "ONNX Runtime cannot load" in r.json()["error"], r.text
+        assert not marker.exists()
+        assert "evil" not in s.app.state.repository.deployed
+    finally:
+        s.stop()
+
+
+def test_a_swap_lets_running_streams_finish_and_ends_the_old_versions_sessions(two_versions):
+    s = Server(two_versions)
+    try:
+        sid = httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"]
+        assert httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "the"}).status_code == 200
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+                body = {"prompt": "the time", "max_new_tokens": 400, "temperature": 0, "stream": True}
+                async with client.stream("POST", "/v1/models/lm:generate", json=body) as stream:
+                    lines = stream.aiter_lines()
+                    first = await anext(lines)
+                    reload = await client.post("/v2/repository/models/lm/load")  # the same version, reloaded
+                    rest = [line async for line in lines]
+                return first, reload, rest
+
+        first, reload, rest = asyncio.run(scenario())
+        events = [json.loads(line[6:]) for line in [first, *rest] if line.startswith("data: ")]
+        assert reload.status_code == 200 and events[-1]["tokens"] == 400 and len(events) == 401
+        r = httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "the"})
+        assert r.status_code == 404 and "replaced" in r.json()["error"]
+    finally:
+        s.stop()
+
+
+def test_a_swapped_out_version_is_released(two_versions):
+    """Nothing keeps a retired deployment alive: its model (and ONNX Runtime session) is freed."""
+    import gc
+    import weakref
+    s = Server(two_versions)
+    try:
+        gone = []
+        for version in (1, 2, 1):
+            gone.append(weakref.ref(s.app.state.repository.deployed["clf"].model))
+            httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": TEXTS})
+            assert httpx.post(f"{s.url}/v2/repository/models/clf/load",
+                              json={"parameters": {"version": str(version)}}).status_code == 200
+        time.sleep(0.5)
+        gc.collect()
+        assert [ref() is None for ref in gone] == [True, True, True]
+    finally:
+        s.stop()

@@ -5,6 +5,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -43,17 +44,26 @@ def start(repository, tmp_path, **settings) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
+def in_flight(metrics) -> float:
+    found = re.search(r'rnnserve_requests_in_flight\{model="clf"\} (\S+)', metrics.text)
+    return float(found[1]) if found else 0.0
+
+
 def test_sigterm_answers_every_accepted_request_then_exits(repository, tmp_path):
-    """40 requests wait in a batch that closes after 600 ms; SIGTERM comes at 300 ms. Every one
-    is answered, correctly; new connections are refused from then on; the process exits."""
-    process, url = start(repository, tmp_path, max_queue_delay_ms=600, shutdown_grace_s=10)
+    """40 requests wait in a batch that closes 3 s after its first; SIGTERM comes once the server
+    has taken all 40. Every one is answered, correctly; new connections are refused from then
+    on; the process exits."""
+    process, url = start(repository, tmp_path, max_queue_delay_ms=3000, shutdown_grace_s=10)
 
     async def scenario():
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=40)) as client:
             sent = time.perf_counter()
             requests = [asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": [TEXTS[i % 6]]}))
                         for i in range(40)]
-            await asyncio.sleep(0.3)
+            async with httpx.AsyncClient(base_url=url) as probe:  # the other client's 40 connections are busy
+                while in_flight(await probe.get("/metrics")) < 40:  # all 40 taken by the server
+                    assert time.perf_counter() - sent < 10, "the server never held all 40"
+                    await asyncio.sleep(0.02)
             process.send_signal(signal.SIGTERM)
             signalled = time.perf_counter()
             await asyncio.sleep(0.1)

@@ -17,7 +17,7 @@ from models.tokenize import Tokenizer, Vocab
 app = FastAPI(title="naive ONNX Runtime baseline")
 folder = Path(os.environ["MODEL_DIR"])
 manifest = json.loads((folder / "manifest.json").read_text())
-tokenizer, vocab = Tokenizer(**manifest["tokenizer"]), Vocab.load(folder / manifest["vocab_file"])
+tokenizer, vocab = Tokenizer(**manifest["tokenizer"], folder=str(folder)), Vocab.load(folder / manifest["vocab_file"])
 session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
 
 
