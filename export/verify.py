@@ -20,10 +20,6 @@ from models.rnn import ModelConfig
 
 TOLERANCE = {"pytorch_vs_onnxruntime": 1e-4, "batched_vs_alone": 1e-5, "stepwise_vs_whole": 1e-5,
              "long_sequences": 1e-4}
-# a pretrained encoder in front: six attention layers of float32 sums, summed in another order
-# by ONNX Runtime's fused kernels and over other padded lengths (measured: docs/encoder.md)
-ENCODER_TOLERANCE = {"pytorch_vs_onnxruntime": 1e-3, "batched_vs_alone": 1e-4, "stepwise_vs_whole": 1e-5,
-                     "long_sequences": 1e-3}
 
 
 class ParityError(AssertionError):
@@ -109,11 +105,10 @@ def verify(model: nn.Module, cfg: ModelConfig, path: Path, max_len: int, cases: 
         feeds = random_batch(rng, cfg, 4, length, [length, 1, length, max(1, length // 2)])
         worst["long_sequences"] = max(worst["long_sequences"],
                                       max_diff(real(torch_run(feeds), feeds, cfg), real(ort_run(feeds), feeds, cfg)))
-    tolerance = ENCODER_TOLERANCE if cfg.encoder else TOLERANCE
-    failed = {k: v for k, v in worst.items() if v > tolerance[k]}
+    failed = {k: v for k, v in worst.items() if v > TOLERANCE[k]}
     if failed and enforce:
-        raise ParityError(f"{path}: parity failed: {failed} (tolerances {tolerance})")
-    return {"cases": cases, "max_abs_diff": worst, "tolerance": tolerance, "within_tolerance": not failed,
+        raise ParityError(f"{path}: parity failed: {failed} (tolerances {TOLERANCE})")
+    return {"cases": cases, "max_abs_diff": worst, "tolerance": TOLERANCE, "within_tolerance": not failed,
             "seconds": round(time.time() - started, 2)}
 
 

@@ -13,7 +13,7 @@ def command(train_args: dict) -> str:
     """The training command: the arguments that differ from the defaults."""
     task = train_args["task"]
     defaults = vars(parse_args([task, "--data", "x", "--out", "x"]))
-    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in train_args.items()
+    options = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in train_args.items()
                        if k not in ("task", "data", "out", "arch") and v != defaults.get(k) and v is not None)
     return (f"python -m models.train {task} --data {train_args['data']} --arch {train_args['arch']} "
             f"--out {train_args['out']} {options}").strip()
