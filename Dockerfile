@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# rnnserve serving image: ONNX Runtime (GPU build) + FastAPI/uvicorn + the serving package.
-# No PyTorch and no training code. See README "Container".
+# rnnserve serving image: ONNX Runtime (GPU build) + FastAPI/uvicorn + the torch-free core and the
+# serving package. No PyTorch and no training code. See README "Container".
 #
 #   docker build -t rnnserve .                       # GPU: onnxruntime-gpu with CUDA 13 + cuDNN 9 from PyPI
 #   docker run --gpus all -p 8000:8000 rnnserve      # needs an NVIDIA driver >= 580 (CUDA 13)
@@ -38,7 +38,7 @@ RUN --mount=type=secret,id=pip_ca \
     && pip install --no-compile -r /tmp/requirements-serve.txt "${ORT_PACKAGE}"
 
 WORKDIR /app
-COPY models/__init__.py models/tokenize.py models/
+COPY core/ core/
 COPY serving/ serving/
 COPY ${MODEL_REPOSITORY}/ /models/
 

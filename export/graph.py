@@ -34,6 +34,13 @@ def state_count(cfg: ModelConfig) -> int:
     return 2 if cfg.arch == "lstm" else 1
 
 
+def state_spec(cfg: ModelConfig) -> dict:
+    """The manifest's state: graph inputs and outputs, each (layers, batch, hidden_size)."""
+    names = STATE_NAMES[: state_count(cfg)]
+    return {"inputs": [f"{n}0" for n in names], "outputs": [f"{n}n" for n in names],
+            "layers": cfg.num_layers * cfg.directions, "hidden_size": cfg.hidden_size}
+
+
 def io_spec(cfg: ModelConfig) -> tuple[list[dict], list[dict]]:
     """(inputs, outputs) of the graph: name, dtype and shape with symbolic dims named."""
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},

@@ -2,12 +2,11 @@
 
     python -m export runs/imdb-bilstm --repository model_repository [--name imdb-bilstm]
 
-Layout (Triton's): <repository>/<name>/<version>/{model.onnx, manifest.json, vocab.json}.
-A version is written into a hidden folder and renamed into place only once every check has
-passed, so a failed export leaves nothing behind and earlier versions are never touched.
+The layout and the manifest are core/repository.py's contract. A version is written into a
+hidden folder and renamed into place only once every check has passed, so a failed export
+leaves nothing behind and earlier versions are never touched.
 """
 import datetime
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,21 +15,15 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.graph import STATE_NAMES, export_onnx, io_spec, state_count
+from core.codec import TextCodec
+from core.repository import FORMAT_VERSION, VOCAB, Manifest, read_version, sha256, versions, write_manifest
+from export.graph import export_onnx, io_spec, state_spec
 from export.quality import held_out_quality
 from export.verify import ParityError, session, verify
 from models.checkpoint import load_run
 from models.rnn import ModelConfig
 
 MAX_INT8_LOSS = 0.01  # accuracy (fraction) a quantized variant may lose; perplexity: 1%
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def versions(model_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in Path(model_dir).glob("*") if p.is_dir() and p.name.isdigit())
 
 
 def export_run(run: Path, repository: Path, name: str | None = None, opset: int = 17,
@@ -48,18 +41,19 @@ def export_run(run: Path, repository: Path, name: str | None = None, opset: int 
         onnx_path = export_onnx(model, cfg, staging / "model.onnx", opset)
         parity = verify(model, cfg, onnx_path, config["max_len"], cases)
         print(f"parity: {json.dumps(parity['max_abs_diff'])} over {parity['cases']} batches in {parity['seconds']}s")
-        variants = {}
+        graphs = {"fp32": {"file": onnx_path.name, "sha256": sha256(onnx_path), "parity": parity}}
         if quantize:
-            variants["int8"] = int8_variant(onnx_path, staging / "model.int8.onnx", model, cfg, config, tokenizer, vocab)
+            codec = TextCodec(tokenizer, vocab, config["max_len"])
+            graphs["int8"] = int8_variant(onnx_path, staging / "model.int8.onnx", model, cfg, config, codec)
         if fp16:
-            variants["fp16"] = fp16_variant(onnx_path, staging / "model.fp16.onnx", model, cfg, config["max_len"])
-        shutil.copy(run / config["vocab_file"], staging / "vocab.json")
+            graphs["fp16"] = fp16_variant(onnx_path, staging / "model.fp16.onnx", model, cfg, config["max_len"])
+        shutil.copy(run / config["vocab_file"], staging / VOCAB)
         if tokenizer.file:  # the encoder's tokenizer.json: the server tokenizes with it
             shutil.copy(run / tokenizer.file, staging / tokenizer.file)
-        manifest = build_manifest(name, version, cfg, config, onnx_path, parity, variants, run, opset)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        write_manifest(staging, build_manifest(cfg, config, graphs, run, opset))
         target = repository / name / str(version)
         staging.rename(target)
+        read_version(target)  # what was written reads back through the contract
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -67,28 +61,19 @@ def export_run(run: Path, repository: Path, name: str | None = None, opset: int 
     return target
 
 
-def build_manifest(name, version, cfg: ModelConfig, config, onnx_path, parity, variants, run, opset) -> dict:
+def build_manifest(cfg: ModelConfig, config: dict, graphs: dict, run: Path, opset: int) -> Manifest:
     inputs, outputs = io_spec(cfg)
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
-    manifest = {
-        "name": name, "version": version, "task": cfg.task, "arch": cfg.arch, "labels": config["labels"],
-        "tokenizer": config["tokenizer"], "vocab_file": "vocab.json", "max_len": config["max_len"],
-        "model": cfg.to_dict(), "file": "model.onnx", "sha256": sha256(onnx_path),
-        "inputs": inputs, "outputs": outputs, "opset": opset,
-        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
-        "metrics": {k: v for k, v in metrics.items() if k != "history"},
-        "parity": parity, "variants": variants,
-        "source_run": str(run), "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if cfg.task == "lm":
-        names = STATE_NAMES[: state_count(cfg)]
-        manifest["state"] = {"inputs": [f"{n}0" for n in names], "outputs": [f"{n}n" for n in names],
-                             "shape": [cfg.num_layers * cfg.directions, "batch", cfg.hidden_size],
-                             "initial": "zeros"}
-    return manifest
+    return Manifest(
+        format_version=FORMAT_VERSION, task=cfg.task, arch=cfg.arch, labels=config["labels"], tokenizer=config["tokenizer"],
+        max_len=config["max_len"], inputs=inputs, outputs=outputs,
+        state=state_spec(cfg) if cfg.task == "lm" else None, graphs=graphs, model=cfg.to_dict(),
+        metrics={k: v for k, v in metrics.items() if k != "history"}, opset=opset,
+        versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+        source_run=str(run), exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-def int8_variant(fp32_path: Path, path: Path, model, cfg, config, tokenizer, vocab) -> dict:
+def int8_variant(fp32_path: Path, path: Path, model, cfg, config: dict, codec: TextCodec) -> dict:
     """ONNX Runtime dynamic quantization, kept only if held-out quality stays within bounds.
 
     Dynamic quantization scales activations over the whole batch, so a row's output then depends
@@ -96,8 +81,8 @@ def int8_variant(fp32_path: Path, path: Path, model, cfg, config, tokenizer, voc
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     quantize_dynamic(str(fp32_path), str(path), weight_type=QuantType.QInt8)
-    fp32 = held_out_quality(session(fp32_path), config, tokenizer, vocab)
-    int8 = held_out_quality(session(path), config, tokenizer, vocab)
+    fp32 = held_out_quality(session(fp32_path), config, codec)
+    int8 = held_out_quality(session(path), config, codec)
     key = next(iter(fp32))
     loss = fp32[key] - int8[key] if key.endswith("accuracy") else (int8[key] - fp32[key]) / fp32[key]
     print(f"int8: {key} {int8[key]:.4f} vs fp32 {fp32[key]:.4f}")
@@ -120,5 +105,5 @@ def fp16_variant(fp32_path: Path, path: Path, model, cfg, max_len: int) -> dict:
         cpu = verify(model, cfg, path, max_len, cases=20, enforce=False)
     except Exception as e:  # e.g. no float16 kernel for a node on the CPU execution provider
         cpu = {"error": str(e).splitlines()[0][:300]}
-    return {"file": path.name, "sha256": sha256(path), "cpu_parity": cpu, "verified_on_gpu": False,
-            "guarantee": "approximate: float16 arithmetic"}
+    return {"file": path.name, "sha256": sha256(path), "parity": cpu,
+            "guarantee": "approximate: float16 arithmetic; parity measured on the CPU execution provider only"}

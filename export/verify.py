@@ -15,6 +15,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from core.codec import pad
 from export.graph import LanguageModelGraph, io_spec
 from models.rnn import ModelConfig
 
@@ -33,10 +34,8 @@ def session(path: Path) -> ort.InferenceSession:
 def random_batch(rng: np.random.Generator, cfg: ModelConfig, batch: int, max_len: int, lengths=None) -> dict:
     """Feeds for one batch: right-padded ids, lengths and (LMs) a random initial state."""
     lengths = rng.integers(1, max_len + 1, batch) if lengths is None else np.asarray(lengths)
-    ids = np.zeros((batch, int(lengths.max())), dtype=np.int64)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = rng.integers(2, cfg.vocab_size, n)
-    feeds = {"input_ids": ids, "lengths": lengths.astype(np.int64)}
+    ids, lengths = pad([rng.integers(2, cfg.vocab_size, n) for n in lengths])
+    feeds = {"input_ids": ids, "lengths": lengths}
     if cfg.task == "lm":
         for spec in io_spec(cfg)[0][2:]:
             shape = [batch if d == "batch" else d for d in spec["shape"]]

@@ -17,64 +17,21 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from core.codec import pad
+from core.repository import latest, read_version
 from loadtest.client import LoadResult, load
+from loadtest.headless import run_locust
+from loadtest.servers import cpu_name, free_port, machine_busy_s, process_cpu_s, start
 from loadtest.workloads import PROMPTS, predict_body, texts, token_rows
-from serving.model import pad, version_folders
-
-TICK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = ("short", "long")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of a process (all its threads) and of its child processes (server workers)."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if stat.parent.name == str(pid) or fields[1] == str(pid):  # fields[1]: the parent's pid
-            total += (int(fields[11]) + int(fields[12])) / TICK
-    return total
-
-
-def machine_busy_s() -> float:
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(values) - values[3] - values[4]) / TICK  # all but idle and iowait
-
-
-def start(name: str, command: list[str], env: dict, port: int, ready_path: str) -> subprocess.Popen:
-    """Start a server and wait until GET ready_path answers 200 (every worker loaded)."""
-    proc = subprocess.Popen(command, env=os.environ | env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=1).status == 200:
-                break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
-    time.sleep(1)  # the other workers of a multi-process server finish loading
-    print(f"started {name} on :{port}")
-    return proc
 
 
 def ceiling(model_dir: Path, rows: list[list[int]], seconds: float, threads: int) -> dict:
@@ -82,7 +39,7 @@ def ceiling(model_dir: Path, rows: list[list[int]], seconds: float, threads: int
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(read_version(model_dir).graph_bytes(), options, providers=["CPUExecutionProvider"])
     out = {}
     for batch in (1, 8, 32, 64):
         calls, done, started, i = [], 0, time.perf_counter(), 0
@@ -123,7 +80,7 @@ def median_point(points: list[dict]) -> dict:
 
 def bench(args) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = args.repository / args.model / str(version_folders(args.repository / args.model)[-1])
+    model_dir = latest(args.repository, args.model)
     started = time.time()
     streams = {w: texts(w, 400, seed=1 + i) for i, w in enumerate(WORKLOADS)}
     rows = {w: token_rows(model_dir, streams[w]) for w in WORKLOADS}
@@ -194,19 +151,11 @@ def generation_point(pid: int, port: int, lm: str, streams: int, seconds: float)
 
 
 def locust_check(port: int, args, asyncio_point: dict) -> dict:
-    from loadtest.__main__ import run_locust
     os.environ.update({"RNNSERVE_LOADTEST_MODEL": args.model, "RNNSERVE_LOADTEST_WORKLOAD": "short"})
     summary = run_locust(f"http://127.0.0.1:{port}", 64, 64, f"{max(5, int(args.seconds) + 2)}s", "predict", args.out / "locust")
     locust = summary["endpoints"].get("v1 predict", {"requests_per_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0})
     return {"locust_requests_per_s": locust["requests_per_s"], "locust_p50_ms": locust["p50_ms"],
             "locust_p99_ms": locust["p99_ms"], "asyncio_requests_per_s": asyncio_point["requests_per_s"]}
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def markdown(r: dict) -> str:

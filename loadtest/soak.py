@@ -13,26 +13,12 @@ import json
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 
-from loadtest.bench import cpu_name, free_port, start
+from loadtest.servers import cpu_name, free_port, rss_mb, start
 from loadtest.client import load
 from loadtest.workloads import predict_body, texts
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the server's workers), in MB."""
-    total = 0
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-        except OSError:
-            continue
-        if status.parent.name == str(pid) or fields.get("PPid", "").strip() == str(pid):
-            total += int(fields.get("VmRSS", "0 kB").split()[0])
-    return total / 1024
 
 
 def reload(port: int, model: str) -> int:
@@ -46,7 +32,7 @@ def soak(args) -> dict:
     port = free_port()
     command = [sys.executable, "-m", "serving", "--repository", str(args.repository), "--host", "127.0.0.1",
                "--port", str(port)]
-    server = start("rnnserve", command, {}, port, "/v2/health/ready")
+    server = start("rnnserve", command, {"RNNSERVE_CONTROL": "open"}, port, "/v2/health/ready")  # reloads
     requests = [(f"/v1/models/{args.model}:predict", predict_body(t)) for t in texts("short", 2000)]
     windows, reloads, started = [], 0, time.perf_counter()
     next_reload = started + args.reload_every_s if args.reload_every_s else float("inf")
@@ -55,7 +41,8 @@ def soak(args) -> dict:
         print(f"server RSS at start: {rss_start:.0f} MB")
         while time.perf_counter() - started < args.minutes * 60:
             if time.perf_counter() >= next_reload:
-                assert reload(port, args.model) == 200
+                if reload(port, args.model) != 200:
+                    raise RuntimeError(f"reloading {args.model} failed")
                 reloads += 1
                 next_reload += args.reload_every_s
             result = asyncio.run(load("127.0.0.1", port, requests, args.users, args.window_s))

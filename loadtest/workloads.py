@@ -8,8 +8,8 @@ import json
 import random
 from pathlib import Path
 
+from core.repository import read_version
 from models.data import CACHE, locate, read_aclimdb
-from models.tokenize import Tokenizer, Vocab
 
 PROMPTS = ["time traveller", "the machine", "it was", "weena", "the morlocks", "i saw", "we", "the psychologist"]
 
@@ -45,10 +45,9 @@ def texts(workload: str, n: int, seed: int = 0) -> list[str]:
 
 
 def token_rows(model_dir: Path, texts_: list[str]) -> list[list[int]]:
-    """The texts as the server would tokenize them, from the exported model's manifest and vocabulary."""
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    tokenizer, vocab = Tokenizer(**manifest["tokenizer"], folder=str(model_dir)), Vocab.load(model_dir / manifest["vocab_file"])
-    return [(vocab.encode(tokenizer(t)) or [1])[: manifest["max_len"]] for t in texts_]
+    """The texts as the server encodes them, through the exported version's codec."""
+    codec = read_version(model_dir).codec
+    return [codec.encode(t)[0] for t in texts_]
 
 
 def predict_body(text: str) -> bytes:

@@ -13,8 +13,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.tokenize import Tokenizer, Vocab
 from models.rnn import ModelConfig, build
-from models.tokenize import Tokenizer, Vocab
 
 FILES = ("config.json", "vocab.json", "model.safetensors")
 

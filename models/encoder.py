@@ -66,7 +66,7 @@ def encode(encoder: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor) -
 
 
 if __name__ == "__main__":
-    from models.tokenize import Tokenizer, Vocab
+    from core.tokenize import Tokenizer, Vocab
     encoder, config, tokenizer_file = load_pretrained(sys.argv[1])
     tokenizer = Tokenizer("wordpiece", file=tokenizer_file.name, folder=str(tokenizer_file.parent))
     tokens = tokenizer("A great film, isn't it?")

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from core.codec import TextCodec, pad
+from core.tokenize import KINDS, Tokenizer, Vocab
 from models.checkpoint import save_run
 from models.data import load_classification, load_corpus
 from models.encoder import load_pretrained
 from models.rnn import ARCHS, LM_ARCHS, ModelConfig, build, generate
-from models.tokenize import KINDS, Tokenizer, Vocab
 
 DEFAULT_TOKENIZER = {"chnsenticorp": "jieba"}  # otherwise word for classifiers, char for LMs
 LM_PROMPT = "time traveller"
@@ -72,15 +73,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad with 0: (B, T_max) ids and (B,) lengths."""
-    lengths = torch.tensor([len(r) for r in rows])
-    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-    return ids, lengths
-
-
 def length_batches(examples: list, batch_size: int, rng: random.Random | None):
     """Batches of similar length: shuffled pools of 50 batches, sorted by length within.
 
@@ -101,7 +93,7 @@ def length_batches(examples: list, batch_size: int, rng: random.Random | None):
     for batch in batches:
         crop = min(len(examples[i][0]) for i in batch) if rng else None
         ids, lengths = pad([examples[i][0][:crop] for i in batch])
-        yield ids, lengths, torch.tensor([examples[i][1] for i in batch])
+        yield torch.from_numpy(ids), torch.from_numpy(lengths), torch.tensor([examples[i][1] for i in batch])
 
 
 @torch.no_grad()
@@ -141,13 +133,14 @@ def train_classifier(args):
     else:
         tokenizer = Tokenizer(args.tokenizer or DEFAULT_TOKENIZER.get(args.data, "word"), lower=not args.keep_case)
     label_id = {label: i for i, label in enumerate(splits.labels)}
-    tokens = {name: [(tokenizer(text)[: args.max_len], label_id[label]) for text, label in pairs[: args.limit]]
+    tokens = {name: [(tokenizer(text), label_id[label]) for text, label in pairs[: args.limit]]
               for name, pairs in (("train", splits.train), ("valid", splits.valid), ("test", splits.test))}
     if args.encoder:
         vocab = Vocab.of_wordpiece(tokenizer)
     else:
-        vocab = Vocab.build([t for t, _ in tokens["train"]], args.min_freq, args.max_vocab)
-    data = {name: [(vocab.encode(t) or [1], y) for t, y in rows] for name, rows in tokens.items()}  # empty -> <unk>
+        vocab = Vocab.build([t[: args.max_len] for t, _ in tokens["train"]], args.min_freq, args.max_vocab)
+    codec = TextCodec(tokenizer, vocab, args.max_len)
+    data = {name: [(codec.cut(t)[0], y) for t, y in rows] for name, rows in tokens.items()}
     print(f"data {args.data}: train {len(data['train'])}, valid {len(data['valid'])}, test {len(data['test'])}; "
           f"labels {splits.labels}; {tokenizer.kind} vocab {len(vocab)}")
 
@@ -278,8 +271,8 @@ def train_lm(args):
     # the best epoch, a greedy sample, save
     model.load_state_dict(best_state)
     model = model.cpu()
-    prompt = vocab.encode(tokenizer(LM_PROMPT))
-    sample = "".join(vocab.decode(generate(model, prompt, 100, temperature=0)))
+    codec = TextCodec(tokenizer, vocab, args.seq_len)
+    sample = codec.decode(generate(model, codec.ids(LM_PROMPT), 100, temperature=0))
     metrics = {"valid_perplexity": best, "epochs": args.epochs,
                "best_epoch": min(history, key=lambda h: h["valid_perplexity"])["epoch"],
                "greedy_sample": {"prompt": LM_PROMPT, "text": sample},

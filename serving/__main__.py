@@ -14,6 +14,7 @@ requests in flight are answered (at most RNNSERVE_SHUTDOWN_GRACE_S), then the pr
 import argparse
 import logging
 import os
+import shutil
 import tempfile
 
 import uvicorn
@@ -36,12 +37,18 @@ def main(argv=None):
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     workers = settings.workers or default_workers(settings)
+    created = []  # removed when the server exits, SIGTERM included
     if workers > 1:  # shared by the workers: metrics to sum, model-control calls to follow
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="rnnserve-metrics-"))
-        os.environ.setdefault("RNNSERVE_CONTROL_DIR", tempfile.mkdtemp(prefix="rnnserve-control-"))
-    uvicorn.run("serving.app:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=workers, log_level="info", access_log=False, limit_concurrency=settings.max_connections,
-                timeout_graceful_shutdown=settings.shutdown_grace_s)
+        for variable, prefix in (("PROMETHEUS_MULTIPROC_DIR", "rnnserve-metrics-"), ("RNNSERVE_CONTROL_DIR", "rnnserve-control-")):
+            if variable not in os.environ:
+                created.append(os.environ.setdefault(variable, tempfile.mkdtemp(prefix=prefix)))
+    try:
+        uvicorn.run("serving.app:create_app", factory=True, host=settings.host, port=settings.port,
+                    workers=workers, log_level="info", access_log=False, limit_concurrency=settings.max_connections,
+                    timeout_graceful_shutdown=settings.shutdown_grace_s)
+    finally:
+        for folder in created:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def default_workers(settings: Settings) -> int:

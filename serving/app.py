@@ -19,7 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import control, lm_routes, v2
 from serving.guards import BearerToken, BodyGuard, ShedLoad, refuse
-from serving.inference import check_text, deployed, infer, measured
+from serving.inference import answered, check_text, deployed, infer
+from serving.metrics import CountRequests
 from serving.repository import ModelRepository
 from serving.request_ids import REQUEST_ID, RequestIdFilter, RequestIds
 from serving.schemas import ErrorResponse, PredictRequest, PredictResponse
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(BearerToken, token=settings.control_token.get_secret_value(), prefixes=prefixes)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(ShedLoad)
+    app.add_middleware(CountRequests)  # sees every answer of the middleware inside it too
     app.add_middleware(RequestIds)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -104,14 +106,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Classify texts: {"instances": ["a review", ...]} -> one prediction per text."""
         deployment = deployed(request, name, task="classifier")
         model = deployment.model
-        with measured(name, "v1_predict"), deployment.hold():
+        with answered(name, "v1_predict"), deployment.hold():
             limit = request.app.state.settings.max_instances
             if len(body.instances) > limit:
                 raise HTTPException(413, f"{len(body.instances)} instances; at most {limit} per request")
             for i, text in enumerate(body.instances):
                 check_text(request, text, f"instance {i}")
-            encoded = [model.encode(text) for text in body.instances]
-            logits = await infer(request, deployment, [ids for ids, _ in encoded])
+            encoded = [model.codec.encode(text) for text in body.instances]
+            logits = await infer(request, deployment.batcher, [ids for ids, _ in encoded])
             return {"predictions": [model.respond(row, cut) for row, (_, cut) in zip(logits, encoded)]}
 
     @app.get("/metrics", include_in_schema=False)

@@ -62,18 +62,22 @@ class Batcher:
         self.queue: asyncio.Queue[Request] = asyncio.Queue(max_queue_size)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self.task: asyncio.Task | None = None
+        self.running: list[Request] = []  # the batch taken from the queue and not yet answered
 
     def start(self):
         self.task = asyncio.create_task(self.loop(), name=f"batcher-{self.name}")
 
     async def stop(self):
-        """Stop the loop; requests still queued get Stopped, never silence."""
+        """Stop the loop; every request not answered yet, queued or in the batch running now,
+        gets Stopped at once, never silence (a call already in ONNX Runtime finishes unread)."""
         if self.task:
             self.task.cancel()
-        while not self.queue.empty():
-            request = self.queue.get_nowait()
+        stopped = Stopped(f"model {self.name!r} was unloaded or the server is stopping")
+        waiting = [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+        for request in self.running + waiting:
             if not request.future.done():
-                request.future.set_exception(Stopped(f"model {self.name!r} was unloaded"))
+                request.future.set_exception(stopped)
+        self.running = []
         await asyncio.to_thread(self.executor.shutdown, wait=True)
 
     def enqueue(self, rows: list) -> asyncio.Future:
@@ -87,8 +91,9 @@ class Batcher:
         metrics.QUEUE_DEPTH.labels(self.name).set(self.queue.qsize())
         return request.future
 
-    async def submit(self, rows: list) -> list:
-        return await self.enqueue(rows)
+    async def submit(self, rows: list, timeout_s: float) -> list:
+        """One output per row, or TimeoutError after timeout_s (the request is then dropped)."""
+        return await asyncio.wait_for(self.enqueue(rows), timeout_s)
 
     async def next_batch(self) -> list[Request]:
         batch = [await self.queue.get()]
@@ -112,9 +117,11 @@ class Batcher:
     async def loop(self):
         loop = asyncio.get_running_loop()
         while True:
+            self.running = []
             batch = [r for r in await self.next_batch() if not r.future.done()]  # timed out or gone: dropped
             if not batch:
                 continue
+            self.running = batch
             started = time.perf_counter()
             for request in batch:
                 metrics.QUEUE_TIME.labels(self.name).observe(started - request.queued_at)
@@ -140,7 +147,8 @@ class Batcher:
         outputs = [None] * len(rows)
         for call in plan_calls(lengths, self.max_batch_size, self.max_batch_tokens):
             out = self.run_rows([rows[i] for i in call])
-            assert len(out) == len(call), f"{self.name}: {len(call)} rows in, {len(out)} out"
+            if len(out) != len(call):
+                raise RuntimeError(f"{self.name}: {len(call)} rows in, {len(out)} out")
             longest, real = max(lengths[i] for i in call), sum(lengths[i] for i in call)
             metrics.BATCH_SIZE.labels(self.name).observe(len(call))
             metrics.PADDING_RATIO.labels(self.name).observe(len(call) * longest / real - 1)

@@ -1,12 +1,24 @@
 """Model control (Triton's model-repository extension): list what is on disk, load a version
-beside the one serving and swap, unload. Behind RNNSERVE_CONTROL_TOKEN when it is set."""
-from fastapi import APIRouter, HTTPException, Request
+beside the one serving and swap, unload.
 
+Closed by default, like Triton's --model-control-mode=none: every route answers 403 unless
+RNNSERVE_CONTROL_TOKEN is set (then callers need it as a bearer token, checked in
+serving/guards.py) or RNNSERVE_CONTROL=open (anyone who reaches the port: a trusted network only)."""
+from fastapi import APIRouter, Depends, HTTPException, Request
+
+from core.repository import UnknownModel
 from serving.model import ModelLoadError
-from serving.repository import UnknownModel
 from serving.schemas import ControlResponse, IndexRequest, LoadRequest, ModelVersionState
 
-router = APIRouter(prefix="/v2/repository", tags=["model control"])
+
+def control_enabled(request: Request):
+    settings = request.app.state.settings
+    if settings.control_token is None and settings.control != "open":
+        raise HTTPException(403, "model control is closed: set RNNSERVE_CONTROL_TOKEN (bearer token) "
+                                 "or RNNSERVE_CONTROL=open (trusted networks only)")
+
+
+router = APIRouter(prefix="/v2/repository", tags=["model control"], dependencies=[Depends(control_enabled)])
 
 
 @router.post("/index", response_model=list[ModelVersionState])

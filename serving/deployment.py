@@ -12,7 +12,7 @@ import gc
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from serving import metrics
 from serving.batcher import Batcher
@@ -23,7 +23,7 @@ from serving.settings import Settings
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the repository keys retiring ones
 class Deployment:
     model: ServedModel
     batcher: Batcher
@@ -31,7 +31,6 @@ class Deployment:
     sessions: Sessions | None = None
     generations: int = 0  # generations running now
     holders: int = 0  # requests using this deployment now (queued, running or streaming)
-    retired: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def start(cls, model: ServedModel, settings: Settings) -> "Deployment":
@@ -76,11 +75,14 @@ class Deployment:
         if self.holders:
             log.warning("%s v%s retired with %d requests unanswered after %.0fs",
                         self.model.name, self.model.version, self.holders, grace_s)
-        for batcher in self.batchers:
-            await batcher.stop()
-        self.model.session = None  # the ONNX Runtime session goes now, not with the last reference
+        try:
+            for batcher in self.batchers:
+                await batcher.stop()
+        finally:
+            if self.sessions:
+                self.sessions.expire(everything=True)
+            self.model.session = None  # the ONNX Runtime session goes now, not with the last reference
         return_freed_memory()
-        self.retired.set()
         log.info("released %s version %s", self.model.name, self.model.version)
 
 

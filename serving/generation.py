@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.codec import softmax
+from serving import metrics
 from serving.batcher import Batcher
 from serving.model import ServedModel, Step
 from serving.schemas import GenerateRequest
@@ -28,8 +30,7 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng
     z = (logits.astype(np.float64) - logits.max()) / temperature  # max 0: no overflow at tiny temperatures
     if 0 < top_k < len(z):
         z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
-    p = np.exp(z - z.max())
-    p /= p.sum()
+    p = softmax(z)
     if top_p < 1:
         order = np.argsort(-p)
         outside = np.cumsum(p[order]) - p[order] >= top_p  # tokens past the nucleus
@@ -44,6 +45,7 @@ class Generation:
     model: ServedModel
     stepper: Batcher
     body: GenerateRequest
+    timeout_s: float  # for the first token (the prompt's prefill), and then for each step
     prompt_ids: list[int] = field(default_factory=list)
     unknown: int = 0
     text: str = ""
@@ -51,17 +53,16 @@ class Generation:
     finish_reason: str | None = None
 
     def __post_init__(self):
-        pieces = self.model.tokenizer(self.body.prompt)
-        self.prompt_ids = self.model.vocab.encode(pieces)
-        self.unknown = sum(i == 1 for i in self.prompt_ids)
+        self.prompt_ids = self.model.codec.ids(self.body.prompt)
+        self.unknown = self.prompt_ids.count(self.model.codec.vocab.unk_id)
 
     async def pieces(self):
         """Yields each generated token's text; sets finish_reason, text and tokens."""
         body, rng = self.body, np.random.default_rng(self.body.seed)
-        (logits, state), = await self.stepper.submit([Step(self.prompt_ids, self.model.zero_state())])
+        (logits, state), = await self.stepper.submit([Step(self.prompt_ids, self.model.zero_state())], self.timeout_s)
         while True:
             token = sample(logits, body.temperature, body.top_k, body.top_p, rng)
-            piece = self.model.decode([token])
+            piece = self.model.codec.decode([token])
             self.tokens += 1
             self.text += piece
             stop = next((s for s in body.stop if s and s in self.text[-(len(piece) + len(s)):]), None)
@@ -73,7 +74,7 @@ class Generation:
             yield piece
             if self.finish_reason:
                 return
-            (logits, state), = await self.stepper.submit([Step([token], state)])
+            (logits, state), = await self.stepper.submit([Step([token], state)], self.timeout_s)
 
 
 @dataclass
@@ -87,16 +88,19 @@ class Session:
 
 
 class Sessions:
-    """Live sequence sessions of one model: a cap, and expiry after idle_s unused."""
+    """Live sequence sessions of one model: a cap, and expiry after idle_s unused. The live-sessions
+    gauge follows every change, expiry included."""
 
     def __init__(self, model: ServedModel, max_sessions: int, idle_s: float):
         self.model, self.max_sessions, self.idle_s = model, max_sessions, idle_s
         self.live: dict[str, Session] = {}
 
-    def expire(self):
+    def expire(self, everything: bool = False):
+        """End the sessions idle for longer than idle_s (all of them when the model version retires)."""
         now = time.monotonic()
-        for sid in [sid for sid, s in self.live.items() if now - s.last_used > self.idle_s]:
-            del self.live[sid]
+        expired = [sid for sid, s in self.live.items() if everything or now - s.last_used > self.idle_s]
+        for sid in expired:
+            self.delete(sid)
 
     def create(self) -> Session | None:
         """A new session at the zero state, or None when the cap is reached."""
@@ -105,6 +109,7 @@ class Sessions:
             return None
         session = Session(secrets.token_hex(8), self.model.zero_state())
         self.live[session.id] = session
+        metrics.LIVE_SESSIONS.labels(self.model.name).inc()
         return session
 
     def get(self, sid: str) -> Session | None:
@@ -115,11 +120,13 @@ class Sessions:
         return session
 
     def delete(self, sid: str) -> bool:
-        return self.live.pop(sid, None) is not None
+        if self.live.pop(sid, None) is None:
+            return False
+        metrics.LIVE_SESSIONS.labels(self.model.name).dec()
+        return True
 
 
 def top_k(model: ServedModel, logits: np.ndarray, k: int) -> list[dict]:
-    p = np.exp(logits - logits.max())
-    p /= p.sum()
+    p = softmax(logits)
     best = np.argsort(-p)[:k]
-    return [{"token": model.vocab.itos[i], "probability": float(p[i])} for i in best]
+    return [{"token": model.codec.vocab.itos[i], "probability": float(p[i])} for i in best]

@@ -2,20 +2,17 @@
 while their model's queue is full, bodies that are too large or too slow, and calls without the
 bearer token where one is required."""
 import asyncio
-import re
 import secrets
 import time
 
 from fastapi.responses import JSONResponse
 
+from serving.endpoints import QUEUED, endpoint_of
 from serving.request_ids import REQUEST_ID
 
 
 def refuse(status: int, error: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": error, "request_id": REQUEST_ID.get()}, status, headers=headers)
-
-
-INFERENCE = re.compile(r"/v1/models/([^/:]+):predict|/v2/models/([^/]+)(?:/versions/[^/]+)?/infer")
 
 
 class ShedLoad:
@@ -27,8 +24,9 @@ class ShedLoad:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and (match := INFERENCE.fullmatch(scope["path"])):
-            deployment = scope["app"].state.repository.deployed.get(match[1] or match[2])
+        found = endpoint_of(scope) if scope["type"] == "http" else None
+        if found and found[0] in QUEUED and (repository := getattr(scope["app"].state, "repository", None)):
+            deployment = repository.deployed.get(found[1])
             if deployment and deployment.batcher.queue.full():
                 error = f"model {deployment.model.name!r} has {deployment.batcher.queue.qsize()} requests waiting; retry shortly"
                 return await refuse(503, error, {"Retry-After": "1"})(scope, receive, send)

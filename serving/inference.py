@@ -1,12 +1,12 @@
-"""What the V1 and V2 inference routes share: model lookup, the batcher call, request metrics."""
+"""What the inference routes share: model lookup, the batcher call within the request's deadline,
+and turning what went wrong into the answer the client gets."""
 import asyncio
 import logging
-import time
+from contextlib import contextmanager
 
 from fastapi import HTTPException, Request
 
-from serving import metrics
-from serving.batcher import QueueFull, Stopped
+from serving.batcher import Batcher, QueueFull, Stopped
 from serving.deployment import Deployment
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,23 @@ def check_text(request: Request, text: str, what: str = "text"):
         raise HTTPException(413, f"{what} has {len(text)} characters; at most {limit}")
 
 
-async def infer(request: Request, deployment: Deployment, rows: list[list[int]]) -> list:
-    """Rows through the deployment's batcher, within the request deadline. A request whose client
-    disconnects while it waits is dropped before it runs."""
+def refusal(error: Exception) -> HTTPException | None:
+    """The answer for a request the batcher could not serve: full queue or stopped (503), deadline (504)."""
+    if isinstance(error, (QueueFull, Stopped)):
+        return HTTPException(503, f"{error}; retry shortly", headers=BUSY)
+    if isinstance(error, TimeoutError):
+        return HTTPException(504, f"no answer within the deadline: {error}")
+    return None
+
+
+async def infer(request: Request, batcher: Batcher, rows: list) -> list:
+    """Rows through a batcher, within the request deadline. A request whose client disconnects
+    while it waits is dropped before it runs."""
     timeout = request.app.state.settings.request_timeout_s
     try:
-        future = deployment.batcher.enqueue(rows)
+        future = batcher.enqueue(rows)
     except QueueFull as e:
-        raise HTTPException(503, f"{e}; retry shortly", headers=BUSY) from None
+        raise refusal(e) from None
     gone = asyncio.ensure_future(disconnected(request))
     try:
         done, _ = await asyncio.wait({future, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -52,11 +61,11 @@ async def infer(request: Request, deployment: Deployment, rows: list[list[int]])
         try:
             return future.result()
         except Stopped as e:
-            raise HTTPException(503, f"{e}; retry", headers=BUSY) from None
+            raise refusal(e) from None
     future.cancel()  # the batcher skips it
     if gone in done:
         raise HTTPException(499, "client closed the request")
-    raise HTTPException(504, f"no answer within {timeout}s")
+    raise refusal(TimeoutError(f"{timeout}s"))
 
 
 async def disconnected(request: Request):
@@ -65,24 +74,16 @@ async def disconnected(request: Request):
         pass
 
 
-class measured:
-    """Counts a request by model, endpoint and status, and times it."""
-
-    def __init__(self, name: str, endpoint: str):
-        self.name, self.endpoint = name, endpoint
-
-    def __enter__(self):
-        self.started = time.perf_counter()
-
-    def __exit__(self, kind, error, tb):
-        answer = error
-        if isinstance(error, asyncio.CancelledError):  # shutdown past its grace period: say so
-            answer = HTTPException(503, "the server shut down before answering; retry", headers=BUSY)
-        elif error is not None and not isinstance(error, HTTPException):
-            log.exception("%s %s failed", self.endpoint, self.name, exc_info=error)
-            answer = HTTPException(500, f"inference failed: {type(error).__name__}: {error}")
-        status = 200 if answer is None else answer.status_code
-        metrics.REQUESTS.labels(self.name, self.endpoint, str(status)).inc()
-        metrics.REQUEST_LATENCY.labels(self.name, self.endpoint).observe(time.perf_counter() - self.started)
-        if answer is not error:
-            raise answer from error
+@contextmanager
+def answered(name: str, endpoint: str):
+    """Whatever a route raises becomes an answer: an unexpected error a 500 (logged with the
+    request id), a shutdown past its grace period a 503."""
+    try:
+        yield
+    except HTTPException:
+        raise
+    except asyncio.CancelledError:
+        raise HTTPException(503, "the server shut down before answering; retry", headers=BUSY) from None
+    except Exception as error:
+        log.exception("%s %s failed", endpoint, name)
+        raise HTTPException(500, f"inference failed: {type(error).__name__}: {error}") from error

@@ -1,15 +1,23 @@
-"""Prometheus metrics of the server, served at GET /metrics.
+"""Prometheus metrics of the server, served at GET /metrics, and the middleware that counts
+every inference request once, whatever answered it.
 
 A language model's steps run through a batcher named "<model>:step", so its time per step and
 step batch size are the inference-time and batch-size histograms under that name."""
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from serving.endpoints import endpoint_of
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
-REQUESTS = Counter("rnnserve_requests_total", "Inference requests by model, endpoint and HTTP status",
-                   ["model", "endpoint", "status"])
-REQUEST_LATENCY = Histogram("rnnserve_request_latency_seconds", "Time from request to response",
-                            ["model", "endpoint"], buckets=LATENCY_BUCKETS)
+NOT_DEPLOYED = "_not_deployed"  # the model label of requests for names no model is deployed under
+REQUESTS = Counter("rnnserve_requests_total", "Inference requests by model, endpoint and HTTP status, "
+                   "refused ones included", ["model", "endpoint", "status"])
+REQUEST_LATENCY = Histogram("rnnserve_request_latency_seconds", "Time from request to the end of its response "
+                            "(a stream's last event)", ["model", "endpoint"], buckets=LATENCY_BUCKETS)
+TIME_TO_FIRST_TOKEN = Histogram("rnnserve_time_to_first_token_seconds", "Generation: request to first token",
+                                ["model"], buckets=LATENCY_BUCKETS)
 QUEUE_TIME = Histogram("rnnserve_queue_time_seconds", "Time a request waited before its batch ran",
                        ["model"], buckets=LATENCY_BUCKETS)
 INFERENCE_TIME = Histogram("rnnserve_inference_time_seconds", "Time of one batch's ONNX Runtime calls",
@@ -27,3 +35,34 @@ ACTIVE_GENERATIONS = Gauge("rnnserve_active_generations", "Generations in progre
 TOKENS_GENERATED = Counter("rnnserve_tokens_generated_total", "Tokens generated", ["model"])
 LIVE_SESSIONS = Gauge("rnnserve_live_sessions", "Sequence sessions alive", ["model"],
                       multiprocess_mode="livesum")
+
+
+class CountRequests:
+    """ASGI middleware: counts and times every inference request by model, endpoint and status,
+    when its response has ended. A streamed generation is endpoint "generate_stream" (the route
+    marks it in the scope) and is timed to its last event."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        found = endpoint_of(scope) if scope["type"] == "http" else None
+        if found is None:
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint, name = found
+            endpoint = scope.get("rnnserve.endpoint", endpoint)
+            repository = getattr(scope["app"].state, "repository", None)
+            model = name if repository and name in repository.deployed else NOT_DEPLOYED
+            REQUESTS.labels(model, endpoint, str(status)).inc()
+            REQUEST_LATENCY.labels(model, endpoint).observe(time.perf_counter() - started)

@@ -3,8 +3,6 @@
 load (checksum, session, warm-up) -> encode texts into token ids -> predict a padded batch ->
 respond with one prediction per row. No PyTorch: ONNX Runtime, numpy and the tokenizer only.
 """
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,31 +11,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from models.tokenize import Tokenizer, Vocab
+from core.codec import TextCodec, pad, softmax
+from core.repository import Manifest, ManifestError, Version, read_version, versions
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-MANIFEST_KEYS = {"file", "sha256", "vocab_file", "tokenizer", "task", "arch", "max_len", "labels", "inputs", "outputs", "model"}
-
-
 class ModelLoadError(RuntimeError):
     pass
-
-
-def version_folders(model_dir: Path) -> list[int]:
-    """The model's versions on disk, ascending: its folders named 1, 2, ..."""
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
-
-
-def pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad with 0: (B, T_max) int64 ids and (B,) int64 lengths."""
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    ids = np.zeros((len(rows), int(lengths.max())), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-    return ids, lengths
 
 
 @dataclass
@@ -55,34 +37,27 @@ class ServedModel:
     name: str
     version: int
     path: Path
-    manifest: dict
+    manifest: Manifest
+    codec: TextCodec
     session: ort.InferenceSession
-    tokenizer: Tokenizer
-    vocab: Vocab
     provider: str
     output_names: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, model_dir: Path, version: int | None, settings: Settings) -> "ServedModel":
-        """Load a version (the latest by default), verifying model.onnx against the manifest, and
-        warm it up. Raises ModelLoadError with the reason for anything that fails."""
-        versions = version_folders(model_dir)
-        if not versions or (version and version not in versions):
-            raise ModelLoadError(f"{model_dir}: no version {version or ''} folder (found {versions})")
-        version = version or versions[-1]
-        path = model_dir / str(version)
+        """Load a version (the latest by default) through the repository contract, its graph
+        checked against the manifest's sha256, and warm it up. Raises ModelLoadError with the
+        reason for anything that fails."""
+        found = versions(model_dir)
+        if not found or (version and version not in found):
+            raise ModelLoadError(f"{model_dir}: no version {version or ''} folder (found {found})")
+        path = model_dir / str(version or found[-1])
         try:
-            manifest = json.loads((path / "manifest.json").read_text())
-            missing = MANIFEST_KEYS - manifest.keys()
-            if missing:
-                raise ValueError(f"manifest.json lacks {sorted(missing)}")
-            onnx_bytes = (path / manifest["file"]).read_bytes()
-            vocab = Vocab.load(path / manifest["vocab_file"])
-            tokenizer = Tokenizer(**manifest["tokenizer"], folder=str(path))
-        except (OSError, KeyError, ValueError, AssertionError) as e:
-            raise ModelLoadError(f"{path}: unreadable model version: {e}") from e
-        if hashlib.sha256(onnx_bytes).hexdigest() != manifest["sha256"]:
-            raise ModelLoadError(f"{path}: {manifest['file']} does not match the manifest's sha256")
+            read: Version = read_version(path)
+            onnx_bytes = read.graph_bytes("fp32")
+        except ManifestError as e:
+            raise ModelLoadError(f"unreadable model version: {e}") from e
+        version, manifest = read.number, read.manifest
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = settings.intra_op_threads
@@ -99,7 +74,7 @@ class ServedModel:
             log.warning("%s is not available here (ONNX Runtime offers %s): %s runs on %s",
                         settings.providers[0], available, model_dir.name, provider)
         log.info("loaded %s version %s on %s", model_dir.name, version, provider)
-        model = cls(model_dir.name, version, path, manifest, session, tokenizer, vocab, provider,
+        model = cls(model_dir.name, version, path, manifest, read.codec, session, provider,
                     [o.name for o in session.get_outputs()])
         try:
             model.warm_up(settings.max_batch_size)
@@ -109,15 +84,19 @@ class ServedModel:
 
     @property
     def task(self) -> str:
-        return self.manifest["task"]
+        return self.manifest.task
 
     @property
     def max_len(self) -> int:
-        return self.manifest["max_len"]
+        return self.manifest.max_len
 
     @property
     def labels(self) -> list[str]:
-        return self.manifest["labels"]
+        return self.manifest.labels
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.codec.vocab)
 
     def warm_up(self, max_batch_size: int):
         """Run every length bucket once (powers of two up to max_len) at batch 1 and full batch."""
@@ -127,14 +106,6 @@ class ServedModel:
             for batch in (1, max_batch_size):
                 self.predict(np.ones((batch, n), dtype=np.int64), np.full(batch, n, dtype=np.int64))
         log.info("warmed up %s over lengths %s in %.2fs", self.name, lengths, time.perf_counter() - started)
-
-    def decode(self, ids: list[int]) -> str:
-        return ("" if self.tokenizer.kind in ("char", "jieba") else " ").join(self.vocab.decode(ids))
-
-    def encode(self, text: str) -> tuple[list[int], bool]:
-        """(token ids cut to max_len, whether it was cut). An empty text becomes one <unk>."""
-        ids = self.vocab.encode(self.tokenizer(text))
-        return (ids[: self.max_len] or [1]), len(ids) > self.max_len
 
     def run_rows(self, rows: list[list[int]]) -> list[np.ndarray]:
         """One call over unpadded rows: classifier logits (C,) per row; LMs (T_i, V) from the zero state."""
@@ -146,24 +117,24 @@ class ServedModel:
         """LMs: run each step's tokens from its state in one call -> (next-token logits (V,),
         state (S, layers, H) at its last token) per step. Steps of any length share the call."""
         ids, lengths = pad([s.ids for s in steps])
-        names = self.manifest["state"]["inputs"]
+        state = self.manifest.state
         feeds = {"input_ids": ids, "lengths": lengths}
-        for k, name in enumerate(names):
+        for k, name in enumerate(state.inputs):
             feeds[name] = np.ascontiguousarray(np.stack([s.state[k] for s in steps], axis=1))  # (layers, B, H)
-        logits, *states = self.session.run(["logits", *self.manifest["state"]["outputs"]], feeds)
+        logits, *states = self.session.run(["logits", *state.outputs], feeds)
         return [(logits[i, n - 1], np.stack([st[:, i] for st in states])) for i, n in enumerate(lengths)]
 
     def zero_state(self) -> np.ndarray:
         """(S, layers, H): S = 2 for LSTM (h, c), else 1."""
-        m = self.manifest["model"]
-        return np.zeros((len(self.manifest["state"]["inputs"]), m["num_layers"], m["hidden_size"]), np.float32)
+        state = self.manifest.state
+        return np.zeros((len(state.inputs), state.layers, state.hidden_size), np.float32)
 
     def predict(self, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """(B, T) int64 right-padded ids and (B,) lengths -> (B, num_labels) logits; LMs: zero state."""
         feeds = {"input_ids": input_ids, "lengths": lengths}
-        for spec in self.manifest.get("state", {}).get("inputs", []):
-            shape = self.manifest["model"]["num_layers"], len(lengths), self.manifest["model"]["hidden_size"]
-            feeds[spec] = np.zeros(shape, dtype=np.float32)
+        if state := self.manifest.state:
+            for name in state.inputs:
+                feeds[name] = np.zeros((state.layers, len(lengths), state.hidden_size), dtype=np.float32)
         if self.provider != "CUDAExecutionProvider":
             return self.session.run(self.output_names[:1], feeds)[0]
         binding = self.session.io_binding()  # on CUDA: one copy in, one copy of the logits out
@@ -175,13 +146,13 @@ class ServedModel:
 
     def respond(self, logits: np.ndarray, truncated: bool) -> dict:
         """One classifier prediction: label, its probability, all probabilities."""
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
+        p = softmax(logits)
         best = int(p.argmax())
         return {"label": self.labels[best], "score": float(p[best]),
                 "probabilities": dict(zip(self.labels, map(float, p))), "truncated": truncated}
 
     def metadata(self) -> dict:
-        return {"name": self.name, "version": str(self.version), "task": self.task, "arch": self.manifest["arch"],
-                "labels": self.labels, "max_len": self.max_len, "vocab_size": len(self.vocab), "provider": self.provider,
-                "inputs": self.manifest["inputs"], "outputs": self.manifest["outputs"]}
+        m = self.manifest
+        return {"name": self.name, "version": str(self.version), "task": self.task, "arch": m.arch,
+                "labels": self.labels, "max_len": self.max_len, "vocab_size": self.vocab_size, "provider": self.provider,
+                "inputs": [t.model_dump() for t in m.inputs], "outputs": [t.model_dump() for t in m.outputs]}

@@ -16,27 +16,20 @@ import fcntl
 import json
 import logging
 import os
-import re
-from pathlib import Path
 
+from core.repository import UnknownModel, model_dir, model_names, versions
 from serving.deployment import Deployment
-from serving.model import ModelLoadError, ServedModel, version_folders
+from serving.model import ModelLoadError, ServedModel
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
-class UnknownModel(LookupError):
-    pass
-
 
 class ModelRepository:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.root = settings.repository.resolve()
         self.deployed: dict[str, Deployment] = {}
-        self.retiring: list[Deployment] = []
+        self.retiring: dict[Deployment, asyncio.Task] = {}  # each until its last request is answered
         self.pinned: dict[str, int] = dict(settings.model_versions)  # name -> version, from settings or a load call
         self.unloaded: set[str] = set()  # unloaded by a call: polling leaves them alone
         self.failed: dict[tuple[str, int], str] = {}  # (name, version) -> why it did not load
@@ -44,20 +37,9 @@ class ModelRepository:
         self.control_file = settings.control_dir / "models.json" if settings.control_dir else None
         self.synced = 0  # the control file's sequence number this process has applied
 
-    def folder(self, name: str) -> Path:
-        """The model's folder, which must be a direct child of the repository (no way out of it)."""
-        path = self.root / name
-        if not MODEL_NAME.fullmatch(name) or ".." in name or path.resolve().parent != self.root or not path.is_dir():
-            raise UnknownModel(f"no model {name!r} in the repository")
-        return path
-
-    def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and MODEL_NAME.fullmatch(p.name) and version_folders(p))
-
     async def start(self):
         """Deploy every model in the repository (its pinned version, else its latest)."""
-        names = self.names()
+        names = model_names(self.root)
         if not names:
             raise RuntimeError(f"no models in {self.root}: run `make models` or python -m export")
         for name in names:
@@ -68,11 +50,11 @@ class ModelRepository:
         polling leaves it there. Raises UnknownModel or ModelLoadError, and then the current
         deployment stays."""
         async with self.lock:
-            folder = self.folder(name)
-            versions = version_folders(folder)
-            if version is not None and version not in versions:
-                raise UnknownModel(f"model {name!r} has no version {version} (it has {versions})")
-            version = version or versions[-1]
+            folder = model_dir(self.root, name)
+            found = versions(folder)
+            if version is not None and version not in found:
+                raise UnknownModel(f"model {name!r} has no version {version} (it has {found})")
+            version = version or found[-1]
             try:
                 model = await asyncio.to_thread(ServedModel.load, folder, version, self.settings)
             except ModelLoadError as e:
@@ -95,7 +77,7 @@ class ModelRepository:
 
     async def unload(self, name: str, announce: bool = True):
         async with self.lock:
-            self.folder(name)
+            model_dir(self.root, name)
             old = self.deployed.pop(name, None)
             if old is None:
                 raise UnknownModel(f"model {name!r} is not loaded")
@@ -105,28 +87,35 @@ class ModelRepository:
             self.retire(old)
 
     def retire(self, deployment: Deployment):
-        self.retiring.append(deployment)
+        """Retire in the background; the task is kept until it ends, and a failure is logged."""
+        task = asyncio.create_task(deployment.retire(self.settings.shutdown_grace_s),
+                                   name=f"retire-{deployment.model.name}-{deployment.model.version}")
+        self.retiring[deployment] = task
 
-        async def retire():
-            await deployment.retire(self.settings.shutdown_grace_s)
-            self.retiring.remove(deployment)
+        def retired(task: asyncio.Task):
+            del self.retiring[deployment]
+            if not task.cancelled() and task.exception():
+                log.error("retiring %s v%s failed", deployment.model.name, deployment.model.version,
+                          exc_info=task.exception())
 
-        asyncio.create_task(retire(), name=f"retire-{deployment.model.name}-{deployment.model.version}")
+        task.add_done_callback(retired)
 
     async def close(self):
-        """Server shutdown: retire everything, waiting for what is still being answered."""
+        """Server shutdown: retire everything, waiting for what is still being answered (at most
+        the grace period, plus a little for the batchers to stop); never hangs on a failed retire."""
         for name in list(self.deployed):
             self.retire(self.deployed.pop(name))
-        await asyncio.gather(*(d.retired.wait() for d in list(self.retiring)))
+        if self.retiring:
+            await asyncio.wait(list(self.retiring.values()), timeout=self.settings.shutdown_grace_s + 5)
 
     def index(self) -> list[dict]:
         """Every version of every model on disk: READY (deployed), UNLOADING (answering its last
         requests) or UNAVAILABLE, with the reason when a load failed."""
         rows = []
-        for name in self.names():
+        for name in model_names(self.root):
             deployed = self.deployed.get(name)
             retiring = {d.model.version for d in self.retiring if d.model.name == name}
-            for version in version_folders(self.root / name):
+            for version in versions(self.root / name):
                 if deployed and deployed.model.version == version:
                     state, reason = "READY", ""
                 elif version in retiring:
@@ -145,7 +134,9 @@ class ModelRepository:
         with open(self.control_file.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # two calls on two workers at once: one after the other
             control = self.read_control()
-            control["seq"] = self.synced = control.get("seq", 0) + 1
+            if control.get("seq", 0) == self.synced:  # nothing unapplied before this call: skip our own
+                self.synced += 1  # else the next sync applies the others' calls too (ours is a no-op there)
+            control["seq"] = control.get("seq", 0) + 1
             control.setdefault("models", {})[name] = target
             staged = self.control_file.with_suffix(f".{os.getpid()}")
             staged.write_text(json.dumps(control))
@@ -175,10 +166,10 @@ class ModelRepository:
 
     async def poll(self):
         """Deploy new models and new versions found on disk (failed versions are not retried)."""
-        for name in self.names():
+        for name in model_names(self.root):
             if name in self.unloaded or name in self.pinned:
                 continue
-            latest = max(version_folders(self.root / name))
+            latest = max(versions(self.root / name))
             current = self.deployed.get(name)
             if (current is None or latest > current.model.version) and (name, latest) not in self.failed:
                 try:
@@ -187,12 +178,16 @@ class ModelRepository:
                     pass  # logged, and shown by the index
 
     async def watch(self):
-        """The background task: follow the control file and poll the repository, as configured."""
+        """The background task: expire idle sessions, follow the control file and poll the
+        repository, as configured."""
         settings, last_poll = self.settings, 0.0
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(settings.control_sync_s)
             try:
+                for deployment in list(self.deployed.values()):
+                    if deployment.sessions:
+                        deployment.sessions.expire()
                 if self.control_file:
                     await self.sync()
                 if settings.repository_poll_s and loop.time() - last_poll >= settings.repository_poll_s:

@@ -1,72 +1,86 @@
-"""Server settings: one pydantic-settings class, every field also RNNSERVE_<NAME> in the environment."""
-from pathlib import Path
+"""Server settings: one pydantic-settings class, every field also RNNSERVE_<NAME> in the environment.
 
-from pydantic import SecretStr, field_validator
+    python -m serving.settings > docs/settings.md    # the reference (a test keeps it in step)
+"""
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RNNSERVE_")
 
-    host: str = "0.0.0.0"
-    port: int = 8000
-    workers: int = 0  # server processes sharing the port; 0: one per CPU core on a CPU host, one with a GPU
-    repository: Path = Path("model_repository")
-    model_versions: dict[str, int] = {}  # pin a version per model, e.g. {"imdb-gru": 1}; else the latest
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
+    workers: int = Field(0, ge=0, description="server processes sharing the port; 0: one per CPU core on a CPU host, "
+                                              "one with a GPU")
+    repository: Path = Field(Path("model_repository"), description="every model folder in it is loaded at start-up")
+    model_versions: dict[str, int] = Field({}, description='pinned versions, e.g. {"imdb-gru": 1}; otherwise the latest')
 
     # model control (/v2/repository) and shutdown
-    control_token: SecretStr | None = None  # bearer token for /v2/repository/*; unset: open (bind to a private network)
-    token_for_inference: bool = False  # also ask inference and metadata routes for it (health and /metrics stay open)
-    repository_poll_s: float = 0.0  # look for new versions this often and load them; 0: only on a load call
-    control_dir: Path | None = None  # where several workers share load/unload calls (python -m serving sets it)
-    control_sync_s: float = 1.0  # how often a worker reads that and the repository poll is checked
-    shutdown_grace_s: float = 30.0  # on SIGTERM, or an unload, how long accepted requests may take to finish
+    control: Literal["closed", "open"] = Field(
+        "closed", description="closed: /v2/repository/* answers 403 unless control_token is set; open: anyone who "
+                              "reaches the port may load and unload (trusted networks only)")
+    control_token: SecretStr | None = Field(None, description="bearer token for /v2/repository/*; set, it opens model "
+                                                              "control to its holders")
+    token_for_inference: bool = Field(False, description="also require the token on /v1/models* and /v2/models* "
+                                                         "(health, /v2 and /metrics stay open)")
+    repository_poll_s: float = Field(0.0, ge=0, description="look for new model versions this often and deploy them; "
+                                                            "0: only on a load call")
+    control_dir: Path | None = Field(None, description="where several workers share load/unload calls "
+                                                       "(python -m serving makes one)")
+    control_sync_s: float = Field(1.0, gt=0, description="how often each worker follows the others' load/unload "
+                                                         "calls, expires idle sessions and checks the poll")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM (and when a swapped-out version drains), how "
+                                                            "long accepted requests may take")
 
     # ONNX Runtime
-    providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # the first available wins
-    intra_op_threads: int = 1  # per model; on 2 cores one thread leaves the other to the event loop
-    spin_wait: bool = False  # spinning intra-op threads compete with the event loop for the CPU
+    providers: list[str] = Field(["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                 description="the first available one is used, and shown in /v1/models")
+    intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads per model (on 2 cores one thread "
+                                                       "leaves the other to the event loop)")
+    spin_wait: bool = Field(False, description="spinning intra-op threads (they compete with the event loop)")
 
     # dynamic batching
-    max_batch_size: int = 64  # rows per ONNX Runtime call
-    max_batch_tokens: int = 4096  # rows x padded length per call
-    max_queue_delay_ms: float = 0.0  # how long a batch may wait for more rows after its first (see README)
-    max_queue_size: int = 1024  # requests waiting; beyond it 503 at once
-    request_timeout_s: float = 30.0  # per request, queue and inference; 504 beyond it
+    max_batch_size: int = Field(64, ge=1, description="rows per ONNX Runtime call")
+    max_batch_tokens: int = Field(4096, ge=1, description="rows x padded length per call")
+    max_queue_delay_ms: float = Field(0.0, ge=0, description="how long a batch waits for more rows after its first")
+    max_queue_size: int = Field(1024, ge=1, description="waiting requests per model; beyond it 503 with Retry-After")
+    request_timeout_s: float = Field(30.0, ge=0, description="queue plus inference (a generation: each token); "
+                                                             "beyond it 504")
 
     # language models
-    max_new_tokens: int = 1000  # the most a generate request may ask for
-    max_generations: int = 256  # concurrent generations per model; beyond it 503
-    max_sessions: int = 1024  # live sequence sessions per model; beyond it 503
-    session_idle_s: float = 300.0  # a session unused this long expires
+    max_new_tokens: int = Field(1000, ge=1, description="the most a generate request may ask for")
+    max_generations: int = Field(256, ge=1, description="concurrent generations per model; beyond it 503")
+    max_sessions: int = Field(1024, ge=1, description="live sequence sessions per model; beyond it 503")
+    session_idle_s: float = Field(300.0, ge=0, description="a session unused this long expires")
 
     # request limits
-    max_instances: int = 256  # texts or rows per request; beyond it 413
-    max_text_chars: int = 100_000  # per text, prompt or session step; beyond it 413
-    max_body_bytes: int = 4 * 1024 * 1024  # beyond it 413
-    body_timeout_s: float = 10.0  # the whole body must arrive within this; else 408 (slow clients)
-    max_connections: int = 1024  # per worker, open connections and requests together; beyond them 503
+    max_instances: int = Field(256, ge=1, description="texts (or V2 rows) per request; beyond it 413")
+    max_text_chars: int = Field(100_000, ge=1, description="characters per text, prompt or session step; "
+                                                           "beyond it 413")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="request body, counted as it arrives (chunked "
+                                                                   "too); beyond it 413")
+    body_timeout_s: float = Field(10.0, gt=0, description="the whole body must arrive within this; else 408")
+    max_connections: int = Field(1024, ge=1, description="per worker, open connections and requests; beyond them "
+                                                         "uvicorn answers 503")
 
-    @field_validator("max_batch_size", "max_batch_tokens", "max_queue_size", "max_instances", "max_body_bytes",
-                     "intra_op_threads", "max_new_tokens", "max_generations", "max_sessions", "max_text_chars",
-                     "max_connections")
-    @classmethod
-    def positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
 
-    @field_validator("max_queue_delay_ms", "request_timeout_s", "session_idle_s", "repository_poll_s",
-                     "shutdown_grace_s")
-    @classmethod
-    def not_negative(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError("must not be negative")
-        return value
+def reference() -> str:
+    """docs/settings.md: every setting, its environment variable, default and meaning."""
+    lines = ["# Settings", "",
+             "Every setting of `python -m serving` comes from the environment as `RNNSERVE_<NAME>` "
+             "(`serving/settings.py`; this page is its output: `python -m serving.settings > docs/settings.md`).", "",
+             "| variable | default | what |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = str(field.default) if isinstance(field.default, Path) else field.default
+        shown = "unset" if default is None else f"`{default if isinstance(default, str) else json.dumps(default)}`"
+        lines.append(f"| `RNNSERVE_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(lines) + "\n"
 
-    @field_validator("control_sync_s", "body_timeout_s")
-    @classmethod
-    def positive_seconds(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be more than 0")
-        return value
+
+if __name__ == "__main__":
+    print(reference(), end="")

@@ -6,7 +6,8 @@ answers logits (FP32). Its rows go through the model's batcher with everyone els
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 
-from serving.inference import deployed, infer, measured
+from core.repository import Tensor
+from serving.inference import answered, deployed, infer
 from serving.schemas import InferRequest, InferResponse, ModelMetadata, ServerMetadata
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -33,9 +34,9 @@ async def server_metadata() -> dict:
     return {"name": "rnnserve", "version": "0.1.0", "extensions": ["model_repository"]}
 
 
-def tensor_metadata(spec: dict) -> dict:
-    return {"name": spec["name"], "datatype": DATATYPES[spec["dtype"]],
-            "shape": [d if isinstance(d, int) else -1 for d in spec["shape"]]}
+def tensor_metadata(tensor: Tensor) -> dict:
+    return {"name": tensor.name, "datatype": DATATYPES[tensor.dtype],
+            "shape": [d if isinstance(d, int) else -1 for d in tensor.shape]}
 
 
 @router.get("/models/{name}", response_model=ModelMetadata)
@@ -54,8 +55,8 @@ def metadata(request: Request, name: str, version: str | None = None) -> dict:
     model = deployed(request, name, version).model
     manifest = model.manifest
     return {"name": name, "versions": [str(model.version)], "platform": "onnxruntime_onnx",
-            "inputs": [tensor_metadata(s) for s in manifest["inputs"][:2]],
-            "outputs": [tensor_metadata(s) for s in manifest["outputs"][:1]]}
+            "inputs": [tensor_metadata(t) for t in manifest.inputs[:2]],
+            "outputs": [tensor_metadata(t) for t in manifest.outputs[:1]]}
 
 
 @router.get("/models/{name}/ready")
@@ -124,11 +125,11 @@ async def model_version_infer(name: str, version: str, body: InferRequest, reque
 async def infer_tensors(request: Request, name: str, body: InferRequest, version: str | None = None) -> dict:
     deployment = deployed(request, name, version)
     model = deployment.model
-    with measured(name, "v2_infer"), deployment.hold():
+    with answered(name, "v2_infer"), deployment.hold():
         if body.outputs and [o.name for o in body.outputs] != ["logits"]:
             raise HTTPException(400, f"unknown outputs {[o.name for o in body.outputs]}; this model gives logits")
-        rows = rows_from(body, len(model.vocab), request.app.state.settings.max_instances)
-        outputs = await infer(request, deployment, rows)
+        rows = rows_from(body, model.vocab_size, request.app.state.settings.max_instances)
+        outputs = await infer(request, deployment.batcher, rows)
         if model.task == "lm":  # (T_i, V) per row -> (B, T, V), zero past each row's length
             padded = np.zeros((len(rows), max(map(len, rows)), outputs[0].shape[-1]), dtype=np.float32)
             for i, out in enumerate(outputs):

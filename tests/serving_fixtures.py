@@ -1,5 +1,4 @@
 """A real uvicorn server on 127.0.0.1 over a repository of tiny exported models."""
-import json
 import threading
 import time
 from pathlib import Path
@@ -9,11 +8,12 @@ import numpy as np
 import onnxruntime as ort
 import uvicorn
 
+from core.codec import softmax
+from core.repository import read_version
 from export.repository import export_run
-from loadtest.bench import free_port
+from loadtest.servers import free_port
 from serving.app import create_app
 from serving.settings import Settings
-from models.tokenize import Tokenizer, Vocab
 from tests.test_export import make_run
 
 
@@ -27,13 +27,10 @@ def tiny_repository(folder: Path) -> Path:
 def alone(repository: Path, text: str, name: str = "clf", version: int = 1) -> np.ndarray:
     """The reference: one version's exported graph run on this one text, no server, no batch
     -> (num_labels,) probabilities."""
-    folder = repository / name / str(version)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    ids = Vocab.load(folder / "vocab.json").encode(Tokenizer(**manifest["tokenizer"], folder=str(folder))(text))[: manifest["max_len"]]
-    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    logits = sess.run(None, {"input_ids": np.array([ids]), "lengths": np.array([len(ids)])})[0][0]
-    p = np.exp(logits - logits.max())
-    return p / p.sum()
+    read = read_version(repository / name / str(version))
+    ids, _ = read.codec.encode(text)
+    sess = ort.InferenceSession(read.graph_bytes(), providers=["CPUExecutionProvider"])
+    return softmax(sess.run(None, {"input_ids": np.array([ids]), "lengths": np.array([len(ids)])})[0][0])
 
 
 class Server:

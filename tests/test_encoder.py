@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from export.repository import export_run
 from models.checkpoint import load_run
 from models.encoder import encode, load_pretrained
-from models.tokenize import Tokenizer, Vocab
+from core.tokenize import Tokenizer, Vocab
 from models.train import main as train_main
 from tests.serving_fixtures import Server, alone
 
@@ -101,7 +101,7 @@ def test_encoder_model_exports_as_one_graph_with_parity_and_is_served(runs, tmp_
     folder, _, _ = runs
     version = export_run(folder / "tuned", tmp_path / "repo", name="clf", cases=20)
     manifest = json.loads((version / "manifest.json").read_text())
-    assert manifest["parity"]["within_tolerance"] and manifest["tokenizer"]["kind"] == "wordpiece"
+    assert manifest["graphs"]["fp32"]["parity"]["within_tolerance"] and manifest["tokenizer"]["kind"] == "wordpiece"
     assert (version / "tokenizer.json").exists()
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "lengths"]
     s = Server(tmp_path / "repo")
@@ -131,5 +131,5 @@ def test_the_packaged_minilm_loads_offline_and_exports_with_parity(tmp_path, mon
     model.encoder.load_state_dict(encoder.state_dict())
     save_run(tmp_path / "run", model, tokenizer, Vocab.of_wordpiece(tokenizer), ["neg", "pos"], 32, {}, {})
     version = export_run(tmp_path / "run", tmp_path / "repo", cases=3)
-    parity = json.loads((version / "manifest.json").read_text())["parity"]
+    parity = json.loads((version / "manifest.json").read_text())["graphs"]["fp32"]["parity"]
     assert parity["within_tolerance"], parity

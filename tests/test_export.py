@@ -7,11 +7,12 @@ import torch
 
 from export.__main__ import main as export_main
 from export.graph import export_onnx
-from export.repository import export_run, versions
+from core.repository import FORMAT_VERSION, read_version, versions
+from export.repository import export_run
 from export.verify import ParityError, verify
 from models.checkpoint import save_run
 from models.rnn import ARCHS, LM_ARCHS, ModelConfig, RNNClassifier, at, build
-from models.tokenize import Tokenizer, Vocab
+from core.tokenize import Tokenizer, Vocab
 
 WORDS = ["good", "bad", "film", "plot", "great", "awful", "the", "a"]
 
@@ -33,7 +34,7 @@ def make_run(folder, task="classifier", arch="lstm", num_layers=2, data="", mode
 def test_every_arch_exports_with_native_recurrent_nodes_and_passes_parity(tmp_path, task, arch):
     version = export_run(make_run(tmp_path / "run", task, arch), tmp_path / "repo", cases=30)
     manifest = json.loads((version / "manifest.json").read_text())
-    parity = manifest["parity"]
+    parity = manifest["graphs"]["fp32"]["parity"]
     assert parity["within_tolerance"] and parity["max_abs_diff"]["pytorch_vs_onnxruntime"] <= 1e-4
     assert parity["max_abs_diff"]["batched_vs_alone"] <= 1e-5
     ops = {node.op_type for node in onnx.load(version / "model.onnx").graph.node}
@@ -49,15 +50,16 @@ def test_manifest_is_complete_and_versions_count_up(tmp_path):
     assert (first.name, second.name) == ("1", "2") and versions(tmp_path / "repo" / "tm") == [1, 2]
     assert (first / "model.onnx").read_bytes() == before  # earlier versions untouched
     m = json.loads((second / "manifest.json").read_text())
-    assert {"task", "arch", "labels", "tokenizer", "vocab_file", "max_len", "inputs", "outputs", "state", "opset",
-            "versions", "sha256", "metrics", "parity"} <= m.keys()
+    assert m["format_version"] == FORMAT_VERSION and m["task"] == "lm" and m["arch"] == "lstm"
     assert [i["name"] for i in m["inputs"]] == ["input_ids", "lengths", "h0", "c0"]
     assert m["inputs"][2]["shape"] == [2, "batch", 12] and m["outputs"][0]["shape"] == ["batch", "seq", 12]
-    assert m["state"] == {"inputs": ["h0", "c0"], "outputs": ["hn", "cn"], "shape": [2, "batch", 12],
-                          "initial": "zeros"}
-    assert Vocab.load(second / m["vocab_file"]).itos == Vocab.load(run / "vocab.json").itos
+    assert m["state"] == {"inputs": ["h0", "c0"], "outputs": ["hn", "cn"], "layers": 2, "hidden_size": 12}
+    version = read_version(second)  # what serving reads, through the contract
+    assert version.codec.vocab.itos == Vocab.load(run / "vocab.json").itos and version.codec.max_len == 12
+    assert sorted(p.name for p in second.iterdir()) == sorted(version.manifest.files)
     import hashlib
-    assert m["sha256"] == hashlib.sha256((second / "model.onnx").read_bytes()).hexdigest()
+    assert version.graph_bytes() == (second / "model.onnx").read_bytes()
+    assert m["graphs"]["fp32"]["sha256"] == hashlib.sha256(version.graph_bytes()).hexdigest()
     assert {"torch", "onnx", "onnxruntime"} == m["versions"].keys()
 
 
@@ -126,7 +128,7 @@ def test_int8_variant_records_its_quality_and_is_refused_past_one_point(tmp_path
     (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
     run = make_run(tmp_path / "run", arch="lstm", data=tmp_path / "d.csv")
     version = export_run(run, tmp_path / "repo", quantize="int8", fp16=True, cases=10)
-    int8 = json.loads((version / "manifest.json").read_text())["variants"]["int8"]
+    int8 = json.loads((version / "manifest.json").read_text())["graphs"]["int8"]
     assert (version / int8["file"]).exists() and set(int8["quality"]) == {"int8", "fp32"}
     assert int8["guarantee"].startswith("approximate")
     import export.repository as repository

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -36,9 +37,17 @@ ROWS = st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=30), min_size=1
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tiny_repository(tmp_path_factory.mktemp("fuzz")), max_queue_delay_ms=1)
+    s = Server(tiny_repository(tmp_path_factory.mktemp("fuzz")), max_queue_delay_ms=1, control="open")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subnormal_floats():
+    """Hypothesis draws subnormal floats, which the flush-to-zero mode of conftest.py would erase."""
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(True)
 
 
 @pytest.fixture(scope="module")

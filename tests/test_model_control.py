@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from export.repository import export_run
-from loadtest.bench import free_port
+from loadtest.servers import free_port
 from tests.serving_fixtures import Server, alone, tiny_repository
 from tests.test_export import make_run
 
@@ -44,7 +44,7 @@ def probabilities(response) -> np.ndarray:
 
 
 def test_index_load_and_unload(two_versions):
-    s = Server(two_versions)
+    s = Server(two_versions, control="open")
     try:
         index = httpx.post(f"{s.url}/v2/repository/index").json()
         assert {(r["name"], r["version"], r["state"]) for r in index} == {
@@ -75,7 +75,7 @@ def test_index_load_and_unload(two_versions):
 
 def test_swaps_under_load_lose_nothing_and_each_answer_comes_from_one_version(two_versions):
     """16 clients predict without pause while the model swaps between versions 1 and 2 six times."""
-    s = Server(two_versions, max_queue_delay_ms=2)
+    s = Server(two_versions, max_queue_delay_ms=2, control="open")
     expected = {v: np.array([alone(two_versions, t, version=v) for t in TEXTS]) for v in (1, 2)}
     answers, statuses = [], []
 
@@ -121,7 +121,7 @@ def spoil(version_folder, how: str):
             f.seek(100)
             f.write(b"\xff" * 64)
     elif how == "wrong checksum":
-        manifest["sha256"] = "0" * 64
+        manifest["graphs"]["fp32"]["sha256"] = "0" * 64
     elif how == "bad manifest":
         manifest_path.write_text("{not json")
         return
@@ -131,14 +131,14 @@ def spoil(version_folder, how: str):
         graph = helper.make_graph([helper.make_node("Identity", ["tokens"], ["logits"])], "broken", [x], [y])
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), version_folder / "model.onnx")
         import hashlib
-        manifest["sha256"] = hashlib.sha256((version_folder / "model.onnx").read_bytes()).hexdigest()
+        manifest["graphs"]["fp32"]["sha256"] = hashlib.sha256((version_folder / "model.onnx").read_bytes()).hexdigest()
     manifest_path.write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("how", ["corrupt file", "wrong checksum", "bad manifest", "graph that does not run"])
 def test_a_bad_version_is_refused_and_the_old_one_keeps_serving(two_versions, tmp_path, how):
     repository = copy_of(two_versions, tmp_path)
-    s = Server(repository, model_versions={"clf": 1})
+    s = Server(repository, model_versions={"clf": 1}, control="open")
     try:
         spoil(repository / "clf" / "2", how)
         r = httpx.post(f"{s.url}/v2/repository/models/clf/load")
@@ -156,7 +156,7 @@ def test_a_bad_version_is_refused_and_the_old_one_keeps_serving(two_versions, tm
                                   "clf%2F..%2F..%2Fruns%2Fclf", ".hidden", "clf%00", "runs"])
 def test_model_names_cannot_leave_the_repository(two_versions, name):
     """The repository's folder sits beside runs/ (whose run folders are not models): none loads."""
-    s = Server(two_versions)
+    s = Server(two_versions, control="open")
     try:
         r = httpx.post(f"{s.url}/v2/repository/models/{name}/load")
         assert r.status_code == 404 and r.json()["error"], (r.status_code, r.text)
@@ -192,7 +192,7 @@ def test_the_control_token_guards_model_control_and_leaves_inference_open(two_ve
 def test_polling_deploys_a_new_version_when_it_appears(two_versions, tmp_path):
     repository = copy_of(two_versions, tmp_path)
     shutil.rmtree(repository / "clf" / "2")
-    s = Server(repository, repository_poll_s=0.2, control_sync_s=0.1)
+    s = Server(repository, repository_poll_s=0.2, control_sync_s=0.1, control="open")
     try:
         assert httpx.get(f"{s.url}/v1/models/clf").json()["version"] == "1"
         shutil.copytree(two_versions / "clf" / "2", repository / "clf" / ".2.partial")  # as export publishes
@@ -210,7 +210,7 @@ def test_polling_deploys_a_new_version_when_it_appears(two_versions, tmp_path):
 def test_every_worker_follows_a_load_call(two_versions, tmp_path):
     """python -m serving --workers 2: the call reaches one process; both serve version 1 after it."""
     port = free_port()
-    env = {**os.environ, "RNNSERVE_CONTROL_SYNC_S": "0.2"}
+    env = {**os.environ, "RNNSERVE_CONTROL_SYNC_S": "0.2", "RNNSERVE_CONTROL": "open"}
     log = open(tmp_path / "server.log", "w+")
     server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(two_versions), "--host",
                                "127.0.0.1", "--port", str(port), "--workers", "2"], env=env, stderr=log)
@@ -257,20 +257,20 @@ class Planted:
 
 
 def test_a_model_folder_cannot_make_the_server_run_code(two_versions, tmp_path):
-    """A version whose manifest names a pickle (checksum right) and carries Python files: the load
+    """A version whose graph is a pickle (checksum right) and that carries Python files: the load
     is refused as not ONNX, and nothing in the folder ran."""
     import hashlib
     import pickle
     repository = copy_of(two_versions, tmp_path)
     shutil.copytree(repository / "clf" / "1", repository / "evil" / "1")
     marker = tmp_path / "ran"
-    (repository / "evil" / "1" / "model.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    (repository / "evil" / "1" / "model.onnx").write_bytes(pickle.dumps(Planted(marker)))
     (repository / "evil" / "1" / "__init__.py").write_text(f"open({str(marker)!r}, 'w')")
     manifest = json.loads((repository / "evil" / "1" / "manifest.json").read_text())
-    manifest.update(file="model.pkl", sha256=hashlib.sha256((repository / "evil" / "1" / "model.pkl").read_bytes()).hexdigest())
+    manifest["graphs"]["fp32"]["sha256"] = hashlib.sha256((repository / "evil" / "1" / "model.onnx").read_bytes()).hexdigest()
     (repository / "evil" / "1" / "manifest.json").write_text(json.dumps(manifest))
     shutil.move(repository / "evil", tmp_path / "evil")  # the server starts without it
-    s = Server(repository)
+    s = Server(repository, control="open")
     try:
         shutil.move(tmp_path / "evil", repository / "evil")
         r = httpx.post(f"{s.url}/v2/repository/models/evil/load")
@@ -282,7 +282,7 @@ def test_a_model_folder_cannot_make_the_server_run_code(two_versions, tmp_path):
 
 
 def test_a_swap_lets_running_streams_finish_and_ends_the_old_versions_sessions(two_versions):
-    s = Server(two_versions)
+    s = Server(two_versions, control="open")
     try:
         sid = httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"]
         assert httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "the"}).status_code == 200
@@ -310,7 +310,7 @@ def test_a_swapped_out_version_is_released(two_versions):
     """Nothing keeps a retired deployment alive: its model (and ONNX Runtime session) is freed."""
     import gc
     import weakref
-    s = Server(two_versions)
+    s = Server(two_versions, control="open")
     try:
         gone = []
         for version in (1, 2, 1):

@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from loadtest.bench import free_port
+from loadtest.servers import free_port
 from loadtest.client import LoadResult, read_response
 from tests.serving_fixtures import Server, alone, tiny_repository
 from tests.test_model_control import wait_ready
@@ -119,7 +119,7 @@ def faulty_repository(repository, folder):
     graph = helper.make_graph(nodes, "faulty", [ids, lengths], [logits], initializer=[table, zero])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), version / "model.onnx")
     manifest = json.loads((version / "manifest.json").read_text())
-    manifest["sha256"] = hashlib.sha256((version / "model.onnx").read_bytes()).hexdigest()
+    manifest["graphs"]["fp32"]["sha256"] = hashlib.sha256((version / "model.onnx").read_bytes()).hexdigest()
     (version / "manifest.json").write_text(json.dumps(manifest))
     shutil.copytree(repository / "clf", folder / "clf")
     return folder

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models.tokenize import Tokenizer
+from core.tokenize import Tokenizer
 from serving.batcher import Batcher, plan_calls
 from serving.model import ModelLoadError, ServedModel
 from serving.settings import Settings
@@ -199,8 +199,8 @@ def test_a_failing_batch_fails_only_its_requests():
             return [np.zeros(2, dtype=np.float32) + len(row) for row in rows]
         b = Batcher("t", run_rows, max_batch_size=8, max_batch_tokens=100, max_queue_delay_ms=20, max_queue_size=10)
         b.start()
-        results = await asyncio.gather(b.submit([[1, 2]]), b.submit([[13]]), return_exceptions=True)
-        later = await b.submit([[4, 5, 6]])
+        results = await asyncio.gather(b.submit([[1, 2]], 5), b.submit([[13]], 5), return_exceptions=True)
+        later = await b.submit([[4, 5, 6]], 5)
         await b.stop()
         return results, later
     (first, second), later = asyncio.run(scenario())

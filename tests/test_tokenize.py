@@ -1,6 +1,6 @@
 import pytest
 
-from models.tokenize import Tokenizer, Vocab
+from core.tokenize import Tokenizer, Vocab
 
 
 def test_word_tokenizer_lowercases_splits_punctuation_and_drops_html_breaks():

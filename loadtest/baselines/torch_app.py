@@ -10,10 +10,12 @@ import torch
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from core.codec import TextCodec
 from models.checkpoint import load_run
 
 app = FastAPI(title="naive PyTorch baseline")
 model, config, tokenizer, vocab = load_run(Path(os.environ["RUN"]))
+codec = TextCodec(tokenizer, vocab, config["max_len"])
 
 
 class Body(BaseModel):
@@ -24,7 +26,7 @@ class Body(BaseModel):
 def predict(name: str, body: Body) -> dict:
     out = []
     for text in body.instances:
-        ids = vocab.encode(tokenizer(text))[: config["max_len"]] or [1]
+        ids, _ = codec.encode(text)
         with torch.no_grad():
             p = model(torch.tensor([ids]), torch.tensor([len(ids)])).softmax(-1)[0]
         out.append({"label": config["labels"][int(p.argmax())], "score": float(p.max())})

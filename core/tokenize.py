@@ -1,7 +1,8 @@
 """Tokenizers (char, word, jieba; wordpiece: a pretrained encoder's own) and the vocabulary.
-No PyTorch: serving uses it. wordpiece runs the encoder's tokenizer.json with the `tokenizers` library.
+No PyTorch: training, export and serving share it. wordpiece runs the encoder's tokenizer.json
+with the `tokenizers` library.
 
-    python -m models.tokenize word "A <br />great film, isn't it?"
+    python -m core.tokenize word "A <br />great film, isn't it?"
 """
 import functools
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 
 PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1 in every vocabulary
 KINDS = ("char", "word", "jieba", "wordpiece")
+JOINED_BY = {"char": "", "jieba": "", "word": " ", "wordpiece": " "}  # how decoded tokens make a text
 BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")  # words (with n't, 's) and single punctuation marks
 
@@ -45,6 +47,10 @@ class Tokenizer:
             return WORD.findall(text)
         return [t for t in jieba().lcut(text) if t.strip()]
 
+    def join(self, tokens: list[str]) -> str:
+        """Tokens back into text (decoding): characters and Chinese words abut, words get a space."""
+        return JOINED_BY[self.kind].join(tokens)
+
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "folder" and (v or k != "file")}
 
@@ -71,15 +77,18 @@ class Vocab:
     def __init__(self, tokens: list[str], unk: str = UNK):
         self.itos, self.unk = tokens, unk
         self.stoi = {t: i for i, t in enumerate(tokens)}
-        assert len(self.stoi) == len(tokens), "vocabulary has duplicate tokens"
-        assert tokens[:2] == [PAD, UNK] if unk == UNK else unk in self.stoi, f"a vocabulary starts with {PAD}, {UNK}"
+        if len(self.stoi) != len(tokens):
+            raise ValueError("the vocabulary has duplicate tokens")
+        if (tokens[:2] != [PAD, UNK]) if unk == UNK else (unk not in self.stoi):
+            raise ValueError(f"a vocabulary starts with {PAD}, {UNK} (or names its own unknown token)")
         self.unk_id = self.stoi[unk]
 
     @classmethod
     def of_wordpiece(cls, tokenizer: Tokenizer) -> "Vocab":
         hf = wordpiece(str(Path(tokenizer.folder) / tokenizer.file))
         by_id = sorted(hf.get_vocab().items(), key=lambda kv: kv[1])
-        assert [i for _, i in by_id] == list(range(len(by_id))), "the tokenizer's ids are not 0..V-1"
+        if [i for _, i in by_id] != list(range(len(by_id))):
+            raise ValueError(f"{tokenizer.file}: the tokenizer's ids are not 0..V-1")
         return cls([t for t, _ in by_id], unk=hf.model.unk_token)
 
     @classmethod

@@ -1,0 +1,58 @@
+"""Text -> graph input and graph output -> answers, written once for training, export, serving
+and load tests: the encode rule, padding rows into a batch, and the softmax.
+
+    python -m core.codec model_repository/imdb-gru/1 "A moving, beautifully acted film."
+"""
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.tokenize import Tokenizer, Vocab
+
+
+@dataclass(frozen=True)
+class TextCodec:
+    """One model's text <-> token ids: its tokenizer, vocabulary and max_len."""
+    tokenizer: Tokenizer
+    vocab: Vocab
+    max_len: int
+
+    def encode(self, text: str) -> tuple[list[int], bool]:
+        """(token ids, whether the text was cut): a classifier's input."""
+        return self.cut(self.tokenizer(text))
+
+    def cut(self, tokens: list[str]) -> tuple[list[int], bool]:
+        """The rule: ids of the first max_len tokens; an empty text is one unknown token."""
+        return (self.vocab.encode(tokens[: self.max_len]) or [self.vocab.unk_id]), len(tokens) > self.max_len
+
+    def ids(self, text: str) -> list[int]:
+        """Every token's id, uncut: a language model's prompt or session step."""
+        return self.vocab.encode(self.tokenizer(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.join(self.vocab.decode(ids))
+
+
+def pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad with 0: (B, T_max) int64 ids and (B,) int64 lengths."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    ids = np.zeros((len(rows), int(lengths.max())), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    return ids, lengths
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Probabilities in the logits' dtype; the max is subtracted first, so nothing overflows."""
+    p = np.exp(logits - logits.max(axis=axis, keepdims=True))
+    return p / p.sum(axis=axis, keepdims=True)
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    from core.repository import read_version
+    version = read_version(Path(sys.argv[1]))
+    ids, cut = version.codec.encode(" ".join(sys.argv[2:]))
+    print(f"{ids} (cut: {cut}) -> {version.codec.decode(ids)!r}")

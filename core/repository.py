@@ -1,0 +1,242 @@
+"""The model repository contract: what python -m export writes and serving, the load tests and
+the baselines read. Nothing else decides what a model, a version or a manifest is.
+
+    python -m core.repository model_repository    # every version: task, quality, parity, provenance
+
+    <repository>/<name>/<version>/manifest.json    the Manifest below (format_version 1)
+                                  vocab.json       the vocabulary (core/tokenize.py)
+                                  model.onnx       the fp32 graph; variants beside it (model.int8.onnx, ...)
+                                  tokenizer.json   a pretrained encoder's tokenizer (wordpiece only)
+
+A model is a folder named [A-Za-z0-9][A-Za-z0-9_.-]* directly in the repository; a version is
+a folder named by a positive integer without leading zeros (export stages a version in a hidden
+folder and renames it into place, so a version folder is always complete). Every file a
+manifest names is a plain name inside its version folder, and each graph carries its sha256.
+"""
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from core.codec import TextCodec
+from core.tokenize import Tokenizer, Vocab
+
+FORMAT_VERSION = 1
+MANIFEST, VOCAB = "manifest.json", "vocab.json"
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+VERSION = re.compile(r"[1-9][0-9]{0,8}")
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # no separators: a file stays in its folder
+EXACT = "exact: each row equals the row run alone (1e-5)"
+
+
+class ManifestError(ValueError):
+    """A version folder that does not hold what the contract says: the message names the file and field."""
+
+
+class UnknownModel(LookupError):
+    pass
+
+
+class Tensor(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    dtype: Literal["int64", "float32"]
+    shape: list[int | str] = Field(description="sizes; 'batch' and 'seq' are symbolic")
+
+
+class Graph(BaseModel):
+    """One ONNX file of the version: fp32 always, int8 and fp16 variants when exported."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    guarantee: str = EXACT
+    parity: dict = Field(description="the export's parity report (measured on the CPU execution provider)")
+    quality: dict | None = Field(None, description="held-out quality of this graph and of fp32 (int8)")
+
+    @field_validator("file")
+    @classmethod
+    def plain_name(cls, file: str) -> str:
+        if not FILE_NAME.fullmatch(file) or not file.endswith(".onnx"):
+            raise ValueError(f"{file!r} is not a plain .onnx file name")
+        return file
+
+
+class State(BaseModel):
+    """A language model's recurrent state: graph inputs and outputs, each (layers, batch, hidden_size)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    inputs: list[str]
+    outputs: list[str]
+    layers: PositiveInt
+    hidden_size: PositiveInt
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format_version: int
+    task: Literal["classifier", "lm"]
+    arch: str
+    labels: list[str] = Field(description="classifier labels in logit order; [] for a language model")
+    tokenizer: dict = Field(description="core.tokenize.Tokenizer's fields: kind, lower, file")
+    max_len: PositiveInt = Field(description="tokens a classifier reads (longer texts are cut); an LM's training length")
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    state: State | None = None
+    graphs: dict[str, Graph] = Field(description="variant -> graph; 'fp32' always")
+    model: dict = Field(description="the training settings (models.rnn.ModelConfig), for provenance")
+    metrics: dict = Field(description="the training run's metrics, for provenance")
+    opset: PositiveInt
+    versions: dict[str, str] = Field(description="torch, onnx and onnxruntime versions that wrote it")
+    source_run: str
+    exported_at: str
+
+    @field_validator("format_version")
+    @classmethod
+    def current_format(cls, value: int) -> int:
+        if value != FORMAT_VERSION:
+            raise ValueError(f"format {value} is not {FORMAT_VERSION}: export the run again")
+        return value
+
+    @field_validator("tokenizer")
+    @classmethod
+    def known_tokenizer(cls, value: dict) -> dict:
+        Tokenizer(**value)  # raises ValueError (unknown kind, wordpiece without its file) or TypeError
+        if value.get("file") and not FILE_NAME.fullmatch(value["file"]):
+            raise ValueError(f"{value['file']!r} is not a plain file name")
+        return value
+
+    @model_validator(mode="after")
+    def consistent(self) -> "Manifest":
+        if "fp32" not in self.graphs:
+            raise ValueError("graphs: no 'fp32' graph")
+        if [t.name for t in self.inputs[:2]] != ["input_ids", "lengths"]:
+            raise ValueError("inputs: the first two are input_ids and lengths")
+        if self.task == "classifier" and (not self.labels or self.state):
+            raise ValueError("a classifier has labels and no state")
+        if self.task == "lm" and self.state is None:
+            raise ValueError("a language model has a state")
+        return self
+
+    @property
+    def files(self) -> list[str]:
+        """Every file of the version folder."""
+        extra = [self.tokenizer["file"]] if self.tokenizer.get("file") else []
+        return [MANIFEST, VOCAB, *(g.file for g in self.graphs.values()), *extra]
+
+
+def versions(model_dir: Path) -> list[int]:
+    """The model's versions on disk, ascending."""
+    if not Path(model_dir).is_dir():
+        return []
+    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and VERSION.fullmatch(p.name))
+
+
+def model_names(repository: Path) -> list[str]:
+    """Every model in the repository: a well-named folder with at least one version."""
+    return sorted(p.name for p in Path(repository).iterdir() if MODEL_NAME.fullmatch(p.name) and versions(p))
+
+
+def model_dir(repository: Path, name: str) -> Path:
+    """The model's folder, which must be a direct child of the repository (no way out of it)."""
+    root = Path(repository).resolve()
+    path = root / name
+    if not MODEL_NAME.fullmatch(name) or ".." in name or path.resolve().parent != root or not path.is_dir():
+        raise UnknownModel(f"no model {name!r} in the repository")
+    return path
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    path = Path(version_dir) / MANIFEST
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except OSError as e:
+        raise ManifestError(f"{path}: unreadable: {e.strerror or e}") from None
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'manifest'}: {err['msg']}"
+                             for err in e.errors()[:3])
+        raise ManifestError(f"{path}: {problems}") from None
+
+
+def write_manifest(version_dir: Path, manifest: Manifest):
+    (Path(version_dir) / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Version:
+    """A version folder read through the contract: its manifest and its text codec."""
+    path: Path
+    manifest: Manifest
+    codec: TextCodec
+
+    @property
+    def name(self) -> str:
+        return self.path.parent.name
+
+    @property
+    def number(self) -> int:
+        return int(self.path.name)
+
+    def graph_bytes(self, variant: str = "fp32") -> bytes:
+        """The graph file, checked against its sha256 (read once: what is checked is what runs)."""
+        graph = self.manifest.graphs.get(variant)
+        if graph is None:
+            raise ManifestError(f"{self.path / MANIFEST}: graphs: no {variant!r} graph (has {sorted(self.manifest.graphs)})")
+        try:
+            data = (self.path / graph.file).read_bytes()
+        except OSError as e:
+            raise ManifestError(f"{self.path / graph.file}: unreadable: {e.strerror or e}") from None
+        if hashlib.sha256(data).hexdigest() != graph.sha256:
+            raise ManifestError(f"{self.path / graph.file}: does not match the manifest's sha256")
+        return data
+
+
+def read_version(version_dir: Path) -> Version:
+    """Manifest, vocabulary and tokenizer of one version folder; ManifestError for anything wrong."""
+    version_dir = Path(version_dir)
+    if not VERSION.fullmatch(version_dir.name):
+        raise ManifestError(f"{version_dir}: a version folder is named 1, 2, ...")
+    manifest = read_manifest(version_dir)
+    try:
+        vocab = Vocab.load(version_dir / VOCAB)
+        tokenizer = Tokenizer(**manifest.tokenizer, folder=str(version_dir))
+    except (OSError, ValueError, KeyError) as e:
+        raise ManifestError(f"{version_dir}: {VOCAB} or the tokenizer is unusable: {e}") from None
+    return Version(version_dir, manifest, TextCodec(tokenizer, vocab, manifest.max_len))
+
+
+def latest(repository: Path, name: str) -> Path:
+    """The folder of a model's newest version."""
+    found = versions(model_dir(repository, name))
+    if not found:
+        raise UnknownModel(f"model {name!r} has no version")
+    return Path(repository) / name / str(found[-1])
+
+
+def describe(version: Version) -> str:
+    """One line of `python -m core.repository`: what the version is and where it came from."""
+    m = version.manifest
+    quality = ", ".join(f"{k} {v:.4g}" for k, v in m.metrics.items() if k.endswith(("accuracy", "perplexity")))
+    parity = m.graphs["fp32"].parity.get("max_abs_diff", {})
+    worst = max(parity.values(), default=float("nan"))
+    shape = f"{m.model.get('num_layers')}x{m.model.get('hidden_size')}"
+    return (f"{version.name}/{version.number}: {m.task} {m.arch} {shape}, {m.tokenizer['kind']} tokens, "
+            f"max_len {m.max_len}; {quality}; parity {worst:.1e}; graphs {', '.join(m.graphs)}; "
+            f"opset {m.opset}, torch {m.versions.get('torch')}; from {m.source_run} at {m.exported_at}")
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "model_repository")
+    for name in model_names(root):
+        for number in versions(root / name):
+            try:
+                print(describe(read_version(root / name / str(number))))
+            except ManifestError as e:
+                print(f"{name}/{number}: {e}")

@@ -1,0 +1,76 @@
+"""The dependency picture, as rules that fail when broken: every part imports the core and the
+core imports none of them; serving never reaches into training or export code, nor PyTorch;
+the ideas every part shares are written once, in the core."""
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("core", "models", "export", "serving", "loadtest")
+FORBIDDEN = {  # part -> what it must never import
+    "core": {"models", "export", "serving", "loadtest", "torch"},
+    "serving": {"models", "export", "torch"},
+    "models": {"export", "serving", "loadtest"},
+    "export": {"serving", "loadtest"},
+}
+
+
+def imports(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports, at the top or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def product_code():
+    return sorted(p for part in PARTS for p in (ROOT / part).rglob("*.py"))
+
+
+@pytest.mark.parametrize("part", sorted(FORBIDDEN))
+def test_import_rules(part):
+    broken = {str(path.relative_to(ROOT)): sorted(imports(path) & FORBIDDEN[part])
+              for path in (ROOT / part).rglob("*.py") if imports(path) & FORBIDDEN[part]}
+    assert broken == {}, f"{part}/ must not import {sorted(FORBIDDEN[part])}"
+
+
+def test_the_rules_catch_an_import_where_it_does_not_belong(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("def f():\n    from models.rnn import build\n    import torch.nn\n")
+    assert imports(planted) & FORBIDDEN["serving"] == {"models", "torch"}
+
+
+@pytest.mark.parametrize("modules,absent", [
+    ("core.tokenize, core.codec, core.repository", ("torch", "models", "export", "serving", "loadtest")),
+    ("serving.__main__, serving.app", ("torch", "models", "export")),
+])
+def test_importing_a_part_loads_none_of_what_it_must_not(modules, absent):
+    code = (f"import sys, {modules}; bad = sorted(m for m in sys.modules if m.split('.')[0] in {absent!r}); "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_shared_rules_are_written_once():
+    """pad, softmax and the encode rule (an empty text is one unknown token) live in core/codec.py."""
+    defined, rule = {}, []
+    for path in product_code():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name in ("pad", "softmax"):
+                defined.setdefault(node.name, []).append(str(path.relative_to(ROOT)))
+        if re.search(r"\bor \[(1|[\w.]*unk_id)\]", path.read_text()):
+            rule.append(str(path.relative_to(ROOT)))
+    assert defined == {"pad": ["core/codec.py"], "softmax": ["core/codec.py"]}
+    assert rule == ["core/codec.py"]
+
+
+def test_the_image_copies_the_core_package():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY core/ core/" in dockerfile and "COPY models" not in dockerfile

@@ -1,0 +1,283 @@
+"""Lifecycle: several workers following model-control calls, batchers that stop, deadlines on
+generation and sessions, stream holds, retiring that fails, files left behind, and the metrics
+that count every answer. Each test here failed before its fix."""
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from loadtest.servers import free_port
+from serving.app import create_app
+from serving.batcher import Batcher, Stopped
+from serving.settings import Settings
+from tests.serving_fixtures import Server, tiny_repository
+from tests.test_model_control import wait_ready
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    return tiny_repository(tmp_path_factory.mktemp("lifecycle"))
+
+
+def test_every_worker_serves_what_the_last_control_calls_asked_for(tmp_path):
+    """2 workers, models g and h with two versions each: eight rounds of "load g version X, then
+    load h version X", each call on a new connection (so on either worker), faster than the
+    workers sync. Within the sync period and a margin, every answer comes from the versions the
+    last calls asked for."""
+    from export.repository import export_run
+    from tests.test_export import make_run
+    repository = tmp_path / "repo"
+    for name in ("g", "h"):
+        for seed in (0, 1):
+            export_run(make_run(tmp_path / "runs" / f"{name}{seed}", "classifier", "gru", seed=seed), repository,
+                       name=name, cases=2)
+    port = free_port()
+    env = {**os.environ, "RNNSERVE_CONTROL": "open", "RNNSERVE_CONTROL_SYNC_S": "1"}  # calls come faster
+    server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host",
+                               "127.0.0.1", "--port", str(port), "--workers", "2"], env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+        time.sleep(1)  # the second worker too
+        for round_ in range(8):
+            version = 1 if round_ % 2 else 2  # ends on 1: not the latest, which each worker starts on
+            for name in ("g", "h"):
+                r = httpx.post(f"{url}/v2/repository/models/{name}/load", json={"parameters": {"version": str(version)}})
+                assert r.status_code == 200, r.text
+        time.sleep(1 + 1)
+
+        def served(name: str) -> list[str]:  # a new connection each time: the kernel spreads them
+            return [httpx.get(f"{url}/v2/models/{name}", headers={"Connection": "close"}).json()["versions"][0]
+                    for _ in range(40)]
+
+        answers = {"g": served("g"), "h": served("h")}
+        assert answers == {"g": ["1"] * 40, "h": ["1"] * 40}, {k: sorted(set(v)) for k, v in answers.items()}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+
+
+def test_stopping_a_batcher_answers_the_batch_it_is_running():
+    """Three requests in a batch that is inside run_rows when the batcher stops: each gets Stopped
+    at once, not a wait for the request deadline."""
+    inside, release = threading.Event(), threading.Event()
+
+    def run_rows(rows):
+        inside.set()
+        release.wait(10)
+        return [np.zeros(2, dtype=np.float32) for _ in rows]
+
+    async def scenario():
+        b = Batcher("t", run_rows, max_batch_size=8, max_batch_tokens=100, max_queue_delay_ms=20, max_queue_size=10)
+        b.start()
+        futures = [b.enqueue([[1, 2]]) for _ in range(3)]
+        await asyncio.to_thread(inside.wait, 5)
+        stopping = asyncio.create_task(b.stop())
+        started = time.perf_counter()
+        done, _ = await asyncio.wait(futures, timeout=1)
+        answered_s = time.perf_counter() - started
+        release.set()  # the ONNX Runtime call in flight ends; nobody reads it
+        await stopping
+        return futures, done, answered_s
+
+    futures, done, answered_s = asyncio.run(scenario())
+    assert len(done) == 3 and answered_s < 0.5
+    assert all(isinstance(f.exception(), Stopped) for f in futures)
+
+
+def test_generation_and_session_steps_keep_the_request_deadline(repository):
+    """The step batcher waits 5 s for company; the deadline is 0.5 s: the generation (streamed or
+    not) and the session step are told so in time, and nothing stays held."""
+    s = Server(repository, max_queue_delay_ms=5000, request_timeout_s=0.5)
+    try:
+        started = time.perf_counter()
+        r = httpx.post(f"{s.url}/v1/models/lm:generate", json={"prompt": "the", "max_new_tokens": 3}, timeout=10)
+        assert r.status_code == 504 and "deadline" in r.json()["error"], r.text
+        assert time.perf_counter() - started < 2
+        r = httpx.post(f"{s.url}/v1/models/lm:generate", json={"prompt": "the", "max_new_tokens": 3, "stream": True},
+                       timeout=10)
+        assert r.status_code == 200 and '"error"' in r.text and "deadline" in r.text, r.text
+        sid = httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"]
+        started = time.perf_counter()
+        r = httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "the"}, timeout=10)
+        assert r.status_code == 504 and time.perf_counter() - started < 2, r.text
+        deployment = s.app.state.repository.deployed["lm"]
+        deadline = time.time() + 2
+        while (deployment.holders or deployment.generations) and time.time() < deadline:
+            time.sleep(0.05)
+        assert (deployment.holders, deployment.generations) == (0, 0)
+    finally:
+        s.stop()
+
+
+def raw_post(url: str, path: str, body: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(body), body))
+    return sock
+
+
+def test_a_session_step_whose_client_left_is_dropped_before_it_runs(repository):
+    s = Server(repository, max_queue_delay_ms=1000)
+    try:
+        sid = httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"]
+        sock = raw_post(s.url, f"/v1/models/lm/sessions/{sid}:step", b'{"text": "the time"}')
+        time.sleep(0.3)  # queued, waiting for company
+        sock.close()
+        time.sleep(1.5)  # the batch has run by now, without it
+        r = httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "a"}, timeout=10)
+        assert r.status_code == 200 and r.json()["total_tokens"] == 1, r.text
+    finally:
+        s.stop()
+
+
+def test_a_stream_whose_client_left_before_it_started_releases_its_hold(repository):
+    """The app called directly, as an ASGI 2.4 server calls it, with a client that is gone by the
+    time the response would start (send raises OSError): the stream never runs, and its hold is
+    still released."""
+    body = b'{"prompt": "the", "max_new_tokens": 50, "stream": true}'
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/models/lm:generate", "raw_path": b"/v1/models/lm:generate",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 9), "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+    async def scenario():
+        app = create_app(Settings(repository=repository, shutdown_grace_s=1))  # a leaked hold: 1 s to exit
+        async with app.router.lifespan_context(app):
+            deployment = app.state.repository.deployed["lm"]
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
+            sent = []
+
+            async def receive():
+                return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+            async def send(message):
+                sent.append(message["type"])
+                if message["type"] == "http.response.start":
+                    raise OSError("the client has gone")
+
+            try:
+                await app(scope, receive, send)
+            except Exception:  # the disconnect, as the server would see it
+                pass
+            return deployment.holders, deployment.generations, sent
+
+    result = {}  # in a thread: the lifespan installs a SIGTERM handler only on the main thread
+    thread = threading.Thread(target=lambda: result.update(answer=asyncio.run(scenario())))
+    thread.start()
+    thread.join(30)
+    holders, generations, sent = result["answer"]
+    assert sent == ["http.response.start"]  # the stream never ran
+    assert (holders, generations) == (0, 0)
+
+
+def test_a_failing_retire_is_logged_and_never_hangs_shutdown(repository, caplog, monkeypatch):
+    from serving.deployment import Deployment
+
+    async def broken(self, grace_s):
+        raise RuntimeError("retire broke")
+
+    s = Server(repository, control="open")
+    monkeypatch.setattr(Deployment, "retire", broken)
+    started = time.perf_counter()
+    assert httpx.post(f"{s.url}/v2/repository/models/clf/load").status_code == 200  # retires the old one
+    s.stop()
+    assert time.perf_counter() - started < 5 and not s.thread.is_alive()
+    assert any("retiring clf v1 failed" in r.getMessage() for r in caplog.records)
+
+
+def test_the_server_removes_the_folders_it_created_when_it_exits(repository, tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "RNNSERVE_CONTROL_DIR")}
+    server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "2"], env=env | {"TMPDIR": str(scratch)},
+                              stderr=subprocess.DEVNULL)
+    ours = lambda: sorted(p.name.rsplit("-", 1)[0] for p in scratch.glob("rnnserve-*"))  # (ONNX Runtime writes .ses)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}")
+        assert ours() == ["rnnserve-control", "rnnserve-metrics"]  # while it runs
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    assert ours() == []
+
+
+def test_model_control_is_closed_unless_a_token_or_open_is_set(repository):
+    s = Server(repository)
+    try:
+        for path in ("/v2/repository/index", "/v2/repository/models/clf/load", "/v2/repository/models/clf/unload"):
+            r = httpx.post(s.url + path)
+            assert r.status_code == 403 and "RNNSERVE_CONTROL_TOKEN" in r.json()["error"], r.text
+        assert "clf" in s.app.state.repository.deployed
+    finally:
+        s.stop()
+    s = Server(repository, control="open")
+    try:
+        assert httpx.post(f"{s.url}/v2/repository/index").status_code == 200
+    finally:
+        s.stop()
+
+
+def counts(server) -> dict[tuple[str, str, str], float]:
+    """Every rnnserve_requests_total series, and the generation histograms' counts."""
+    text = httpx.get(f"{server.url}/metrics").text
+    found = re.findall(r'rnnserve_requests_total\{endpoint="([^"]+)",model="([^"]+)",status="([^"]+)"\} (\S+)', text)
+    series = {(model, endpoint, status): float(n) for endpoint, model, status, n in found}
+    for name, pattern in (("ttft", r'rnnserve_time_to_first_token_seconds_count\{model="lm"\} (\S+)'),
+                          ("stream", r'rnnserve_request_latency_seconds_count\{endpoint="generate_stream",model="lm"\} (\S+)')):
+        match = re.search(pattern, text)
+        series[name, "", ""] = float(match[1]) if match else 0.0
+    return series
+
+
+def test_metrics_count_every_answer_once(repository):
+    """Good, bad, unknown-model, shed and streamed requests: each counted once, under its status."""
+    s = Server(repository, max_queue_size=1, max_batch_size=1, session_idle_s=0.2)
+    try:
+        batcher = s.app.state.repository.deployed["clf"].batcher
+        run_rows = batcher.run_rows
+        batcher.run_rows = lambda rows: time.sleep(0.3) or run_rows(rows)  # a slow model: the queue fills
+        before = counts(s)
+        post = lambda path, body: httpx.post(s.url + path, json=body, timeout=30)
+        assert post("/v1/models/clf:predict", {"instances": ["good film"]}).status_code == 200
+        assert post("/v1/models/clf:predict", {"instances": []}).status_code == 400
+        assert post("/v1/models/nope:predict", {"instances": ["a"]}).status_code == 404
+        assert post("/v2/models/clf/infer", {"inputs": []}).status_code == 400
+        assert post("/v1/models/lm:generate", {"prompt": "the", "max_new_tokens": 5, "stream": True}).status_code == 200
+        assert post("/v1/models/lm:generate", {"prompt": "the", "max_new_tokens": 5}).status_code == 200
+
+        async def overload():  # one running, one queued, the rest shed with 503
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+                return await asyncio.gather(*(client.post("/v1/models/clf:predict", json={"instances": ["a"]})
+                                              for _ in range(20)))
+        statuses = [r.status_code for r in asyncio.run(overload())]
+        shed = statuses.count(503)
+        assert shed > 0 and statuses.count(200) + shed == 20
+        sid = post("/v1/models/lm/sessions", {}).json()["session_id"]
+        assert 'rnnserve_live_sessions{model="lm"} 1.0' in httpx.get(f"{s.url}/metrics").text
+        time.sleep(0.3 + s.app.state.settings.control_sync_s)  # idle past session_idle_s: the watcher expires it
+        assert 'rnnserve_live_sessions{model="lm"} 0.0' in httpx.get(f"{s.url}/metrics").text
+        assert httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "a"}).status_code == 404
+
+        after = counts(s)
+        new = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+        assert new == {("clf", "v1_predict", "200"): 1 + statuses.count(200), ("clf", "v1_predict", "400"): 1,
+                       ("_not_deployed", "v1_predict", "404"): 1, ("clf", "v2_infer", "400"): 1,
+                       ("lm", "generate_stream", "200"): 1, ("lm", "generate", "200"): 1,
+                       ("clf", "v1_predict", "503"): shed, ("lm", "session_create", "200"): 1,
+                       ("lm", "session_step", "404"): 1, ("ttft", "", ""): 2, ("stream", "", ""): 1}, new
+    finally:
+        s.stop()
