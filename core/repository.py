@@ -3,6 +3,7 @@ the baselines read. Nothing else decides what a model, a version or a manifest i
 
     python -m core.repository model_repository    # every version: task, quality, parity, provenance
 
+    <repository>/<name>/config.json                how the model is served (ServingConfig below; optional)
     <repository>/<name>/<version>/manifest.json    the Manifest below (format_version 1)
                                   vocab.json       the vocabulary (core/tokenize.py)
                                   model.onnx       the fp32 graph; variants beside it (model.int8.onnx, ...)
@@ -27,7 +28,7 @@ from core.codec import TextCodec
 from core.tokenize import Tokenizer, Vocab
 
 FORMAT_VERSION = 1
-MANIFEST, VOCAB = "manifest.json", "vocab.json"
+MANIFEST, VOCAB, CONFIG = "manifest.json", "vocab.json", "config.json"
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 VERSION = re.compile(r"[1-9][0-9]{0,8}")
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # no separators: a file stays in its folder
@@ -128,6 +129,38 @@ class Manifest(BaseModel):
         return [MANIFEST, VOCAB, *(g.file for g in self.graphs.values()), *extra]
 
 
+class ServingConfig(BaseModel):
+    """How one model is served, beside its versions (Triton's config.pbtxt, as JSON). Every field
+    left out takes the server-wide setting of the same name (serving/settings.py)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_batch_size: PositiveInt | None = Field(None, description="rows per ONNX Runtime call")
+    max_batch_tokens: PositiveInt | None = Field(None, description="rows x padded length per call")
+    max_queue_delay_ms: float | None = Field(None, ge=0, description="how long a batch waits for more rows")
+    max_queue_size: PositiveInt | None = Field(None, description="waiting requests; beyond it 503")
+    intra_op_threads: PositiveInt | None = Field(None, description="ONNX Runtime threads for this model")
+    variant: str = Field("fp32", description="which graph of each version is served: fp32, int8 or fp16")
+    providers: list[str] | None = Field(None, description="execution providers, the first available wins")
+    provider_options: dict[str, dict[str, str]] = Field(
+        {}, description='per provider, merged over the server\'s: {"CUDAExecutionProvider": {"use_tf32": "1"}}')
+
+
+def read_config(model_dir: Path) -> ServingConfig:
+    """The model's config.json, or every field at the server's setting when there is none."""
+    path = Path(model_dir) / CONFIG
+    if not path.exists():
+        return ServingConfig()
+    try:
+        return ServingConfig.model_validate_json(path.read_bytes())
+    except OSError as e:
+        raise ManifestError(f"{path}: unreadable: {e.strerror or e}") from None
+    except ValidationError as e:
+        raise ManifestError(f"{path}: {problems(e)}") from None
+
+
+def problems(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'file'}: {err['msg']}" for err in error.errors()[:3])
+
+
 def versions(model_dir: Path) -> list[int]:
     """The model's versions on disk, ascending."""
     if not Path(model_dir).is_dir():
@@ -156,9 +189,7 @@ def read_manifest(version_dir: Path) -> Manifest:
     except OSError as e:
         raise ManifestError(f"{path}: unreadable: {e.strerror or e}") from None
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'manifest'}: {err['msg']}"
-                             for err in e.errors()[:3])
-        raise ManifestError(f"{path}: {problems}") from None
+        raise ManifestError(f"{path}: {problems(e)}") from None
 
 
 def write_manifest(version_dir: Path, manifest: Manifest):

@@ -1,26 +1,94 @@
-"""Serve the model repository over HTTP.
+"""Serve the model repository over HTTP: inference engines and HTTP front-ends.
 
-    python -m serving --repository model_repository [--host 0.0.0.0] [--port 8000] [--workers N]
+    python -m serving --repository model_repository [--host 0.0.0.0] [--port 8000] [--workers N] [--engines N]
 
 Every setting can also come from the environment as RNNSERVE_<NAME> (serving/settings.py).
-With --workers N, N server processes share the port, each with its models and batchers: the
-event loop (HTTP, JSON, tokenizing) is one core's work per process, so on a CPU host one worker
-per core is what lets the server use them all. Their metrics are summed at /metrics, and a
-model-control call taken by one is followed by the others (serving/repository.py).
-
-SIGTERM drains: readiness turns false, new requests get 503, the listening socket closes,
-requests in flight are answered (at most RNNSERVE_SHUTDOWN_GRACE_S), then the process exits.
+The processes on the machine:
+- engines (python -m serving.engine), one per CUDA device, else one: each owns the ONNX Runtime
+  sessions on its device, the batching and the generation loop (serving/engine/engine.py);
+- HTTP front-ends (uvicorn workers sharing the port): parse, validate, tokenize and answer, and
+  reach the engines over ZeroMQ ipc sockets (serving/client.py);
+- this one: it starts them, restarts an engine that dies (what was in flight there is answered
+  503 at once by the front-ends), and on SIGTERM drains the front-ends (readiness false, new
+  requests 503, the listening socket closed, everything accepted answered within
+  RNNSERVE_SHUTDOWN_GRACE_S), then stops the engines and removes its runtime folder.
 """
 import argparse
+import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
+from pathlib import Path
 
 import uvicorn
 
-from serving.app import LOG_FORMAT
+from serving.logs import configure_logging
 from serving.settings import Settings
+
+log = logging.getLogger("serving")
+CUDA = "CUDAExecutionProvider"
+
+
+class Engines:
+    """The engine processes: started, watched, restarted when one dies, stopped at the end."""
+
+    def __init__(self, addresses: list[str], devices: list[int]):
+        self.addresses, self.devices = addresses, devices
+        self.processes: list[subprocess.Popen | None] = [None] * len(addresses)
+        self.stopping = threading.Event()
+        self.watcher = threading.Thread(target=self.watch, name="engines", daemon=True)
+
+    def spawn(self, i: int):
+        command = [sys.executable, "-m", "serving.engine", "--address", self.addresses[i], "--index", str(i),
+                   "--device", str(self.devices[i])]
+        self.processes[i] = subprocess.Popen(command)
+        log.info("engine %d started (pid %d) on %s", i, self.processes[i].pid, self.addresses[i])
+
+    def start(self):
+        for i in range(len(self.addresses)):
+            self.spawn(i)
+        self.watcher.start()
+
+    def watch(self):
+        while not self.stopping.wait(0.2):
+            for i, process in enumerate(self.processes):
+                if process.poll() is not None and not self.stopping.is_set():
+                    log.error("engine %d (pid %d) exited with %s: restarting it", i, process.pid, process.returncode)
+                    mark_dead(process.pid)
+                    self.spawn(i)
+
+    def stop(self, grace_s: float):
+        self.stopping.set()
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def mark_dead(pid: int):
+    """Drop a dead process's live gauges from the metrics the front-ends serve."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(pid)
+
+
+def cuda_devices(settings: Settings) -> int:
+    """CUDA devices this process may use (0 without the CUDA execution provider)."""
+    import onnxruntime as ort
+    if CUDA not in settings.providers or CUDA not in ort.get_available_providers():
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    return len([d for d in Path("/dev").glob("nvidia[0-9]*")]) or 1
 
 
 def main(argv=None):
@@ -29,34 +97,31 @@ def main(argv=None):
     p.add_argument("--repository", help="model repository folder (RNNSERVE_REPOSITORY)")
     p.add_argument("--host", help="RNNSERVE_HOST, default 0.0.0.0")
     p.add_argument("--port", type=int, help="RNNSERVE_PORT, default 8000")
-    p.add_argument("--workers", type=int, help="RNNSERVE_WORKERS, default: one per CPU core (one with a GPU)")
+    p.add_argument("--workers", type=int, help="RNNSERVE_WORKERS: HTTP front-end processes")
+    p.add_argument("--engines", type=int, help="RNNSERVE_ENGINES: inference engine processes")
     args = p.parse_args(argv)
-    for name, value in vars(args).items():  # the workers read their settings from the environment
+    for name, value in vars(args).items():  # the front-ends and engines read their settings from the environment
         if value is not None:
             os.environ[f"RNNSERVE_{name.upper()}"] = str(value)
     settings = Settings()
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    workers = settings.workers or default_workers(settings)
-    created = []  # removed when the server exits, SIGTERM included
-    if workers > 1:  # shared by the workers: metrics to sum, model-control calls to follow
-        for variable, prefix in (("PROMETHEUS_MULTIPROC_DIR", "rnnserve-metrics-"), ("RNNSERVE_CONTROL_DIR", "rnnserve-control-")):
-            if variable not in os.environ:
-                created.append(os.environ.setdefault(variable, tempfile.mkdtemp(prefix=prefix)))
+    configure_logging()
+    gpus = cuda_devices(settings)
+    engines = settings.engines or max(1, gpus)
+    workers = settings.workers or max(1, len(os.sched_getaffinity(0)) - engines)
+    runtime = tempfile.mkdtemp(prefix="rnnserve-")  # the engines' sockets and the metrics files; removed at exit
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", runtime)
+    addresses = [f"ipc://{runtime}/engine-{i}" for i in range(engines)]
+    os.environ["RNNSERVE_ENGINE_ADDRESSES"] = json.dumps(addresses)
+    log.info("%d engine(s)%s, %d HTTP front-end(s)", engines, f" on {gpus} CUDA device(s)" if gpus else "", workers)
+    processes = Engines(addresses, [i % max(1, gpus) for i in range(engines)])
+    processes.start()
     try:
         uvicorn.run("serving.app:create_app", factory=True, host=settings.host, port=settings.port,
                     workers=workers, log_level="info", access_log=False, limit_concurrency=settings.max_connections,
                     timeout_graceful_shutdown=settings.shutdown_grace_s)
     finally:
-        for folder in created:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def default_workers(settings: Settings) -> int:
-    """One process per CPU core on a CPU host (measured: docs/benchmarks.md); one per GPU."""
-    import onnxruntime as ort
-    if "CUDAExecutionProvider" in settings.providers and "CUDAExecutionProvider" in ort.get_available_providers():
-        return 1
-    return len(os.sched_getaffinity(0))
+        processes.stop(settings.shutdown_grace_s)
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 if __name__ == "__main__":

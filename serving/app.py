@@ -1,40 +1,31 @@
-"""The FastAPI app: models loaded in the lifespan, KServe V1 text API, Open Inference Protocol (V2)
-REST, health and Prometheus metrics. Run it with python -m serving.
+"""An HTTP front-end: the FastAPI app that parses, validates, tokenizes and answers, with every
+model run by the engines (serving/engine/) it reaches through serving/client.py. It holds no
+ONNX Runtime session. python -m serving runs several of these beside the engines.
 
-Every client error is a 4xx with a JSON body {"error": "..."}; the routes only parse, queue and
-answer, and inference runs in each model's batcher (serving/batcher.py).
+Every client error is a 4xx with a JSON body {"error": "...", "request_id": "..."}.
 """
-import asyncio
 import logging
 import os
 import signal
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import control, lm_routes, v2
+from serving.client import EngineClient
 from serving.guards import BearerToken, BodyGuard, ShedLoad, refuse
-from serving.inference import answered, check_text, deployed, infer
+from serving.logs import configure_logging
 from serving.metrics import CountRequests
-from serving.repository import ModelRepository
-from serving.request_ids import REQUEST_ID, RequestIdFilter, RequestIds
-from serving.schemas import ErrorResponse, PredictRequest, PredictResponse
+from serving.request_ids import REQUEST_ID, RequestIds
+from serving.routes import control, lm, v1, v2
+from serving.schemas import ErrorResponse
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
-LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s [%(request_id)s]: %(message)s"
-
-
-def configure_logging():
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
-            handler.addFilter(RequestIdFilter())
 
 
 def drain_on_sigterm(app: FastAPI):
@@ -59,21 +50,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        configure_logging()  # each worker process logs too
-        repository = app.state.repository = ModelRepository(settings)
-        await repository.start()
-        watcher = asyncio.create_task(repository.watch(), name="repository-watch")
+        configure_logging()  # each front-end process logs too
+        app.state.engines = EngineClient(settings.engine_addresses, settings.repository)
+        await app.state.engines.start()
         app.state.ready = True
         drain_on_sigterm(app)
-        log.info("ready: %s", ", ".join(f"{name} v{d.model.version} ({d.model.provider})"
-                                          for name, d in repository.deployed.items()))
         yield
         app.state.ready = False
-        watcher.cancel()
-        await repository.close()
+        await app.state.engines.close()
 
     errors = {"4XX": {"model": ErrorResponse}, "5XX": {"model": ErrorResponse}}  # 400, not FastAPI's 422
-    app = FastAPI(title="rnnserve", version="0.1.0", lifespan=lifespan, strict_content_type=False,
+    app = FastAPI(title="rnnserve", version="0.2.0", lifespan=lifespan, strict_content_type=False,
                   description="RNN-family text models on ONNX Runtime with dynamic batching.", responses=errors)
     app.state.settings = settings
     app.state.ready = False
@@ -81,45 +68,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         prefixes = ("/v2/repository", "/v1/models", "/v2/models") if settings.token_for_inference else ("/v2/repository",)
         app.add_middleware(BearerToken, token=settings.control_token.get_secret_value(), prefixes=prefixes)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(ShedLoad)
+    app.add_middleware(ShedLoad, max_queue_size=settings.max_queue_size)
     app.add_middleware(CountRequests)  # sees every answer of the middleware inside it too
     app.add_middleware(RequestIds)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)
-    app.include_router(v2.router)
-    app.include_router(control.router)
-    app.include_router(lm_routes.router)
-
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> dict:
-        """Every loaded model with its version, task, labels and execution provider."""
-        return {"models": [d.model.metadata() for d in request.app.state.repository.deployed.values()]}
-
-    @app.get("/v1/models/{name}")
-    async def model_info(name: str, request: Request) -> dict:
-        """One model's metadata."""
-        return deployed(request, name).model.metadata()
-
-    @app.post("/v1/models/{name}:predict", response_model=PredictResponse)
-    async def predict(name: str, body: PredictRequest, request: Request) -> dict:
-        """Classify texts: {"instances": ["a review", ...]} -> one prediction per text."""
-        deployment = deployed(request, name, task="classifier")
-        model = deployment.model
-        with answered(name, "v1_predict"), deployment.hold():
-            limit = request.app.state.settings.max_instances
-            if len(body.instances) > limit:
-                raise HTTPException(413, f"{len(body.instances)} instances; at most {limit} per request")
-            for i, text in enumerate(body.instances):
-                check_text(request, text, f"instance {i}")
-            encoded = [model.codec.encode(text) for text in body.instances]
-            logits = await infer(request, deployment.batcher, [ids for ids, _ in encoded])
-            return {"predictions": [model.respond(row, cut) for row, (_, cut) in zip(logits, encoded)]}
+    for routes in (v1, v2, lm, control):
+        app.include_router(routes.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
+        """Every process's metrics (front-ends and engines) when several share the machine."""
         registry = None
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers: sum what they all wrote
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         return Response(generate_latest(registry) if registry else generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -16,19 +16,18 @@ def refuse(status: int, error: str, headers: dict | None = None) -> JSONResponse
 
 
 class ShedLoad:
-    """503 for an inference call whose model's queue is full, before its body is read or parsed:
-    under overload a refusal costs next to nothing. (The batcher refuses too, for calls that
-    pass here while the queue fills.)"""
+    """503 for an inference call whose model's queue is full at every engine (as the engines last
+    said), before its body is read or parsed: under overload a refusal costs next to nothing. (The
+    engine refuses too, for calls that pass here while the queue fills.)"""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, max_queue_size: int):
+        self.app, self.max_queue_size = app, max_queue_size
 
     async def __call__(self, scope, receive, send):
         found = endpoint_of(scope) if scope["type"] == "http" else None
-        if found and found[0] in QUEUED and (repository := getattr(scope["app"].state, "repository", None)):
-            deployment = repository.deployed.get(found[1])
-            if deployment and deployment.batcher.queue.full():
-                error = f"model {deployment.model.name!r} has {deployment.batcher.queue.qsize()} requests waiting; retry shortly"
+        if found and found[0] in QUEUED and (client := getattr(scope["app"].state, "engines", None)):
+            if client.full(found[1], self.max_queue_size):
+                error = f"model {found[1]!r} has {self.max_queue_size} or more requests waiting; retry shortly"
                 return await refuse(503, error, {"Retry-After": "1"})(scope, receive, send)
         await self.app(scope, receive, send)
 

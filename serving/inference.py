@@ -1,32 +1,44 @@
-"""What the inference routes share: model lookup, the batcher call within the request's deadline,
-and turning what went wrong into the answer the client gets."""
+"""What the inference routes share: finding the engine and version that serve a model, sending
+rows there within the request's deadline, and turning what came back into an answer."""
 import asyncio
 import logging
 from contextlib import contextmanager
 
+import msgspec
+import numpy as np
 from fastapi import HTTPException, Request
+from fastapi.responses import Response
 
-from serving.batcher import Batcher, QueueFull, Stopped
-from serving.deployment import Deployment
+from core.repository import Version
+from serving.client import EngineClient, Link
+from serving.messages import Failed, Infer, Result
 
 log = logging.getLogger(__name__)
 BUSY = {"Retry-After": "1"}
+WATCH_AFTER_S = 0.05  # a request not answered by then also watches its client (most never need to)
+json_encode = msgspec.json.Encoder().encode
 
 
-def deployed(request: Request, name: str, version: str | None = None, task: str | None = None) -> Deployment:
-    """The deployment serving `name` now (404 if none, or if `version` is given and is not the one
-    deployed; 503 while the server starts or drains). Hold it while the request uses it."""
-    if not request.app.state.ready:
-        raise HTTPException(503, "the server is not ready (starting or shutting down)", headers=BUSY)
-    deployment = request.app.state.repository.deployed.get(name)
-    if deployment is None:
+def engines(request: Request) -> EngineClient:
+    if not request.app.state.ready or not request.app.state.engines.ready:
+        raise HTTPException(503, "the server is not ready (starting, shutting down, or an engine is restarting)",
+                            headers=BUSY)
+    return request.app.state.engines
+
+
+def served(request: Request, name: str, version: str | None = None, task: str | None = None) -> tuple[Link, Version]:
+    """The engine that will serve `name` and the version it serves (404 if none, or if `version` is
+    given and is not the one deployed; 400 for the wrong task; 503 while starting or draining)."""
+    client = engines(request)
+    picked = client.pick(name)
+    if picked is None:
         raise HTTPException(404, f"unknown model {name!r}")
-    model = deployment.model
-    if version is not None and version != str(model.version):
-        raise HTTPException(404, f"model {name!r} has no loaded version {version!r} (serving {model.version})")
-    if task and model.task != task:
-        raise HTTPException(400, f"model {name!r} is a {model.task}, not a {task}")
-    return deployment
+    link, deployed = picked
+    if version is not None and version != str(deployed.version):
+        raise HTTPException(404, f"model {name!r} has no loaded version {version!r} (serving {deployed.version})")
+    if task and deployed.task != task:
+        raise HTTPException(400, f"model {name!r} is a {deployed.task}, not a {task}")
+    return link, client.version(name, deployed.version)
 
 
 def check_text(request: Request, text: str, what: str = "text"):
@@ -35,43 +47,59 @@ def check_text(request: Request, text: str, what: str = "text"):
         raise HTTPException(413, f"{what} has {len(text)} characters; at most {limit}")
 
 
-def refusal(error: Exception) -> HTTPException | None:
-    """The answer for a request the batcher could not serve: full queue or stopped (503), deadline (504)."""
-    if isinstance(error, (QueueFull, Stopped)):
-        return HTTPException(503, f"{error}; retry shortly", headers=BUSY)
-    if isinstance(error, TimeoutError):
-        return HTTPException(504, f"no answer within the deadline: {error}")
-    return None
+def refusal(reply: Failed) -> HTTPException:
+    """The HTTP answer to an engine's refusal; a model that failed is logged here too, with the
+    request id (the engine's own log line has the traceback)."""
+    if reply.status == 500:
+        log.error("the engine failed this request: %s", reply.error)
+    return HTTPException(reply.status, reply.error, headers=BUSY if reply.status == 503 else None)
 
 
-async def infer(request: Request, batcher: Batcher, rows: list) -> list:
-    """Rows through a batcher, within the request deadline. A request whose client disconnects
-    while it waits is dropped before it runs."""
-    timeout = request.app.state.settings.request_timeout_s
+async def reply_of(request: Request, link: Link, future: asyncio.Future, rid: int):
+    """The engine's reply. A request not answered within WATCH_AFTER_S also watches its client: if
+    it leaves, the engine drops the request before it runs."""
+    client: EngineClient = request.app.state.engines
+    loop = asyncio.get_running_loop()
+    watcher = None
+
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        client.cancel(link, rid, Failed(rid, 499, "client closed the request"))
+
+    def start_watching():
+        nonlocal watcher
+        watcher = loop.create_task(watch())
+
+    timer = loop.call_later(WATCH_AFTER_S, start_watching)
     try:
-        future = batcher.enqueue(rows)
-    except QueueFull as e:
-        raise refusal(e) from None
-    gone = asyncio.ensure_future(disconnected(request))
-    try:
-        done, _ = await asyncio.wait({future, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return await future
     finally:
-        gone.cancel()
-    if future in done:
-        try:
-            return future.result()
-        except Stopped as e:
-            raise refusal(e) from None
-    future.cancel()  # the batcher skips it
-    if gone in done:
-        raise HTTPException(499, "client closed the request")
-    raise refusal(TimeoutError(f"{timeout}s"))
+        timer.cancel()
+        if watcher:
+            watcher.cancel()
 
 
-async def disconnected(request: Request):
-    """Returns when the client goes away (the body has been read, so the next message is that)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+async def infer(request: Request, name: str, encode, version: str | None = None,
+                task: str | None = None) -> tuple[Version, list[tuple[list[int], bool]], np.ndarray]:
+    """Rows through the engine that serves `name`: encode(version) gives (token ids, truncated)
+    per row with that version's codec. A version swapped out between encoding and arrival (410) is
+    encoded again with the new one, once. Returns the version, the encoded rows and the outputs."""
+    timeout = request.app.state.settings.request_timeout_s
+    client = request.app.state.engines
+    for attempt in range(2):
+        link, served_version = served(request, name, version, task)
+        rid, encoded = client.next_id(), encode(served_version)
+        message = Infer(rid, name, served_version.number, [ids for ids, _ in encoded], client.deadline(timeout))
+        reply = await reply_of(request, link, client.request(link, message, timeout), rid)
+        if isinstance(reply, Result):
+            return served_version, encoded, np.frombuffer(reply.data, np.float32).reshape(reply.shape)
+        if reply.status != 410 or attempt:
+            raise refusal(reply)
+
+
+def json_response(body) -> Response:
+    return Response(json_encode(body), media_type="application/json")
 
 
 @contextmanager

@@ -39,8 +39,8 @@ LIVE_SESSIONS = Gauge("rnnserve_live_sessions", "Sequence sessions alive", ["mod
 
 class CountRequests:
     """ASGI middleware: counts and times every inference request by model, endpoint and status,
-    when its response has ended. A streamed generation is endpoint "generate_stream" (the route
-    marks it in the scope) and is timed to its last event."""
+    when its response has ended, and keeps the in-flight gauge. A streamed generation is endpoint
+    "generate_stream" (the route marks it in the scope) and is timed to its last event."""
 
     def __init__(self, app):
         self.app = app
@@ -50,6 +50,11 @@ class CountRequests:
         if found is None:
             return await self.app(scope, receive, send)
         started, status = time.perf_counter(), 500
+        endpoint, name = found
+        client = getattr(scope["app"].state, "engines", None)
+        model = name if client and client.deployed(name) else NOT_DEPLOYED
+        in_flight = IN_FLIGHT.labels(model)
+        in_flight.inc()
 
         async def send_status(message):
             nonlocal status
@@ -60,9 +65,7 @@ class CountRequests:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            endpoint, name = found
+            in_flight.dec()
             endpoint = scope.get("rnnserve.endpoint", endpoint)
-            repository = getattr(scope["app"].state, "repository", None)
-            model = name if repository and name in repository.deployed else NOT_DEPLOYED
             REQUESTS.labels(model, endpoint, str(status)).inc()
             REQUEST_LATENCY.labels(model, endpoint).observe(time.perf_counter() - started)

@@ -1,6 +1,6 @@
 """Request ids: every request gets one (the client's X-Request-ID if it is sane, else a new one),
-answers it in the X-Request-ID header and in error bodies, and every log line carries it."""
-import logging
+answers it in the X-Request-ID header and in error bodies, and every log line carries it
+(serving/logs.py)."""
 import re
 import uuid
 from contextvars import ContextVar
@@ -28,11 +28,3 @@ class RequestIds:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-class RequestIdFilter(logging.Filter):
-    """Adds record.request_id (the current request's, or "-") so LOG_FORMAT can print it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = REQUEST_ID.get()
-        return True

@@ -15,8 +15,11 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
-    workers: int = Field(0, ge=0, description="server processes sharing the port; 0: one per CPU core on a CPU host, "
-                                              "one with a GPU")
+    workers: int = Field(0, ge=0, description="HTTP front-end processes sharing the port; 0: one per CPU core, "
+                                              "less one per engine (at least one)")
+    engines: int = Field(0, ge=0, description="inference engine processes, each owning the sessions on its device; "
+                                              "0: one per CUDA device, else one")
+    engine_addresses: list[str] = Field([], description="the engines' ZeroMQ addresses (python -m serving sets them)")
     repository: Path = Field(Path("model_repository"), description="every model folder in it is loaded at start-up")
     model_versions: dict[str, int] = Field({}, description='pinned versions, e.g. {"imdb-gru": 1}; otherwise the latest')
 
@@ -30,16 +33,18 @@ class Settings(BaseSettings):
                                                          "(health, /v2 and /metrics stay open)")
     repository_poll_s: float = Field(0.0, ge=0, description="look for new model versions this often and deploy them; "
                                                             "0: only on a load call")
-    control_dir: Path | None = Field(None, description="where several workers share load/unload calls "
-                                                       "(python -m serving makes one)")
-    control_sync_s: float = Field(1.0, gt=0, description="how often each worker follows the others' load/unload "
-                                                         "calls, expires idle sessions and checks the poll")
+    control_sync_s: float = Field(1.0, gt=0, description="how often each engine expires idle sessions, checks the "
+                                                         "poll and releases retired versions")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM (and when a swapped-out version drains), how "
                                                             "long accepted requests may take")
 
     # ONNX Runtime
     providers: list[str] = Field(["CUDAExecutionProvider", "CPUExecutionProvider"],
                                  description="the first available one is used, and shown in /v1/models")
+    provider_options: dict[str, dict[str, str]] = Field(
+        {"CUDAExecutionProvider": {"use_tf32": "0"}},
+        description="options per execution provider; use_tf32 0 keeps CUDA rows exact to 1e-5 (a model's "
+                    "config.json may opt in)")
     intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads per model (on 2 cores one thread "
                                                        "leaves the other to the event loop)")
     spin_wait: bool = Field(False, description="spinning intra-op threads (they compete with the event loop)")

@@ -1,4 +1,8 @@
-"""A real uvicorn server on 127.0.0.1 over a repository of tiny exported models."""
+"""A real server on 127.0.0.1 over a repository of tiny exported models: an engine in a thread
+and a uvicorn front-end in another, talking over a ZeroMQ ipc socket as the processes of
+python -m serving do (tests that need the processes themselves start python -m serving)."""
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -13,6 +17,7 @@ from core.repository import read_version
 from export.repository import export_run
 from loadtest.servers import free_port
 from serving.app import create_app
+from serving.engine.engine import Engine
 from serving.settings import Settings
 from tests.test_export import make_run
 
@@ -34,25 +39,39 @@ def alone(repository: Path, text: str, name: str = "clf", version: int = 1) -> n
 
 
 class Server:
-    """uvicorn in a thread; .url, .app (to look inside), and stop()."""
+    """.url, .engine and .app to look inside, and stop()."""
 
     def __init__(self, repository: Path, **settings):
-        self.app = create_app(Settings(repository=repository, **settings))
+        self.runtime = tempfile.mkdtemp(prefix="rnnserve-test-")
+        address = f"ipc://{self.runtime}/engine-0"
+        self.settings = Settings(repository=repository, engine_addresses=[address], **settings)
+        self.engine = Engine(self.settings, address)
+        self.engine_thread = threading.Thread(target=self.engine.run, name="engine", daemon=True)
+        self.engine_thread.start()
+        self.app = create_app(self.settings)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
-        while time.time() < deadline:
+        while time.time() < deadline and self.engine_thread.is_alive():
             try:
                 if httpx.get(self.url + "/v2/health/ready").status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
+        self.stop()
         raise RuntimeError("server did not become ready")
+
+    def deployment(self, name: str):
+        """The engine's deployment now serving `name`."""
+        return self.engine.deployments.current[name]
 
     def stop(self):
         self.server.should_exit = True
         self.thread.join(10)
+        self.engine.stop()
+        self.engine_thread.join(10)
+        shutil.rmtree(self.runtime, ignore_errors=True)

@@ -147,17 +147,29 @@ def test_a_tiny_temperature_is_greedy_not_a_crash(server):
 
 
 def test_an_error_while_streaming_ends_the_stream_with_an_error_event(folder):
-    """The headers are already sent: the error and the request id go in the stream (the fuzzer
-    found streams that were cut without a word)."""
+    """Once the first token is sent, so are the headers: a later error and the request id go in
+    the stream (the fuzzer found streams that were cut without a word). An error before the first
+    token is still a status: 500, with the request id."""
     s = Server(folder / "repo")
-    stepper = s.app.state.repository.deployed["lm"].stepper
-    stepper.run_rows = lambda steps: 1 / 0
+    runner = s.deployment("lm").runner
+    advance, calls, good = runner.advance, [], [2]  # the first `good` steps of a generation run
+
+    def failing(rows, state):
+        calls.append(1)
+        return advance(rows, state) if len(calls) <= good[0] else 1 / 0
+
+    runner.advance = failing
     try:
         r = httpx.post(f"{s.url}/v1/models/lm:generate", json={"prompt": "the", "stream": True},
                        headers={"X-Request-ID": "stream-1"})
         events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
-        assert r.status_code == 200 and events[-1]["request_id"] == "stream-1"
-        assert "ZeroDivisionError" in events[-1]["error"]
+        assert r.status_code == 200 and [e.get("token") is not None for e in events] == [True, True, False], r.text
+        assert events[-1]["request_id"] == "stream-1" and "ZeroDivisionError" in events[-1]["error"]
+        calls.clear()
+        good[0] = 0
+        r = httpx.post(f"{s.url}/v1/models/lm:generate", json={"prompt": "the", "stream": True},
+                       headers={"X-Request-ID": "first-1"})
+        assert r.status_code == 500 and r.json()["request_id"] == "first-1" and "ZeroDivisionError" in r.json()["error"]
     finally:
         s.stop()
 
@@ -171,9 +183,9 @@ def test_unknown_session_is_404_and_unknown_characters_are_reported(server):
 
 def test_generation_cap_answers_503(folder):
     s = Server(folder / "repo", max_generations=1)
-    stepper = s.app.state.repository.deployed["lm"].stepper
-    advance = stepper.run_rows
-    stepper.run_rows = lambda steps: (time.sleep(0.02), advance(steps))[1]
+    runner = s.deployment("lm").runner
+    advance = runner.advance
+    runner.advance = lambda rows, state: (time.sleep(0.02), advance(rows, state))[1]
     try:
         async def fire():
             async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
@@ -190,9 +202,9 @@ def test_generation_cap_answers_503(folder):
 
 def test_a_client_that_disconnects_ends_its_generation(folder):
     s = Server(folder / "repo")
-    stepper = s.app.state.repository.deployed["lm"].stepper
-    advance = stepper.run_rows
-    stepper.run_rows = lambda steps: (time.sleep(0.005), advance(steps))[1]
+    runner = s.deployment("lm").runner
+    advance = runner.advance
+    runner.advance = lambda rows, state: (time.sleep(0.005), advance(rows, state))[1]
 
     def tokens_so_far() -> float:  # the registry is the process's, shared with other tests' servers
         return float(re.search(r'rnnserve_tokens_generated_total\{model="lm"\} (\S+)',
@@ -206,7 +218,7 @@ def test_a_client_that_disconnects_ends_its_generation(folder):
                 if i > 10:
                     break
         time.sleep(0.3)
-        assert s.app.state.repository.deployed["lm"].generations == 0
+        assert s.deployment("lm").lm.streams == {}
         assert tokens_so_far() - before < 200  # it stopped long before its 1000 tokens
     finally:
         s.stop()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,7 +19,6 @@ import pytest
 
 from loadtest.servers import free_port
 from serving.app import create_app
-from serving.batcher import Batcher, Stopped
 from serving.settings import Settings
 from tests.serving_fixtures import Server, tiny_repository
 from tests.test_model_control import wait_ready
@@ -30,10 +30,10 @@ def repository(tmp_path_factory):
 
 
 def test_every_worker_serves_what_the_last_control_calls_asked_for(tmp_path):
-    """2 workers, models g and h with two versions each: eight rounds of "load g version X, then
-    load h version X", each call on a new connection (so on either worker), faster than the
-    workers sync. Within the sync period and a margin, every answer comes from the versions the
-    last calls asked for."""
+    """2 front-ends and 2 engines, models g and h with two versions each: eight rounds of "load g
+    version X, then load h version X", each call on a new connection (so on either front-end).
+    Then every answer comes from the versions the last calls asked for. (With per-worker sessions
+    and a control file, 25 of 80 answers once came from g's previous version.)"""
     from export.repository import export_run
     from tests.test_export import make_run
     repository = tmp_path / "repo"
@@ -42,9 +42,10 @@ def test_every_worker_serves_what_the_last_control_calls_asked_for(tmp_path):
             export_run(make_run(tmp_path / "runs" / f"{name}{seed}", "classifier", "gru", seed=seed), repository,
                        name=name, cases=2)
     port = free_port()
-    env = {**os.environ, "RNNSERVE_CONTROL": "open", "RNNSERVE_CONTROL_SYNC_S": "1"}  # calls come faster
+    env = {**os.environ, "RNNSERVE_CONTROL": "open"}
     server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host",
-                               "127.0.0.1", "--port", str(port), "--workers", "2"], env=env, stderr=subprocess.DEVNULL)
+                               "127.0.0.1", "--port", str(port), "--workers", "2", "--engines", "2"], env=env,
+                              stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url)
@@ -54,7 +55,7 @@ def test_every_worker_serves_what_the_last_control_calls_asked_for(tmp_path):
             for name in ("g", "h"):
                 r = httpx.post(f"{url}/v2/repository/models/{name}/load", json={"parameters": {"version": str(version)}})
                 assert r.status_code == 200, r.text
-        time.sleep(1 + 1)
+        time.sleep(0.5)  # the catalog's broadcast to the other front-end
 
         def served(name: str) -> list[str]:  # a new connection each time: the kernel spreads them
             return [httpx.get(f"{url}/v2/models/{name}", headers={"Connection": "close"}).json()["versions"][0]
@@ -67,55 +68,83 @@ def test_every_worker_serves_what_the_last_control_calls_asked_for(tmp_path):
         server.wait(30)
 
 
-def test_stopping_a_batcher_answers_the_batch_it_is_running():
-    """Three requests in a batch that is inside run_rows when the batcher stops: each gets Stopped
-    at once, not a wait for the request deadline."""
-    inside, release = threading.Event(), threading.Event()
+def test_an_engine_that_dies_answers_its_requests_at_once_and_is_restarted(repository, tmp_path):
+    """Ten requests wait in the engine (its batch waits 5 s for company) when it is killed: each
+    gets 503 at once, not a wait for its deadline; the engine is restarted and serves again."""
+    port = free_port()
+    env = {**os.environ, "RNNSERVE_MAX_QUEUE_DELAY_MS": "5000", "RNNSERVE_REQUEST_TIMEOUT_S": "20"}
+    log = open(tmp_path / "server.log", "w+")
+    server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host",
+                               "127.0.0.1", "--port", str(port), "--workers", "1"], env=env, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+        engine = next(p for p in children(server.pid) if "serving.engine" in p[1])[0]
 
-    def run_rows(rows):
-        inside.set()
-        release.wait(10)
-        return [np.zeros(2, dtype=np.float32) for _ in rows]
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                waiting = [asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ["good"]}))
+                           for _ in range(10)]
+                await asyncio.sleep(1)
+                os.kill(engine, signal.SIGKILL)
+                killed = time.perf_counter()
+                responses = await asyncio.gather(*waiting)
+                return responses, time.perf_counter() - killed
 
-    async def scenario():
-        b = Batcher("t", run_rows, max_batch_size=8, max_batch_tokens=100, max_queue_delay_ms=20, max_queue_size=10)
-        b.start()
-        futures = [b.enqueue([[1, 2]]) for _ in range(3)]
-        await asyncio.to_thread(inside.wait, 5)
-        stopping = asyncio.create_task(b.stop())
-        started = time.perf_counter()
-        done, _ = await asyncio.wait(futures, timeout=1)
-        answered_s = time.perf_counter() - started
-        release.set()  # the ONNX Runtime call in flight ends; nobody reads it
-        await stopping
-        return futures, done, answered_s
+        responses, answered_s = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [503] * 10 and answered_s < 1, answered_s
+        assert all("retry" in r.json()["error"] and r.headers["retry-after"] == "1" for r in responses)
+        wait_ready(url)
+        assert httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ["good"]}, timeout=30).status_code == 200
+        log.seek(0)
+        assert "exited with -9: restarting it" in log.read()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
 
-    futures, done, answered_s = asyncio.run(scenario())
-    assert len(done) == 3 and answered_s < 0.5
-    assert all(isinstance(f.exception(), Stopped) for f in futures)
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of a process's children."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                found.append((int(stat.parent.name), (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except OSError:
+            pass
+    return found
 
 
 def test_generation_and_session_steps_keep_the_request_deadline(repository):
-    """The step batcher waits 5 s for company; the deadline is 0.5 s: the generation (streamed or
-    not) and the session step are told so in time, and nothing stays held."""
-    s = Server(repository, max_queue_delay_ms=5000, request_timeout_s=0.5)
+    """Each step of the language model takes 2 s; the deadline is 0.5 s: the generation (streamed
+    or not) and the session step are told so in time, and the engine drops them."""
+    s = Server(repository, request_timeout_s=0.5)
+    runner = s.deployment("lm").runner
+    advance = runner.advance
+    runner.advance = lambda rows, state: (time.sleep(2), advance(rows, state))[1]
     try:
-        started = time.perf_counter()
-        r = httpx.post(f"{s.url}/v1/models/lm:generate", json={"prompt": "the", "max_new_tokens": 3}, timeout=10)
-        assert r.status_code == 504 and "deadline" in r.json()["error"], r.text
-        assert time.perf_counter() - started < 2
-        r = httpx.post(f"{s.url}/v1/models/lm:generate", json={"prompt": "the", "max_new_tokens": 3, "stream": True},
-                       timeout=10)
-        assert r.status_code == 200 and '"error"' in r.text and "deadline" in r.text, r.text
+        for stream in (False, True):
+            started = time.perf_counter()
+            r = httpx.post(f"{s.url}/v1/models/lm:generate", json={"prompt": "the", "max_new_tokens": 3, "stream": stream},
+                           timeout=10)
+            assert r.status_code == 504 and "deadline" in r.json()["error"], r.text
+            assert time.perf_counter() - started < 1.5
+        runner.advance = advance
+        lm = s.deployment("lm").lm
+        deadline = time.time() + 10
+        while lm.streams and time.time() < deadline:  # the engine dropped both generations
+            time.sleep(0.05)
+        assert lm.streams == {}
+        time.sleep(2)  # out of the slow step it was in
         sid = httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"]
+        runner.advance = lambda rows, state: (time.sleep(2), advance(rows, state))[1]
         started = time.perf_counter()
         r = httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "the"}, timeout=10)
-        assert r.status_code == 504 and time.perf_counter() - started < 2, r.text
-        deployment = s.app.state.repository.deployed["lm"]
-        deadline = time.time() + 2
-        while (deployment.holders or deployment.generations) and time.time() < deadline:
+        assert r.status_code == 504 and time.perf_counter() - started < 1.5, r.text
+        deadline = time.time() + 10
+        while any(x.steps for x in lm.sessions.values()) and time.time() < deadline:
             time.sleep(0.05)
-        assert (deployment.holders, deployment.generations) == (0, 0)
+        assert not any(x.steps for x in lm.sessions.values())
     finally:
         s.stop()
 
@@ -129,13 +158,23 @@ def raw_post(url: str, path: str, body: bytes) -> socket.socket:
 
 
 def test_a_session_step_whose_client_left_is_dropped_before_it_runs(repository):
-    s = Server(repository, max_queue_delay_ms=1000)
+    """While the engine is busy with another session's step, a client sends its step and leaves:
+    its step never runs, so its session has read only what came after."""
+    s = Server(repository)
+    runner = s.deployment("lm").runner
+    advance = runner.advance
     try:
-        sid = httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"]
+        busy, sid = (httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"] for _ in range(2))
+        runner.advance = lambda rows, state: (time.sleep(1), advance(rows, state))[1]
+        other = threading.Thread(target=httpx.post, args=(f"{s.url}/v1/models/lm/sessions/{busy}:step",),
+                                 kwargs={"json": {"text": "a"}, "timeout": 10})
+        other.start()
+        time.sleep(0.2)  # the engine is inside the slow step now
         sock = raw_post(s.url, f"/v1/models/lm/sessions/{sid}:step", b'{"text": "the time"}')
-        time.sleep(0.3)  # queued, waiting for company
+        time.sleep(0.3)
         sock.close()
-        time.sleep(1.5)  # the batch has run by now, without it
+        other.join()
+        runner.advance = advance
         r = httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "a"}, timeout=10)
         assert r.status_code == 200 and r.json()["total_tokens"] == 1, r.text
     finally:
@@ -144,18 +183,24 @@ def test_a_session_step_whose_client_left_is_dropped_before_it_runs(repository):
 
 def test_a_stream_whose_client_left_before_it_started_releases_its_hold(repository):
     """The app called directly, as an ASGI 2.4 server calls it, with a client that is gone by the
-    time the response would start (send raises OSError): the stream never runs, and its hold is
-    still released."""
-    body = b'{"prompt": "the", "max_new_tokens": 50, "stream": true}'
+    time the response would start (send raises OSError): the stream never runs, and the engine's
+    generation is still ended (it would otherwise run to max_new_tokens)."""
+    body = b'{"prompt": "the", "max_new_tokens": 1000, "stream": true}'
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/models/lm:generate", "raw_path": b"/v1/models/lm:generate",
              "query_string": b"", "root_path": "", "client": ("127.0.0.1", 9), "server": ("127.0.0.1", 80),
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
 
+    s = Server(repository)  # its engine; a front-end of our own below
+    runner = s.deployment("lm").runner
+    advance = runner.advance
+    runner.advance = lambda rows, state: (time.sleep(0.005), advance(rows, state))[1]
+
     async def scenario():
-        app = create_app(Settings(repository=repository, shutdown_grace_s=1))  # a leaked hold: 1 s to exit
+        app = create_app(s.settings)
         async with app.router.lifespan_context(app):
-            deployment = app.state.repository.deployed["lm"]
+            while not app.state.engines.ready:
+                await asyncio.sleep(0.01)
             messages = [{"type": "http.request", "body": body, "more_body": False}]
             sent = []
 
@@ -171,30 +216,39 @@ def test_a_stream_whose_client_left_before_it_started_releases_its_hold(reposito
                 await app(scope, receive, send)
             except Exception:  # the disconnect, as the server would see it
                 pass
-            return deployment.holders, deployment.generations, sent
+            await asyncio.sleep(0.3)  # the cancel reaches the engine
+            return len(s.deployment("lm").lm.streams), sent
 
     result = {}  # in a thread: the lifespan installs a SIGTERM handler only on the main thread
     thread = threading.Thread(target=lambda: result.update(answer=asyncio.run(scenario())))
     thread.start()
     thread.join(30)
-    holders, generations, sent = result["answer"]
+    s.stop()
+    streams, sent = result["answer"]
     assert sent == ["http.response.start"]  # the stream never ran
-    assert (holders, generations) == (0, 0)
+    assert streams == 0
 
 
-def test_a_failing_retire_is_logged_and_never_hangs_shutdown(repository, caplog, monkeypatch):
-    from serving.deployment import Deployment
+def test_a_failing_release_is_logged_and_never_stops_the_engine(repository, caplog, monkeypatch):
+    from serving.engine.deployments import Deployment
 
-    async def broken(self, grace_s):
-        raise RuntimeError("retire broke")
+    def broken(self):
+        raise RuntimeError("release broke")
 
     s = Server(repository, control="open")
-    monkeypatch.setattr(Deployment, "retire", broken)
-    started = time.perf_counter()
-    assert httpx.post(f"{s.url}/v2/repository/models/clf/load").status_code == 200  # retires the old one
-    s.stop()
-    assert time.perf_counter() - started < 5 and not s.thread.is_alive()
-    assert any("retiring clf v1 failed" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(Deployment, "release", broken)
+    try:
+        assert httpx.post(f"{s.url}/v2/repository/models/clf/load").status_code == 200  # retires the old one
+        deadline = time.time() + 5
+        while s.engine.deployments.retiring and time.time() < deadline:
+            time.sleep(0.05)
+        assert s.engine.deployments.retiring == [] and s.engine_thread.is_alive()
+        assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]}).status_code == 200
+        assert any("releasing clf v1 failed" in r.getMessage() for r in caplog.records)
+    finally:
+        started = time.perf_counter()
+        s.stop()
+        assert time.perf_counter() - started < 5 and not s.engine_thread.is_alive()
 
 
 def test_the_server_removes_the_folders_it_created_when_it_exits(repository, tmp_path):
@@ -208,7 +262,7 @@ def test_the_server_removes_the_folders_it_created_when_it_exits(repository, tmp
     ours = lambda: sorted(p.name.rsplit("-", 1)[0] for p in scratch.glob("rnnserve-*"))  # (ONNX Runtime writes .ses)
     try:
         wait_ready(f"http://127.0.0.1:{port}")
-        assert ours() == ["rnnserve-control", "rnnserve-metrics"]  # while it runs
+        assert ours() == ["rnnserve"]  # the engines' sockets and the metrics files, while it runs
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
@@ -221,7 +275,7 @@ def test_model_control_is_closed_unless_a_token_or_open_is_set(repository):
         for path in ("/v2/repository/index", "/v2/repository/models/clf/load", "/v2/repository/models/clf/unload"):
             r = httpx.post(s.url + path)
             assert r.status_code == 403 and "RNNSERVE_CONTROL_TOKEN" in r.json()["error"], r.text
-        assert "clf" in s.app.state.repository.deployed
+        assert "clf" in s.engine.deployments.current
     finally:
         s.stop()
     s = Server(repository, control="open")
@@ -247,9 +301,9 @@ def test_metrics_count_every_answer_once(repository):
     """Good, bad, unknown-model, shed and streamed requests: each counted once, under its status."""
     s = Server(repository, max_queue_size=1, max_batch_size=1, session_idle_s=0.2)
     try:
-        batcher = s.app.state.repository.deployed["clf"].batcher
-        run_rows = batcher.run_rows
-        batcher.run_rows = lambda rows: time.sleep(0.3) or run_rows(rows)  # a slow model: the queue fills
+        runner = s.deployment("clf").runner
+        run_rows = runner.run_rows
+        runner.run_rows = lambda rows: time.sleep(0.3) or run_rows(rows)  # a slow model: the queue fills
         before = counts(s)
         post = lambda path, body: httpx.post(s.url + path, json=body, timeout=30)
         assert post("/v1/models/clf:predict", {"instances": ["good film"]}).status_code == 200

@@ -107,10 +107,17 @@ def test_swaps_under_load_lose_nothing_and_each_answer_comes_from_one_version(tw
         came_from = [[v for v in (1, 2) if np.abs(a - expected[v]).max() < 1e-5] for a in answers]
         assert all(len(c) == 1 for c in came_from)  # every answer is wholly one version's
         assert {c[0] for c in came_from} == {1, 2} and len(answers) > 50
-        time.sleep(0.5)
-        assert [d.model.version for d in s.app.state.repository.retiring] == []  # old versions released
+        assert released(s)  # old versions released
     finally:
         s.stop()
+
+
+def released(server, timeout_s: float = 5) -> bool:
+    """Every retired version released: after its quiet second, at the next housekeeping."""
+    deadline = time.time() + timeout_s
+    while server.engine.deployments.retiring and time.time() < deadline:
+        time.sleep(0.05)
+    return server.engine.deployments.retiring == []
 
 
 def spoil(version_folder, how: str):
@@ -160,7 +167,7 @@ def test_model_names_cannot_leave_the_repository(two_versions, name):
     try:
         r = httpx.post(f"{s.url}/v2/repository/models/{name}/load")
         assert r.status_code == 404 and r.json()["error"], (r.status_code, r.text)
-        assert set(s.app.state.repository.deployed) == {"clf", "lm"}
+        assert set(s.engine.deployments.current) == {"clf", "lm"}
         assert httpx.post(f"{s.url}/v2/repository/models/clf/load",
                           json={"parameters": {"version": "../1"}}).status_code == 400
     finally:
@@ -207,13 +214,14 @@ def test_polling_deploys_a_new_version_when_it_appears(two_versions, tmp_path):
         s.stop()
 
 
-def test_every_worker_follows_a_load_call(two_versions, tmp_path):
-    """python -m serving --workers 2: the call reaches one process; both serve version 1 after it."""
+def test_every_front_end_and_engine_follows_a_load_call(two_versions, tmp_path):
+    """python -m serving --workers 2 --engines 2: the call reaches one front-end; both engines
+    swap, and every front-end serves version 1 after it."""
     port = free_port()
-    env = {**os.environ, "RNNSERVE_CONTROL_SYNC_S": "0.2", "RNNSERVE_CONTROL": "open"}
+    env = {**os.environ, "RNNSERVE_CONTROL": "open"}
     log = open(tmp_path / "server.log", "w+")
     server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(two_versions), "--host",
-                               "127.0.0.1", "--port", str(port), "--workers", "2"], env=env, stderr=log)
+                               "127.0.0.1", "--port", str(port), "--workers", "2", "--engines", "2"], env=env, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url)
@@ -224,11 +232,10 @@ def test_every_worker_follows_a_load_call(two_versions, tmp_path):
 
         assert versions_seen() == {"2"}
         assert httpx.post(f"{url}/v2/repository/models/clf/load", json={"parameters": {"version": "1"}}).status_code == 200
-        time.sleep(1.0)
-        assert versions_seen() == {"1"}
+        assert versions_seen() == {"1"}  # at once: every engine answered the call before it returned
         log.seek(0)
         swapped = [line.split()[3] for line in log if "serving clf version 1 (was 2)" in line]
-        assert len(set(swapped)) == 2, swapped  # two processes (pids) each swapped
+        assert len(set(swapped)) == 2, swapped  # two engines (pids) each swapped
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
@@ -276,7 +283,7 @@ def test_a_model_folder_cannot_make_the_server_run_code(two_versions, tmp_path):
         r = httpx.post(f"{s.url}/v2/repository/models/evil/load")
         assert r.status_code == 400 and "ONNX Runtime cannot load" in r.json()["error"], r.text
         assert not marker.exists()
-        assert "evil" not in s.app.state.repository.deployed
+        assert "evil" not in s.engine.deployments.current
     finally:
         s.stop()
 
@@ -314,12 +321,14 @@ def test_a_swapped_out_version_is_released(two_versions):
     try:
         gone = []
         for version in (1, 2, 1):
-            gone.append(weakref.ref(s.app.state.repository.deployed["clf"].model))
+            gone.append(weakref.ref(s.deployment("clf").runner))
             httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": TEXTS})
             assert httpx.post(f"{s.url}/v2/repository/models/clf/load",
                               json={"parameters": {"version": str(version)}}).status_code == 200
-        time.sleep(0.5)
-        gc.collect()
+        deadline = time.time() + 5  # each after its quiet second, at the next housekeeping
+        while any(ref() is not None for ref in gone) and time.time() < deadline:
+            gc.collect()
+            time.sleep(0.05)
         assert [ref() is None for ref in gone] == [True, True, True]
     finally:
         s.stop()

@@ -11,8 +11,9 @@ import onnxruntime as ort
 import pytest
 
 from core.tokenize import Tokenizer
-from serving.batcher import Batcher, plan_calls
-from serving.model import ModelLoadError, ServedModel
+from core.repository import ServingConfig
+from serving.engine.batching import plan_calls
+from serving.engine.runner import ModelLoadError, Runner
 from serving.settings import Settings
 from tests.serving_fixtures import Server, alone, tiny_repository
 
@@ -170,9 +171,9 @@ def test_metrics_are_prometheus_text(server):
 
 def test_overload_gets_503_at_once_and_the_server_recovers(repository):
     s = Server(repository, max_queue_size=2, max_batch_size=1)
-    batcher = s.app.state.repository.deployed["clf"].batcher
-    run_rows = batcher.run_rows
-    batcher.run_rows = lambda rows: (time.sleep(0.05), run_rows(rows))[1]  # a slow model
+    runner = s.deployment("clf").runner
+    run_rows = runner.run_rows
+    runner.run_rows = lambda rows: (time.sleep(0.05), run_rows(rows))[1]  # a slow model
     try:
         async def fire():
             async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
@@ -185,27 +186,42 @@ def test_overload_gets_503_at_once_and_the_server_recovers(repository):
         rejected = [r for r in responses if r.status_code == 503]
         assert all(r.headers["retry-after"] == "1" and "retry" in r.json()["error"] for r in rejected)
         assert time.perf_counter() - started < 40 * 0.05  # rejected at once, not after waiting their turn
-        batcher.run_rows = run_rows
+        runner.run_rows = run_rows
         assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]}).status_code == 200
     finally:
         s.stop()
 
 
-def test_a_failing_batch_fails_only_its_requests():
-    async def scenario():
-        def run_rows(rows):
-            if any(13 in row for row in rows):
-                raise RuntimeError("poisoned row")
-            return [np.zeros(2, dtype=np.float32) + len(row) for row in rows]
-        b = Batcher("t", run_rows, max_batch_size=8, max_batch_tokens=100, max_queue_delay_ms=20, max_queue_size=10)
-        b.start()
-        results = await asyncio.gather(b.submit([[1, 2]], 5), b.submit([[13]], 5), return_exceptions=True)
-        later = await b.submit([[4, 5, 6]], 5)
-        await b.stop()
-        return results, later
-    (first, second), later = asyncio.run(scenario())
-    assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError)  # one batch, both failed
-    assert later[0].tolist() == [3.0, 3.0]  # and the batcher went on
+def v2_rows(*rows) -> dict:
+    seq = max(map(len, rows))
+    return {"inputs": [{"name": "input_ids", "shape": [len(rows), seq], "datatype": "INT64",
+                        "data": [r + [0] * (seq - len(r)) for r in rows]},
+                       {"name": "lengths", "shape": [len(rows)], "datatype": "INT64", "data": list(map(len, rows))}]}
+
+
+def test_a_failing_batch_fails_only_its_requests(repository):
+    s = Server(repository, max_queue_delay_ms=100)
+    runner = s.deployment("clf").runner
+    run_rows = runner.run_rows
+
+    def poisoned(rows):
+        if any(9 in row for row in rows):
+            raise RuntimeError("poisoned row")
+        return run_rows(rows)
+
+    runner.run_rows = poisoned
+    try:
+        async def scenario():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+                return await asyncio.gather(client.post("/v2/models/clf/infer", json=v2_rows([2, 3])),
+                                            client.post("/v2/models/clf/infer", json=v2_rows([9])))
+        first, second = asyncio.run(scenario())
+        assert first.status_code == second.status_code == 500, (first.text, second.text)  # one batch, both failed
+        assert "poisoned row" in second.json()["error"]
+        later = httpx.post(f"{s.url}/v2/models/clf/infer", json=v2_rows([4, 5, 6]))
+        assert later.status_code == 200  # and the engine went on
+    finally:
+        s.stop()
 
 
 def test_batch_plan_sorts_by_length_and_respects_both_caps():
@@ -223,7 +239,7 @@ def test_a_model_that_does_not_match_its_checksum_is_refused(repository, tmp_pat
     with open(tmp_path / "clf" / "1" / "model.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(ModelLoadError, match="sha256"):
-        ServedModel.load(tmp_path / "clf", None, Settings())
+        Runner.load(tmp_path / "clf" / "1", Settings(), ServingConfig())
 
 
 def test_the_serving_process_imports_no_pytorch():
@@ -233,15 +249,15 @@ def test_the_serving_process_imports_no_pytorch():
 
 def test_a_request_whose_client_went_away_is_dropped_before_it_runs(repository):
     s = Server(repository, max_batch_size=1, max_queue_delay_ms=0)
-    batcher = s.app.state.repository.deployed["clf"].batcher
-    run_rows, seen = batcher.run_rows, []
+    runner = s.deployment("clf").runner
+    run_rows, seen = runner.run_rows, []
 
     def slow(rows):
         seen.extend(map(len, rows))
         time.sleep(0.3)
         return run_rows(rows)
 
-    batcher.run_rows = slow
+    runner.run_rows = slow
     try:
         async def scenario():
             async with httpx.AsyncClient(base_url=s.url) as client:

@@ -1,13 +1,13 @@
 """Open Inference Protocol (KServe V2) REST: health, server and model metadata, readiness, infer.
 
 V2 infer takes tensors input_ids (INT64 [-1, -1], right-padded) and lengths (INT64 [-1]) and
-answers logits (FP32). Its rows go through the model's batcher with everyone else's.
+answers logits (FP32). Its rows go to the engine with everyone else's.
 """
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 
 from core.repository import Tensor
-from serving.inference import answered, deployed, infer
+from serving.inference import answered, infer, json_response, served
 from serving.schemas import InferRequest, InferResponse, ModelMetadata, ServerMetadata
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -22,8 +22,8 @@ async def live() -> dict:
 
 @router.get("/health/ready")
 async def ready(request: Request):
-    """Every model is loaded and warmed up (503 until then)."""
-    if not request.app.state.ready:
+    """Every engine has loaded and warmed up its models (503 until then, and while draining)."""
+    if not request.app.state.ready or not request.app.state.engines.ready:
         raise HTTPException(503, "not ready")
     return {"ready": True}
 
@@ -31,12 +31,20 @@ async def ready(request: Request):
 @router.get("", response_model=ServerMetadata)
 async def server_metadata() -> dict:
     """Server name, version and protocol extensions."""
-    return {"name": "rnnserve", "version": "0.1.0", "extensions": ["model_repository"]}
+    return {"name": "rnnserve", "version": "0.2.0", "extensions": ["model_repository"]}
 
 
 def tensor_metadata(tensor: Tensor) -> dict:
     return {"name": tensor.name, "datatype": DATATYPES[tensor.dtype],
             "shape": [d if isinstance(d, int) else -1 for d in tensor.shape]}
+
+
+def metadata(request: Request, name: str, version: str | None = None) -> dict:
+    _, served_version = served(request, name, version)
+    manifest = served_version.manifest
+    return {"name": name, "versions": [str(served_version.number)], "platform": "onnxruntime_onnx",
+            "inputs": [tensor_metadata(t) for t in manifest.inputs[:2]],
+            "outputs": [tensor_metadata(t) for t in manifest.outputs[:1]]}
 
 
 @router.get("/models/{name}", response_model=ModelMetadata)
@@ -51,25 +59,17 @@ async def model_version_metadata(name: str, version: str, request: Request) -> d
     return metadata(request, name, version)
 
 
-def metadata(request: Request, name: str, version: str | None = None) -> dict:
-    model = deployed(request, name, version).model
-    manifest = model.manifest
-    return {"name": name, "versions": [str(model.version)], "platform": "onnxruntime_onnx",
-            "inputs": [tensor_metadata(t) for t in manifest.inputs[:2]],
-            "outputs": [tensor_metadata(t) for t in manifest.outputs[:1]]}
-
-
 @router.get("/models/{name}/ready")
 async def model_ready(name: str, request: Request) -> dict:
     """200 when the model is loaded and ready."""
-    deployed(request, name)
+    served(request, name)
     return {"name": name, "ready": True}
 
 
 @router.get("/models/{name}/versions/{version}/ready")
 async def model_version_ready(name: str, version: str, request: Request) -> dict:
     """200 when this version is the one loaded and ready."""
-    deployed(request, name, version)
+    served(request, name, version)
     return {"name": name, "ready": True}
 
 
@@ -111,32 +111,25 @@ def rows_from(body: InferRequest, vocab_size: int, max_instances: int) -> list[l
 
 
 @router.post("/models/{name}/infer", response_model=InferResponse, response_model_exclude_none=True)
-async def model_infer(name: str, body: InferRequest, request: Request) -> dict:
+async def model_infer(name: str, body: InferRequest, request: Request):
     """Logits for right-padded token ids, batched with other requests."""
     return await infer_tensors(request, name, body)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse, response_model_exclude_none=True)
-async def model_version_infer(name: str, version: str, body: InferRequest, request: Request) -> dict:
+async def model_version_infer(name: str, version: str, body: InferRequest, request: Request):
     """Logits from this version (404 unless it is the version serving)."""
     return await infer_tensors(request, name, body, version)
 
 
-async def infer_tensors(request: Request, name: str, body: InferRequest, version: str | None = None) -> dict:
-    deployment = deployed(request, name, version)
-    model = deployment.model
-    with answered(name, "v2_infer"), deployment.hold():
+async def infer_tensors(request: Request, name: str, body: InferRequest, version: str | None = None):
+    with answered(name, "v2_infer"):
         if body.outputs and [o.name for o in body.outputs] != ["logits"]:
             raise HTTPException(400, f"unknown outputs {[o.name for o in body.outputs]}; this model gives logits")
-        rows = rows_from(body, model.vocab_size, request.app.state.settings.max_instances)
-        outputs = await infer(request, deployment.batcher, rows)
-        if model.task == "lm":  # (T_i, V) per row -> (B, T, V), zero past each row's length
-            padded = np.zeros((len(rows), max(map(len, rows)), outputs[0].shape[-1]), dtype=np.float32)
-            for i, out in enumerate(outputs):
-                padded[i, : len(out)] = out
-            logits = padded
-        else:
-            logits = np.stack(outputs)
-        return {"model_name": name, "model_version": str(model.version), "id": body.id,
-                "outputs": [{"name": "logits", "shape": list(logits.shape), "datatype": "FP32",
-                             "data": logits.ravel().tolist()}]}
+        limit = request.app.state.settings.max_instances
+        served_version, _, logits = await infer(
+            request, name, lambda v: [(row, False) for row in rows_from(body, len(v.codec.vocab), limit)], version)
+        answer = {"model_name": name, "model_version": str(served_version.number),
+                  "outputs": [{"name": "logits", "shape": list(logits.shape), "datatype": "FP32",
+                               "data": logits.ravel().tolist()}]}
+        return json_response(answer if body.id is None else answer | {"id": body.id})

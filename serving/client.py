@@ -1,0 +1,212 @@
+"""A front-end's side of the engines: one ZeroMQ DEALER socket per engine, requests sent in one
+frame per event-loop turn, replies matched to their futures, generation tokens to their streams.
+
+It knows what each engine serves (its catalog), how full each model's queue is there (for
+shedding), and reads each deployed version's codec and manifest from the repository, so that
+texts are encoded with the vocabulary of the version that will run them. When an engine dies,
+everything waiting on it is answered 503 at once (ZeroMQ reports the disconnection); when it is
+back, the front-end says hello again and is ready once it has the catalog.
+"""
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from core.repository import Version, read_version
+from serving.messages import (Cancel, Catalog, Deployed, Depths, Failed, Generate, Hello, Tokens, decode_replies,
+                              encode)
+
+log = logging.getLogger(__name__)
+
+
+class Stream:
+    """The tokens of one generation as the engine sends them, step by step."""
+
+    def __init__(self, rid: int):
+        self.id = rid
+        self.tokens: list[int] = []
+        self.last = False
+        self.failed: Failed | None = None
+        self.arrived = asyncio.Event()
+
+    def push(self, token: int, last: bool):
+        self.tokens.append(token)
+        self.last = last
+        self.arrived.set()
+
+    def fail(self, failed: Failed):
+        self.failed, self.last = failed, True
+        self.arrived.set()
+
+    async def next(self, timeout_s: float) -> list[int]:
+        """Every token that arrived since the last call (waiting at most timeout_s for one)."""
+        if not self.tokens and not self.last:
+            await asyncio.wait_for(self.arrived.wait(), timeout_s)
+        self.arrived.clear()
+        tokens, self.tokens = self.tokens, []
+        return tokens
+
+
+@dataclass(eq=False)
+class Link:
+    """One engine as this front-end sees it."""
+    index: int
+    address: str
+    socket: zmq.asyncio.Socket
+    catalog: dict[str, Deployed] | None = None  # None until the engine has said what it serves
+    queued: dict[str, int] = field(default_factory=dict)
+    waiting: dict[int, asyncio.Future] = field(default_factory=dict)
+    streams: dict[int, Stream] = field(default_factory=dict)
+    outbox: list = field(default_factory=list)
+
+
+class EngineClient:
+    def __init__(self, addresses: list[str], repository: Path):
+        self.context = zmq.asyncio.Context()
+        self.repository = Path(repository)
+        self.links = [Link(i, a, self.context.socket(zmq.DEALER)) for i, a in enumerate(addresses)]
+        self.ids = itertools.count(1)
+        self.versions: dict[tuple[str, int], Version] = {}
+        self.tasks: list[asyncio.Task] = []
+
+    async def start(self):
+        for link in self.links:
+            link.socket.setsockopt(zmq.LINGER, 0)
+            link.socket.setsockopt(zmq.SNDHWM, 0)
+            link.socket.setsockopt(zmq.RCVHWM, 0)
+            monitor = link.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            link.socket.connect(link.address)
+            self.tasks += [asyncio.create_task(self.read(link), name=f"engine-{link.index}-replies"),
+                           asyncio.create_task(self.watch(link, monitor), name=f"engine-{link.index}-watch")]
+
+    async def close(self):
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for link in self.links:
+            link.socket.disable_monitor()
+            link.socket.close()
+        self.context.term()
+
+    @property
+    def ready(self) -> bool:
+        return all(link.catalog is not None for link in self.links)
+
+    # --- what is served where ---
+
+    def deployed(self, name: str) -> list[tuple[Link, Deployed]]:
+        return [(link, link.catalog[name]) for link in self.links if link.catalog and name in link.catalog]
+
+    def pick(self, name: str) -> tuple[Link, Deployed] | None:
+        """The engine serving `name` with the least work waiting from this front-end."""
+        serving = self.deployed(name)
+        return min(serving, key=lambda ld: len(ld[0].waiting) + len(ld[0].streams)) if serving else None
+
+    def version(self, name: str, number: int) -> Version:
+        """A deployed version's codec and manifest, read once through the repository contract."""
+        key = (name, number)
+        if key not in self.versions:
+            self.versions[key] = read_version(self.repository / name / str(number))
+        return self.versions[key]
+
+    def full(self, name: str, limit: int) -> bool:
+        """Every engine serving `name` last said its queue is at `limit` or more."""
+        serving = self.deployed(name)
+        return bool(serving) and all(link.queued.get(name, 0) >= limit for link, _ in serving)
+
+    # --- requests ---
+
+    def next_id(self) -> int:
+        return next(self.ids)
+
+    def send(self, link: Link, message):
+        """Queue a message; everything queued in one turn of the event loop goes in one frame."""
+        if not link.outbox:
+            asyncio.get_running_loop().call_soon(self.flush, link)
+        link.outbox.append(message)
+
+    def flush(self, link: Link):
+        frame, link.outbox = encode(link.outbox), []
+        link.socket.send(frame, copy=False)
+
+    def request(self, link: Link, message, timeout_s: float) -> asyncio.Future:
+        """Send a message that has one reply (Result, Failed, Done, SessionOpened); the future gets
+        that reply, or Failed 504 after timeout_s (and the engine is told to drop the request)."""
+        loop = asyncio.get_running_loop()
+        future = link.waiting[message.id] = loop.create_future()
+        timer = loop.call_later(timeout_s, self.expire, link, message.id, timeout_s)
+        future.add_done_callback(lambda _: timer.cancel())
+        self.send(link, message)
+        return future
+
+    def expire(self, link: Link, rid: int, timeout_s: float):
+        future = link.waiting.pop(rid, None)
+        if future and not future.done():
+            future.set_result(Failed(rid, 504, f"no answer within the deadline of {timeout_s:g}s"))
+            self.send(link, Cancel([rid]))
+
+    def cancel(self, link: Link, rid: int, reply: Failed | None = None):
+        """The client left (or a stream ended early): answer the request with `reply`, forget it,
+        and tell the engine to drop it."""
+        future = link.waiting.pop(rid, None)
+        if future and not future.done():
+            future.set_result(reply)
+        if link.streams.pop(rid, None) is not None or future is not None:
+            self.send(link, Cancel([rid]))
+
+    def generate(self, link: Link, message: Generate) -> Stream:
+        stream = link.streams[message.id] = Stream(message.id)
+        self.send(link, message)
+        return stream
+
+    @staticmethod
+    def deadline(timeout_s: float) -> float:
+        return time.monotonic() + timeout_s
+
+    # --- replies and the engines' comings and goings ---
+
+    async def read(self, link: Link):
+        while True:
+            for reply in decode_replies(await link.socket.recv()):
+                if isinstance(reply, Tokens):
+                    for rid, token, last in zip(reply.ids, reply.tokens, reply.last):
+                        if stream := link.streams.get(rid):
+                            stream.push(token, last)
+                            if last:
+                                del link.streams[rid]
+                elif isinstance(reply, Depths):
+                    link.queued = reply.queued
+                elif isinstance(reply, Catalog):
+                    link.catalog = {d.name: d for d in reply.models}
+                elif (future := link.waiting.pop(reply.id, None)) is not None:
+                    if not future.done():
+                        future.set_result(reply)
+                elif isinstance(reply, Failed) and (stream := link.streams.pop(reply.id, None)):
+                    stream.fail(reply)
+
+    async def watch(self, link: Link, monitor: zmq.asyncio.Socket):
+        """Say hello on every (re)connection; on a lost engine, answer everything waiting on it."""
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_CONNECTED:
+                    self.send(link, Hello())
+                elif event == zmq.EVENT_DISCONNECTED:
+                    log.error("engine %d (%s) is gone: answering its %d requests and %d streams with 503",
+                              link.index, link.address, len(link.waiting), len(link.streams))
+                    link.catalog = None
+                    gone = Failed(0, 503, f"engine {link.index} stopped before answering; retry")
+                    for rid, future in link.waiting.items():
+                        if not future.done():
+                            future.set_result(Failed(rid, gone.status, gone.error))
+                    for stream in link.streams.values():
+                        stream.fail(gone)
+                    link.waiting, link.streams = {}, {}
+        finally:
+            monitor.close()

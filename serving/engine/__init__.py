@@ -1,0 +1,1 @@
+"""The inference engine: one process per device owning the ONNX Runtime sessions (engine.py)."""

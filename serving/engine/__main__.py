@@ -1,0 +1,31 @@
+"""One inference engine process (python -m serving starts them; see serving/engine/engine.py).
+
+    python -m serving.engine --address ipc:///tmp/rnnserve/engine-0 [--index 0] [--device 0]
+
+Settings come from the environment (RNNSERVE_*), as for the server. SIGTERM stops the loop
+after the step it is in.
+"""
+import argparse
+import logging
+import signal
+
+from serving.engine.engine import Engine
+from serving.logs import configure_logging
+from serving.settings import Settings
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m serving.engine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", required=True, help="ZeroMQ address to bind, e.g. ipc:///tmp/rnnserve/engine-0")
+    p.add_argument("--index", type=int, default=0, help="this engine's number among the server's")
+    p.add_argument("--device", type=int, default=0, help="the CUDA device it runs on (when CUDA is available)")
+    args = p.parse_args(argv)
+    configure_logging()
+    engine = Engine(Settings(), args.address, args.index, args.device)
+    signal.signal(signal.SIGTERM, lambda *_: engine.stop())
+    engine.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The inference engine: one per device, owning every ONNX Runtime session on it, every batcher
+queue and every generation, fed by the HTTP front-ends over a ZeroMQ ROUTER socket.
+
+    python -m serving.engine --address ipc:///tmp/rnnserve/engine-0 [--index 0] [--device 0]
+
+The loop, top to bottom: take what arrived (requests join their model's queue, cancels mark
+them, control verbs start loads), swap in versions that finished loading, run every batch that
+is due and one step of every language model with work, hand back the results (one frame per
+front-end), and now and then expire sessions, poll the repository and release retired versions.
+It sleeps only when nothing is due.
+"""
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+import zmq
+
+from core.repository import UnknownModel
+from serving import metrics
+from serving.engine.batching import Pending, plan_calls
+from serving.engine.deployments import Deployment, Deployments
+from serving.engine.runner import ModelLoadError
+from serving.messages import (Cancel, Catalog, CloseSession, Control, Deployed, Depths, Done, Failed, Generate, Hello,
+                              Infer, OpenSession, Result, SessionOpened, Step, decode_requests, encode)
+from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+IDLE_S = 0.05  # the longest the loop sleeps: housekeeping and stop() are never further away
+
+
+class Engine:
+    def __init__(self, settings: Settings, address: str, index: int = 0, device: int = 0):
+        self.settings, self.address, self.index = settings, address, index
+        self.deployments = Deployments(settings, device)
+        self.frontends: set[bytes] = set()
+        self.waiting: dict[tuple[bytes, int], Pending] = {}  # queued requests, for Cancel
+        self.loading: list[tuple[Future, bytes | None, int | None]] = []  # (load, who asked, their request id)
+        self.outbox: dict[bytes, list] = {}
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+        self.next_housekeeping = self.next_poll = 0.0
+        self.socket: zmq.Socket | None = None
+
+    def run(self):
+        """Load every model, bind, then serve until stop()."""
+        self.deployments.start()
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        if self.address.startswith("ipc://") and os.path.exists(self.address[6:]):
+            os.unlink(self.address[6:])  # a dead engine's socket file
+        self.socket.bind(self.address)
+        self.ready.set()
+        log.info("engine %d ready on %s: %s", self.index, self.address,
+                 ", ".join(f"{d.name} v{d.version} ({d.runner.provider})" for d in self.deployments.all()))
+        try:
+            while not self.stopping.is_set():
+                self.take(self.wait_s())
+                self.finish_loads()
+                now = time.monotonic()
+                for deployment in self.deployments.all():
+                    if deployment.queue.due_in(now) == 0:
+                        self.run_batch(deployment)
+                    if deployment.lm and deployment.lm.has_work():
+                        self.post_all(deployment.lm.step())
+                        deployment.last_used = time.monotonic()
+                self.housekeeping()
+                self.flush()
+        finally:
+            self.socket.close()
+            self.deployments.close()
+            log.info("engine %d stopped", self.index)
+
+    def stop(self):
+        self.stopping.set()
+
+    def wait_s(self) -> float:
+        """How long the next poll may sleep: 0 when work is due."""
+        now, wait = time.monotonic(), IDLE_S
+        for deployment in self.deployments.all():
+            if deployment.lm and deployment.lm.has_work():
+                return 0.0
+            due = deployment.queue.due_in(now)
+            if due is not None:
+                wait = min(wait, due)
+        return wait
+
+    # --- take what arrived ---
+
+    def take(self, timeout_s: float):
+        if not self.socket.poll(int(timeout_s * 1000) if timeout_s > 0 else 0):
+            return
+        while True:
+            try:
+                sender, frame = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            for message in decode_requests(frame):
+                try:
+                    self.handle(sender, message)
+                except Exception as e:  # a bug met by one message fails that message, not the engine
+                    log.exception("engine %d could not handle %s", self.index, type(message).__name__)
+                    self.post(sender, Failed(getattr(message, "id", 0), 500, f"{type(e).__name__}: {e}"))
+
+    def handle(self, sender: bytes, m):
+        if isinstance(m, Infer):
+            deployment, refused = self.route(m.id, m.model, m.version)
+            if refused:
+                return self.post(sender, refused)
+            if deployment.queue.full():
+                return self.post(sender, Failed(m.id, 503, f"model {m.model!r} has {len(deployment.queue)} "
+                                                           "requests waiting; retry shortly"))
+            request = Pending(sender, m.id, m.rows, m.deadline, time.monotonic())
+            deployment.queue.put(request)
+            self.waiting[sender, m.id] = request
+            metrics.QUEUE_DEPTH.labels(m.model).set(len(deployment.queue))
+        elif isinstance(m, Cancel):
+            for i in m.ids:
+                if request := self.waiting.pop((sender, i), None):
+                    request.cancelled = True
+            for deployment in self.deployments.all():
+                if deployment.lm:
+                    deployment.lm.cancel(sender, m.ids)
+        elif isinstance(m, Generate):
+            deployment, refused = self.route(m.id, m.model, m.version, lm=True)
+            self.post(sender, refused or deployment.lm.start(sender, m))
+        elif isinstance(m, Step):
+            deployment = self.session_owner(m.session)
+            refused = Failed(m.id, 404, f"no session {m.session!r} (ended, expired, or its version was replaced)")
+            self.post(sender, refused if deployment is None else deployment.lm.step_session(sender, m))
+        elif isinstance(m, OpenSession):
+            deployment, refused = self.route(m.id, m.model, None, lm=True)
+            if not refused and (sid := deployment.lm.open()) is None:
+                refused = Failed(m.id, 503, f"{deployment.lm.max_sessions} sessions are live; retry shortly")
+            self.post(sender, refused or SessionOpened(m.id, sid, deployment.version))
+        elif isinstance(m, CloseSession):
+            deployment = self.session_owner(m.session)
+            closed = deployment is not None and deployment.lm.close(m.session)
+            self.post(sender, Done(m.id, {"session_id": m.session, "ended": True}) if closed
+                      else Failed(m.id, 404, f"no session {m.session!r}"))
+        elif isinstance(m, Control):
+            self.control(sender, m)
+        elif isinstance(m, Hello):
+            self.frontends.add(sender)
+            self.post(sender, self.catalog())
+
+    def route(self, rid: int, name: str, version: int | None, lm: bool = False) -> tuple[Deployment | None, Failed | None]:
+        """The deployment a request names, or why it cannot have one."""
+        current = self.deployments.current.get(name)
+        deployment = current if version is None else self.deployments.find(name, version)
+        if deployment is None:
+            if current is None:
+                return None, Failed(rid, 404, f"unknown model {name!r}")
+            return None, Failed(rid, 410, f"model {name!r} version {version} is gone (serving {current.version})")
+        if lm and deployment.lm is None:
+            return None, Failed(rid, 400, f"model {name!r} is a classifier: only language models generate or keep sessions")
+        return deployment, None
+
+    def session_owner(self, sid: str) -> Deployment | None:
+        return next((d for d in self.deployments.current.values() if d.lm and sid in d.lm.sessions), None)
+
+    # --- model control ---
+
+    def control(self, sender: bytes, m: Control):
+        try:
+            if m.verb == "index":
+                return self.post(sender, Done(m.id, self.deployments.index()))
+            if m.verb == "unload":
+                self.deployments.unload(m.model)
+                self.post(sender, Done(m.id, {"name": m.model, "version": None, "state": "UNAVAILABLE"}))
+                return self.broadcast_catalog()
+            self.loading.append((self.deployments.load(m.model, m.version, pin=m.version is not None), sender, m.id))
+        except UnknownModel as e:
+            self.post(sender, Failed(m.id, 404, str(e)))
+
+    def finish_loads(self):
+        for load, sender, rid in [entry for entry in self.loading if entry[0].done()]:
+            self.loading.remove((load, sender, rid))
+            try:
+                deployment = self.deployments.swap(load.result())
+            except ModelLoadError as e:
+                if sender:
+                    self.post(sender, Failed(rid, 400, f"load refused, the version serving before stays: {e}"))
+                continue
+            if sender:
+                self.post(sender, Done(rid, {"name": deployment.name, "version": str(deployment.version), "state": "READY"}))
+            self.broadcast_catalog()
+
+    def catalog(self) -> Catalog:
+        return Catalog(self.index, os.getpid(), [Deployed(d.name, d.version, d.runner.task, d.runner.provider,
+                                                          d.runner.variant) for d in self.deployments.current.values()])
+
+    def broadcast_catalog(self):
+        for frontend in self.frontends:
+            self.post(frontend, self.catalog())
+
+    # --- run what is due ---
+
+    def run_batch(self, deployment: Deployment):
+        """One due batch: its live requests' rows, sorted and cut into calls, answered per request."""
+        now = time.monotonic()
+        batch = []
+        for request in deployment.queue.take():
+            if not request.cancelled:
+                self.waiting.pop((request.sender, request.id), None)
+                if request.deadline >= now:  # past it, the front-end has answered 504 already
+                    batch.append(request)
+        metrics.QUEUE_DEPTH.labels(deployment.name).set(len(deployment.queue))
+        if not batch:
+            return
+        for request in batch:
+            metrics.QUEUE_TIME.labels(deployment.name).observe(now - request.arrived)
+        rows = [row for request in batch for row in request.rows]
+        started = time.perf_counter()
+        try:
+            outputs = self.run_calls(deployment, rows)
+        except Exception as e:  # a failing batch fails its requests, and only them
+            log.exception("batch of %d rows failed on %s", len(rows), deployment.name)
+            for request in batch:
+                self.post(request.sender, Failed(request.id, 500, f"inference failed: {type(e).__name__}: {e}"))
+            return
+        metrics.INFERENCE_TIME.labels(deployment.name).observe(time.perf_counter() - started)
+        deployment.last_used = time.monotonic()
+        start = 0
+        for request in batch:
+            mine = outputs[start: start + len(request.rows)]
+            start += len(request.rows)
+            if mine[0].ndim == 1:  # classifier: (n, C)
+                data = np.stack(mine)
+            else:  # language model: (n, T, V), zero past each row's length
+                data = np.zeros((len(mine), max(len(o) for o in mine), mine[0].shape[-1]), np.float32)
+                for i, out in enumerate(mine):
+                    data[i, : len(out)] = out
+            self.post(request.sender, Result(request.id, data.tobytes(), list(data.shape)))
+
+    def run_calls(self, deployment: Deployment, rows: list[list[int]]) -> list[np.ndarray]:
+        limits, name = deployment.runner.limits, deployment.name
+        lengths = [len(r) for r in rows]
+        outputs = [None] * len(rows)
+        for call in plan_calls(lengths, limits.max_batch_size, limits.max_batch_tokens):
+            out = deployment.runner.run_rows([rows[i] for i in call])
+            if len(out) != len(call):
+                raise RuntimeError(f"{name}: {len(call)} rows in, {len(out)} out")
+            longest, real = max(lengths[i] for i in call), sum(lengths[i] for i in call)
+            metrics.BATCH_SIZE.labels(name).observe(len(call))
+            metrics.PADDING_RATIO.labels(name).observe(len(call) * longest / real - 1)
+            for j, i in enumerate(call):
+                outputs[i] = out[j]
+        return outputs
+
+    def housekeeping(self):
+        """Every control_sync_s: expire idle sessions, poll the repository, release retired versions."""
+        now = time.monotonic()
+        if now < self.next_housekeeping:
+            return
+        self.next_housekeeping = now + self.settings.control_sync_s
+        for deployment in self.deployments.current.values():
+            if deployment.lm:
+                deployment.lm.expire()
+        if self.settings.repository_poll_s and now >= self.next_poll:
+            self.next_poll = now + self.settings.repository_poll_s
+            self.loading += [(load, None, None) for load in self.deployments.poll()]
+        self.deployments.release_idle(self.settings.shutdown_grace_s)
+
+    # --- hand back ---
+
+    def post(self, frontend: bytes, message):
+        if message is not None:
+            self.outbox.setdefault(frontend, []).append(message)
+
+    def post_all(self, replies: list[tuple[bytes, object]]):
+        for frontend, message in replies:
+            self.post(frontend, message)
+
+    def flush(self):
+        """One frame per front-end with everything for it, and the queue depths it sheds by."""
+        if not self.outbox:
+            return
+        depths = Depths(self.index, {d.name: len(d.queue) for d in self.deployments.current.values()})
+        for frontend, messages in self.outbox.items():
+            self.socket.send_multipart([frontend, encode([*messages, depths])])
+        self.outbox = {}

@@ -1,0 +1,134 @@
+"""What front-ends and engines say to each other: msgspec structs, sent as msgpack over ZeroMQ.
+
+A front-end holds one DEALER socket per engine; an engine binds one ROUTER socket. Each frame
+carries a list of messages: a front-end sends what its event loop produced in one turn, an
+engine sends, per front-end, what one batch or one generation step produced. Deadlines are
+time.monotonic() values: every process on a machine reads the same clock.
+"""
+import msgspec
+
+
+class Message(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+# front-end -> engine
+class Hello(Message):
+    """A front-end (re)connected: the engine answers with its catalog."""
+
+
+class Infer(Message):
+    id: int
+    model: str
+    version: int  # the version whose codec made the rows: it must run there (else Failed 410, and retry)
+    rows: list[list[int]]
+    deadline: float
+
+
+class Generate(Message):
+    id: int
+    model: str
+    version: int
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    deadline: float  # for the first token
+
+
+class OpenSession(Message):
+    id: int
+    model: str
+
+
+class Step(Message):
+    id: int
+    session: str
+    ids: list[int]
+    deadline: float
+
+
+class CloseSession(Message):
+    id: int
+    session: str
+
+
+class Cancel(Message):
+    """The client left or its deadline passed: drop these requests (or end these generations)."""
+    ids: list[int]
+
+
+class Control(Message):
+    id: int
+    verb: str  # load | unload | index
+    model: str = ""
+    version: int | None = None
+
+
+# engine -> front-end
+class Deployed(msgspec.Struct, array_like=True):
+    name: str
+    version: int
+    task: str
+    provider: str
+    variant: str
+
+
+class Catalog(Message):
+    """What the engine serves now; sent on Hello and after every change."""
+    engine: int
+    pid: int
+    models: list[Deployed]
+
+
+class Result(Message):
+    id: int
+    data: bytes  # float32, row-major
+    shape: list[int]
+
+
+class Failed(Message):
+    id: int
+    status: int  # the HTTP status the front-end answers with
+    error: str
+
+
+class Tokens(Message):
+    """One generation step: the next token of each of these generations; `last` ends them."""
+    ids: list[int]
+    tokens: list[int]
+    last: list[bool]
+
+
+class Stepped(Message):
+    """A session step's answer: the next-token logits (float32) and the tokens read so far."""
+    id: int
+    data: bytes
+    total_tokens: int
+
+
+class SessionOpened(Message):
+    id: int
+    session: str
+    version: int
+
+
+class Depths(Message):
+    """Each model's queue length at this engine, sent with every frame: front-ends shed by it."""
+    engine: int
+    queued: dict[str, int]
+
+
+class Done(Message):
+    """A control verb's or a session's answer: JSON-able."""
+    id: int
+    body: dict | list
+
+
+ToEngine = Hello | Infer | Generate | OpenSession | Step | CloseSession | Cancel | Control
+ToFrontend = Catalog | Result | Failed | Tokens | Stepped | SessionOpened | Depths | Done
+encode = msgspec.msgpack.Encoder().encode
+decode_requests = msgspec.msgpack.Decoder(list[ToEngine]).decode
+decode_replies = msgspec.msgpack.Decoder(list[ToFrontend]).decode

@@ -1,0 +1,251 @@
+"""Language-model routes: :generate (streamed or not) and stateful sequence sessions. The engine
+advances the states and samples; the front-end encodes prompts, decodes tokens, finds stop
+strings and writes the answers."""
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import StreamingResponse
+
+from core.codec import TextCodec, softmax
+from serving import metrics
+from serving.client import EngineClient, Link, Stream
+from serving.inference import answered, check_text, engines, json_response, refusal, reply_of, served
+from serving.messages import CloseSession, Done, Failed, Generate, OpenSession, SessionOpened, Step, Stepped
+from serving.request_ids import REQUEST_ID
+from serving.schemas import GenerateRequest, GenerateResponse, SessionCreated, StepRequest, StepResponse
+
+router = APIRouter(prefix="/v1/models", tags=["language models"])
+log = logging.getLogger(__name__)
+
+
+def language_model(request: Request, name: str):
+    link, version = served(request, name)
+    if version.manifest.task != "lm":
+        raise HTTPException(400, f"model {name!r} is a {version.manifest.task}: only language models generate "
+                                 "or keep sessions")
+    return link, version
+
+
+@dataclass
+class Generation:
+    """One generate request as the front-end follows it: the text so far and why it ended."""
+    codec: TextCodec
+    body: GenerateRequest
+    prompt_ids: list[int]
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    pieces: list[str] = field(default_factory=list)
+
+    def add(self, tokens: list[int], last: bool) -> list[str]:
+        """The pieces of text these tokens make, up to a stop string or the last token."""
+        new = []
+        for token in tokens:
+            piece = self.codec.decode([token])
+            self.tokens += 1
+            self.text += piece
+            new.append(piece)
+            stop = next((s for s in self.body.stop if s and s in self.text[-(len(piece) + len(s)):]), None)
+            if stop:
+                self.text, self.finish_reason = self.text[: self.text.index(stop)], "stop"
+                break
+        if last and not self.finish_reason:
+            self.finish_reason = "length"
+        return new
+
+    def summary(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
+                "prompt_tokens": len(self.prompt_ids),
+                "unknown_prompt_tokens": self.prompt_ids.count(self.codec.vocab.unk_id)}
+
+
+async def first_tokens(request: Request, name: str, body: GenerateRequest) -> tuple[Link, Stream, Generation, list[int]]:
+    """Start the generation on an engine and wait for its first token(s): until then a refusal or
+    the deadline is still an HTTP status. A version swapped out meanwhile (410) is tried once more."""
+    client, settings = engines(request), request.app.state.settings
+    started = time.perf_counter()
+    for attempt in range(2):
+        link, version = language_model(request, name)
+        if body.top_k > len(version.codec.vocab):
+            raise HTTPException(400, f"top_k is at most the vocabulary size {len(version.codec.vocab)}")
+        prompt = version.codec.ids(body.prompt)
+        if not prompt:
+            raise HTTPException(400, "the prompt has no tokens")
+        rid = client.next_id()
+        stream = client.generate(link, Generate(rid, name, version.number, prompt, body.max_new_tokens,
+                                                body.temperature, body.top_k, body.top_p, body.seed,
+                                                client.deadline(settings.request_timeout_s)))
+        try:
+            tokens = await stream.next(settings.request_timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            client.cancel(link, rid)
+            raise HTTPException(504, f"no first token within the deadline of {settings.request_timeout_s:g}s") from None
+        if tokens:  # a failure after them goes in the stream
+            metrics.TIME_TO_FIRST_TOKEN.labels(name).observe(time.perf_counter() - started)
+            return link, stream, Generation(version.codec, body, prompt), tokens
+        if stream.failed.status != 410 or attempt:
+            raise refusal(stream.failed)
+
+
+class GenerationFailed(Exception):
+    """The engine failed a generation after its first token, or the next token did not come."""
+
+
+async def rest(client: EngineClient, link: Link, stream: Stream, generation: Generation, tokens: list[int],
+               timeout_s: float):
+    """Yields the text pieces of each arrival of tokens, the first ones included, until the
+    generation ends; each arrival must come within timeout_s."""
+    while True:
+        pieces = generation.add(tokens, stream.last and not stream.failed)
+        if generation.finish_reason == "stop":
+            client.cancel(link, stream.id)
+        yield pieces
+        if stream.failed:
+            raise GenerationFailed(stream.failed.error)
+        if generation.finish_reason:
+            return
+        try:
+            tokens = await stream.next(timeout_s)
+        except TimeoutError:
+            client.cancel(link, stream.id)
+            raise GenerationFailed(f"no next token within the deadline of {timeout_s:g}s") from None
+
+
+class OwnedStream(StreamingResponse):
+    """A stream that calls `end` once it is over, however it ends: finished, failed, cut off by
+    the client, or never started at all (the client left before the first byte)."""
+
+    def __init__(self, content, end, **kw):
+        super().__init__(content, **kw)
+        self.end = end
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.end()
+
+
+@router.post("/{name}:generate", response_model=GenerateResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def generate(name: str, body: GenerateRequest, request: Request):
+    """Generate text after a prompt; with "stream": true, server-sent events, one per token.
+
+    The first token must come within RNNSERVE_REQUEST_TIMEOUT_S (504), and so must each later one
+    (an error event when streaming); the whole stream has no deadline of its own."""
+    settings, client = request.app.state.settings, engines(request)
+    check_text(request, body.prompt, "prompt")
+    if body.max_new_tokens > settings.max_new_tokens:
+        raise HTTPException(400, f"max_new_tokens is at most {settings.max_new_tokens}")
+    with answered(name, "generate"):
+        link, stream, generation, tokens = await first_tokens(request, name, body)
+    pieces = rest(client, link, stream, generation, tokens, settings.request_timeout_s)
+
+    if body.stream:
+        request.scope["rnnserve.endpoint"] = "generate_stream"
+
+        async def events():
+            try:
+                async for new in pieces:
+                    yield "".join(f"data: {json.dumps({'token': piece})}\n\n" for piece in new)
+                yield f"data: {json.dumps(generation.summary())}\n\n"
+            except Exception as e:  # the headers are sent: the error goes in the stream
+                error = str(e) if isinstance(e, GenerationFailed) else f"generation failed: {type(e).__name__}: {e}"
+                if not isinstance(e, GenerationFailed):
+                    log.exception("generate %s failed while streaming", name)
+                yield f"data: {json.dumps({'error': error, 'request_id': REQUEST_ID.get()})}\n\n"
+        return OwnedStream(events(), lambda: client.cancel(link, stream.id), media_type="text/event-stream")
+
+    async def run():
+        async for _ in pieces:
+            pass
+
+    with answered(name, "generate"):
+        task = asyncio.ensure_future(run())
+        gone = asyncio.ensure_future(watch_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:
+                task.cancel()
+                raise HTTPException(499, "client closed the request")
+            if isinstance(task.exception(), GenerationFailed):
+                raise HTTPException(500 if "deadline" not in str(task.exception()) else 504, str(task.exception()))
+            task.result()
+        finally:
+            gone.cancel()
+            client.cancel(link, stream.id)
+        return json_response(generation.summary())
+
+
+async def watch_disconnect(request: Request):
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def session_id(link: Link, opened: SessionOpened) -> str:
+    """What the client holds: the engine, the version (whose codec encodes its text) and the id."""
+    return f"{link.index}.{opened.version}.{opened.session}"
+
+
+def session_of(request: Request, name: str, sid: str) -> tuple[Link, TextCodec, str]:
+    client = engines(request)
+    engine, _, rest_ = sid.partition(".")
+    version, _, session = rest_.partition(".")
+    if not (engine.isdigit() and version.isdigit() and int(engine) < len(client.links) and session):
+        raise HTTPException(404, f"no session {sid!r} for model {name!r}")
+    language_model(request, name)
+    try:
+        codec = client.version(name, int(version)).codec
+    except (OSError, ValueError):
+        raise HTTPException(404, f"no session {sid!r} for model {name!r}") from None
+    return client.links[int(engine)], codec, session
+
+
+async def ask(request: Request, link: Link, message) -> object:
+    """A session message's reply within the request deadline; a refusal raises its status."""
+    client = request.app.state.engines
+    future = client.request(link, message, request.app.state.settings.request_timeout_s)
+    reply = await reply_of(request, link, future, message.id)
+    if isinstance(reply, Failed):
+        raise refusal(reply)
+    return reply
+
+
+@router.post("/{name}/sessions", response_model=SessionCreated)
+async def create_session(name: str, request: Request) -> dict:
+    """Start a sequence session at the model's zero state."""
+    link, _ = language_model(request, name)
+    opened = await ask(request, link, OpenSession(engines(request).next_id(), name))
+    return {"session_id": session_id(link, opened), "idle_expiry_s": request.app.state.settings.session_idle_s}
+
+
+@router.post("/{name}/sessions/{sid}:step", response_model=StepResponse)
+async def step_session(name: str, sid: str, body: StepRequest, request: Request) -> dict:
+    """Advance the session's state over more text; answers the next-token distribution's top k.
+    Within the request deadline; a step whose client disconnects before it runs is dropped."""
+    link, codec, session = session_of(request, name, sid)
+    check_text(request, body.text)
+    ids = codec.ids(body.text)
+    if not ids:
+        raise HTTPException(400, "the text has no tokens")
+    with answered(name, "session_step"):
+        client, timeout = engines(request), request.app.state.settings.request_timeout_s
+        stepped: Stepped = await ask(request, link, Step(client.next_id(), session, ids, client.deadline(timeout)))
+        p = softmax(np.frombuffer(stepped.data, np.float32))
+        best = np.argsort(-p)[: body.top_k]
+        return {"session_id": sid, "tokens": len(ids), "total_tokens": stepped.total_tokens,
+                "unknown_tokens": ids.count(codec.vocab.unk_id),
+                "next": [{"token": codec.vocab.itos[i], "probability": float(p[i])} for i in best]}
+
+
+@router.delete("/{name}/sessions/{sid}")
+async def end_session(name: str, sid: str, request: Request) -> dict:
+    """End a session and free its state."""
+    link, _, session = session_of(request, name, sid)
+    done: Done = await ask(request, link, CloseSession(engines(request).next_id(), session))
+    return done.body | {"session_id": sid}
