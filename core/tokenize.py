@@ -5,6 +5,7 @@ with the `tokenizers` library.
     python -m core.tokenize word "A <br />great film, isn't it?"
 """
 import functools
+import itertools
 import json
 import re
 import sys
@@ -102,7 +103,7 @@ class Vocab:
         return len(self.itos)
 
     def encode(self, tokens: list[str]) -> list[int]:
-        return [self.stoi.get(t, self.unk_id) for t in tokens]
+        return list(map(self.stoi.get, tokens, itertools.repeat(self.unk_id, len(tokens))))
 
     def decode(self, ids: list[int]) -> list[str]:
         return [self.itos[i] for i in ids]

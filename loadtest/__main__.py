@@ -33,6 +33,13 @@ def main(argv=None):
     bench.add_argument("--lm", default="timemachine-gru", help="language model in the repository")
     bench.add_argument("--repository", type=Path, default=Path("model_repository"))
     bench.add_argument("--runs", type=Path, default=Path("runs"))
+    bench.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="for every stack and ceiling")
+    bench.add_argument("--users", default="1,16,64", help="concurrent users, comma-separated (up to 1024)")
+    bench.add_argument("--texts", default="1", help="texts per request, comma-separated, e.g. 1,32")
+    bench.add_argument("--client-procs", type=int, default=1, help="load-generator processes")
+    bench.add_argument("--ceiling-batches", default="1,8,32,64", help="batch sizes of the in-process ceiling")
+    bench.add_argument("--compare", type=Path, help="another checkout whose python -m serving (over its own "
+                       "model_repository) is measured beside this one's")
     bench.add_argument("--seconds", type=float, default=6.0, help="per measured point")
     bench.add_argument("--repeats", type=int, default=2)
     bench.add_argument("--out", type=Path, default=Path("results/bench"))

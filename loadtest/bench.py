@@ -1,23 +1,29 @@
 """The benchmark harness: rnnserve against its in-process ceiling and two naive baselines.
 
     python -m loadtest bench --model imdb-bilstm --lm timemachine-gru    # or: make bench
+        [--provider cpu|cuda] [--users 1,16,64] [--texts 1,32] [--client-procs N]
+        [--seconds 6] [--repeats 2] [--server-env RNNSERVE_X=V ...] [--compare ../other-checkout]
 
 In one run, on one machine, with one model and one seeded request stream per workload
-(short: 16-128 words of an IMDB test review; long: whole reviews, cut at 256 tokens):
-1. the ceiling: in-process ONNX Runtime (the server's session settings) at batch 1, 8, 32, 64;
-2. the naive baselines (loadtest/baselines/): FastAPI + PyTorch, FastAPI + ONNX Runtime, once per request;
-3. rnnserve at 1, 16 and 64 concurrent users;
-4. generation (the LM) at 1, 8 and 64 concurrent streams;
-and a Locust run of one point to check the asyncio client is not the limit. Points are
+(short: 16-128 words of an IMDB test review; long: whole reviews, cut at the model's max_len):
+1. the ceiling on the provider: ONNX Runtime in this process at --ceiling-batches, with and
+   without I/O binding (one thread and every core on the CPU), and PyTorch eager (packed
+   sequences) on the same device;
+2. the naive baselines (loadtest/baselines/) on the provider: FastAPI + ONNX Runtime and
+   FastAPI + PyTorch, each running every text alone;
+3. rnnserve (python -m serving) at every --users and --texts per request, and with --compare
+   another checkout's python -m serving (its own model_repository) on the same points;
+4. streaming generation (the LM) at 1, 8 and 64 streams;
+and a Locust run of one point, to check that the asyncio client is not the limit. Points are
 interleaved across stacks and repeated; medians are reported. For every point the CPU used by
-the server, by the load generator and by everything else is read from /proc.
-Writes results.json, results.md and latency_throughput.png into --out.
+rnnserve's HTTP front-ends and by its engines (per request), by the load generator and by
+everything else is read from /proc. Writes results.json, results.md and latency_throughput.png.
 """
-import asyncio
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,43 +33,90 @@ import onnxruntime as ort
 
 from core.codec import pad
 from core.repository import latest, read_version
-from loadtest.client import LoadResult, load
+from loadtest.client import load_in_processes
 from loadtest.headless import run_locust
-from loadtest.servers import cpu_name, free_port, machine_busy_s, process_cpu_s, start
+from loadtest.servers import cpu_by_role, cpu_name, free_port, machine_busy_s, start
 from loadtest.workloads import PROMPTS, predict_body, texts, token_rows
+
 WORKLOADS = ("short", "long")
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
-def ceiling(model_dir: Path, rows: list[list[int]], seconds: float, threads: int) -> dict:
-    """In-process ONNX Runtime: sequences/s and ms per call at batch 1, 8, 32, 64."""
+def numbers(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def ceiling(graph: bytes, rows: list[list[int]], provider: str, batches: list[int], seconds: float,
+            threads: int) -> dict:
+    """In-process ONNX Runtime: sequences/s and ms per call at each batch size, with session.run
+    and with I/O binding (inputs bound from the host, logits copied back once)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(read_version(model_dir).graph_bytes(), options, providers=["CPUExecutionProvider"])
+    providers = [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in PROVIDERS[provider]]
+    session = ort.InferenceSession(graph, options, providers=providers)
+
+    def bound(feeds):
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("logits", "cpu")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
     out = {}
-    for batch in (1, 8, 32, 64):
-        calls, done, started, i = [], 0, time.perf_counter(), 0
-        while time.perf_counter() - started < seconds:
-            ids, lengths = pad([rows[(i + k) % len(rows)] for k in range(batch)])
-            i += batch
-            t = time.perf_counter()
-            session.run(None, {"input_ids": ids, "lengths": lengths})
-            calls.append(time.perf_counter() - t)
-            done += batch
-        out[batch] = {"sequences_per_s": done / (time.perf_counter() - started),
-                      "ms_per_call_p50": 1000 * statistics.median(calls)}
+    for mode, call in (("run", lambda feeds: session.run(["logits"], feeds)), ("iobinding", bound)):
+        for batch in batches:
+            calls, done, started, i = [], 0, time.perf_counter(), 0
+            while time.perf_counter() - started < seconds or not calls:
+                ids, lengths = pad([rows[(i + k) % len(rows)] for k in range(batch)])
+                i += batch
+                t = time.perf_counter()
+                call({"input_ids": ids, "lengths": lengths})
+                calls.append(time.perf_counter() - t)
+                done += batch
+            out[f"{mode}|{batch}"] = {"sequences_per_s": done / (time.perf_counter() - started),
+                                      "ms_per_call_p50": 1000 * statistics.median(calls)}
     return out
 
 
-def measure(pid: int, host_port: int, requests, users: int, seconds: float) -> dict:
-    server0, me0, busy0 = process_cpu_s(pid), time.process_time(), machine_busy_s()
-    result: LoadResult = asyncio.run(load("127.0.0.1", host_port, requests, users, seconds))
-    server, me, busy = process_cpu_s(pid) - server0, time.process_time() - me0, machine_busy_s() - busy0
+def torch_ceiling(run: Path, rows: list[list[int]], provider: str, batches: list[int], seconds: float) -> dict:
+    """PyTorch eager with packed sequences on the same device, in a subprocess (this one imports
+    no PyTorch): sequences/s per batch size."""
+    code = ("import json, sys, time, torch; from pathlib import Path; from core.codec import pad; "
+            "from models.checkpoint import load_run; torch.set_flush_denormal(True); "
+            "a = json.loads(sys.stdin.read()); device = torch.device(a['device']); "
+            "model = load_run(Path(a['run']))[0].to(device); out = {}\n"
+            "for b in a['batches']:\n"
+            "    n, i, t0 = 0, 0, time.perf_counter()\n"
+            "    while time.perf_counter() - t0 < a['seconds'] or not n:\n"
+            "        ids, lengths = pad([a['rows'][(i + k) % len(a['rows'])] for k in range(b)]); i += b\n"
+            "        with torch.no_grad(): model(torch.from_numpy(ids).to(device), torch.from_numpy(lengths))\n"
+            "        n += b\n"
+            "    if device.type == 'cuda': torch.cuda.synchronize()\n"
+            "    out[str(b)] = {'sequences_per_s': n / (time.perf_counter() - t0)}\n"
+            "print(json.dumps(out))")
+    request = {"run": str(run), "rows": rows, "batches": batches, "seconds": seconds, "device": provider}
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(request), capture_output=True, text=True)
+    if done.returncode:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def measure(pid: int, port: int, requests, users: int, seconds: float, client_procs: int, texts_per_request: int) -> dict:
+    roles0, busy0 = cpu_by_role(pid), machine_busy_s()
+    result = load_in_processes("127.0.0.1", port, requests, users, seconds, client_procs)
+    roles, busy = cpu_by_role(pid), machine_busy_s() - busy0
+    frontend, engine = (roles[r] - roles0[r] for r in ("frontend", "engine"))
     n, lat = len(result.latencies_s), np.array(result.latencies_s) * 1000
     point = {"requests": n, "errors": result.errors, "requests_per_s": n / result.elapsed_s,
+             "sequences_per_s": texts_per_request * n / result.elapsed_s,
              "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-             "cpu_server_s": server, "cpu_generator_s": me, "cpu_other_s": max(0.0, busy - server - me),
-             "server_cpu_s_per_1000": 1000 * server / max(1, n), "elapsed_s": result.elapsed_s}
+             "cpu_server_s": frontend + engine, "cpu_generator_s": result.cpu_s,
+             "cpu_other_s": max(0.0, busy - frontend - engine - result.cpu_s),
+             "frontend_cpu_ms_per_request": 1000 * frontend / max(1, n),
+             "engine_cpu_ms_per_request": 1000 * engine / max(1, n),
+             "server_cpu_s_per_1000": 1000 * (frontend + engine) / max(1, n), "elapsed_s": result.elapsed_s}
     if result.first_byte_s:
         point["ttft_p50_ms"] = 1000 * statistics.median(result.first_byte_s)
     point["disturbed"] = point["cpu_other_s"] > 0.15 * result.elapsed_s  # another process took >15% of a core
@@ -78,61 +131,82 @@ def median_point(points: list[dict]) -> dict:
     return merged
 
 
+def revision(folder: Path) -> str:
+    done = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or folder.name
+
+
 def bench(args) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = latest(args.repository, args.model)
+    version = read_version(model_dir)
     started = time.time()
+    users, per_request = numbers(args.users), numbers(args.texts)
     streams = {w: texts(w, 400, seed=1 + i) for i, w in enumerate(WORKLOADS)}
     rows = {w: token_rows(model_dir, streams[w]) for w in WORKLOADS}
-    results = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                           "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d %H:%M")},
-               "model": args.model, "lm": args.lm, "server_env": args.server_env,
-               "seconds_per_point": args.seconds, "repeats": args.repeats,
-               "ceiling": {}, "points": {}}
     cores = len(os.sched_getaffinity(0))
-    for w in WORKLOADS:  # one thread (one server worker's session) and every core
-        results["ceiling"][w] = ceiling(model_dir, rows[w], min(args.seconds, 3), 1)
-        results["ceiling"][f"{w}, {cores} threads"] = ceiling(model_dir, rows[w], min(args.seconds, 3), cores)
-        print(f"ceiling {w}: " + ", ".join(f"b{b} {v['sequences_per_s']:.0f}/s" for b, v in results["ceiling"][w].items()))
+    results = {"machine": {"cpu": cpu_name(), "cores": cores, "python": platform.python_version(),
+                           "onnxruntime": ort.__version__, "provider": args.provider,
+                           "date": time.strftime("%Y-%m-%d %H:%M")},
+               "model": args.model, "lm": args.lm, "server_env": args.server_env, "users": users,
+               "texts_per_request": per_request, "client_procs": args.client_procs,
+               "seconds_per_point": args.seconds, "repeats": args.repeats, "ceiling": {}, "points": {}}
+    threads = [1, cores] if args.provider == "cpu" else [1]
+    for w in WORKLOADS:
+        for n in threads:
+            results["ceiling"][f"onnxruntime|{w}|{n} threads"] = ceiling(
+                version.graph_bytes(), rows[w], args.provider, numbers(args.ceiling_batches), min(args.seconds, 2), n)
+        results["ceiling"][f"pytorch|{w}"] = torch_ceiling(args.runs / args.model, rows[w], args.provider,
+                                                           numbers(args.ceiling_batches), min(args.seconds, 2))
+        print(f"ceiling {w}: " + json.dumps({k: round(v["sequences_per_s"]) for k, v in
+                                            results["ceiling"][f"onnxruntime|{w}|1 threads"].items()}))
 
-    ports = {"rnnserve": free_port(), "naive-onnxruntime": free_port(), "naive-pytorch": free_port()}
-    py = sys.executable
-    procs = {
-        "rnnserve": start("rnnserve", [py, "-m", "serving", "--port", str(ports["rnnserve"]), "--host", "127.0.0.1"],
-                          {"RNNSERVE_REPOSITORY": str(args.repository),
-                           **dict(kv.split("=", 1) for kv in args.server_env)}, ports["rnnserve"], "/v2/health/ready"),
-        "naive-onnxruntime": start("naive-onnxruntime", [py, "-m", "uvicorn", "loadtest.baselines.ort_app:app",
-                                   "--port", str(ports["naive-onnxruntime"]), "--log-level", "warning"],
-                                   {"MODEL_DIR": str(model_dir)}, ports["naive-onnxruntime"], "/docs"),
-        "naive-pytorch": start("naive-pytorch", [py, "-m", "uvicorn", "loadtest.baselines.torch_app:app",
-                               "--port", str(ports["naive-pytorch"]), "--log-level", "warning"],
-                               {"RUN": str(args.runs / args.model)}, ports["naive-pytorch"], "/docs"),
-    }
+    stacks = {"rnnserve": ([sys.executable, "-m", "serving", "--host", "127.0.0.1"], None,
+                           {"RNNSERVE_REPOSITORY": str(args.repository), "RNNSERVE_PROVIDERS": json.dumps(PROVIDERS[args.provider]),
+                            **dict(kv.split("=", 1) for kv in args.server_env)}),
+              "naive-onnxruntime": ([sys.executable, "-m", "uvicorn", "loadtest.baselines.ort_app:app", "--log-level",
+                                     "warning"], None, {"MODEL_DIR": str(model_dir), "PROVIDER": args.provider}),
+              "naive-pytorch": ([sys.executable, "-m", "uvicorn", "loadtest.baselines.torch_app:app", "--log-level",
+                                 "warning"], None, {"RUN": str(args.runs / args.model), "DEVICE": args.provider})}
+    if args.compare:
+        other = args.compare.resolve()
+        stacks[f"rnnserve@{revision(other)}"] = ([sys.executable, "-m", "serving", "--host", "127.0.0.1"], other,
+                                                  {"RNNSERVE_REPOSITORY": str(other / "model_repository"),
+                                                   "PYTHONPATH": str(other)})
+    ports, procs = {}, {}
     try:
-        plan = [(stack, w, users) for w in WORKLOADS for stack, users_list in
-                (("rnnserve", (1, 16, 64)), ("naive-onnxruntime", (1, 64)), ("naive-pytorch", (64,)))
-                for users in users_list]
+        for name, (command, cwd, env) in stacks.items():
+            ports[name] = free_port()
+            ready = "/v2/health/ready" if name.startswith("rnnserve") else "/docs"
+            procs[name] = start(name, command + ["--port", str(ports[name])], env, ports[name], ready, cwd)
+        plan = [(stack, w, n, u) for w in WORKLOADS for n in per_request for stack in stacks
+                for u in (users if stack.startswith("rnnserve") else
+                          (users[0], users[-1]) if stack == "naive-onnxruntime" else users[-1:])]
         raw: dict[str, list] = {}
-        for repeat in range(args.repeats):  # interleaved: every stack once per round
-            for stack, w, users in plan:
-                requests = [(f"/v1/models/{args.model}:predict", predict_body(t)) for t in streams[w]]
-                point = measure(procs[stack].pid, ports[stack], requests, users, args.seconds)
-                raw.setdefault(f"{stack}|{w}|{users}", []).append(point)
-                print(f"{stack:18s} {w:5s} {users:2d} users: {point['requests_per_s']:7.1f} req/s "
-                      f"p50 {point['p50_ms']:6.1f} ms p99 {point['p99_ms']:6.1f} ms"
+        for _ in range(args.repeats):  # interleaved: every stack once per round
+            for stack, w, n, u in plan:
+                requests = [(f"/v1/models/{args.model}:predict", predict_body(*streams[w][i: i + n]))
+                            for i in range(0, len(streams[w]) - n + 1, n)]
+                point = measure(procs[stack].pid, ports[stack], requests, u, args.seconds, args.client_procs, n)
+                raw.setdefault(f"{stack}|{w}|{n}|{u}", []).append(point)
+                print(f"{stack:18s} {w:5s} {n:2d} texts {u:4d} users: {point['requests_per_s']:8.1f} req/s "
+                      f"p50 {point['p50_ms']:7.1f} ms p99 {point['p99_ms']:7.1f} ms, CPU ms/req front-end "
+                      f"{point['frontend_cpu_ms_per_request']:.3f} engine {point['engine_cpu_ms_per_request']:.3f}"
                       f"{'  (disturbed)' if point['disturbed'] else ''}")
-            for users in (1, 8, 64):
-                point = generation_point(procs["rnnserve"].pid, ports["rnnserve"], args.lm, users, args.seconds)
-                raw.setdefault(f"generate|stream|{users}", []).append(point)
-                print(f"generate {users:2d} streams: {point['tokens_per_s']:7.0f} tokens/s, "
+            for streams_n in (1, 8, 64):
+                point = generation_point(procs["rnnserve"].pid, ports["rnnserve"], args.lm, streams_n, args.seconds,
+                                         args.client_procs)
+                raw.setdefault(f"generate|stream|1|{streams_n}", []).append(point)
+                print(f"generate {streams_n:2d} streams: {point['tokens_per_s']:7.0f} tokens/s, "
                       f"time to first token p50 {point['ttft_p50_ms']:.1f} ms")
         results["points"] = {k: median_point(v) for k, v in raw.items()}
         results["raw"] = raw
-        results["locust_check"] = locust_check(ports["rnnserve"], args, results["points"]["rnnserve|short|64"])
+        one = f"rnnserve|short|{per_request[0]}|{users[-1]}"
+        results["locust_check"] = locust_check(ports["rnnserve"], args, results["points"][one], users[-1])
     finally:
         for proc in procs.values():
             proc.terminate()
-            proc.wait(10)
+            proc.wait(30)
     results["wall_s"] = round(time.time() - started, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
@@ -142,61 +216,72 @@ def bench(args) -> dict:
     return results
 
 
-def generation_point(pid: int, port: int, lm: str, streams: int, seconds: float) -> dict:
+def generation_point(pid: int, port: int, lm: str, streams: int, seconds: float, client_procs: int) -> dict:
     bodies = [json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 100, "seed": i,
                           "stream": True}).encode() for i in range(64)]
-    point = measure(pid, port, [(f"/v1/models/{lm}:generate", b) for b in bodies], streams, seconds)
+    point = measure(pid, port, [(f"/v1/models/{lm}:generate", b) for b in bodies], streams, seconds, client_procs, 1)
     point["tokens_per_s"] = 100 * point["requests"] / point["elapsed_s"]
     return point
 
 
-def locust_check(port: int, args, asyncio_point: dict) -> dict:
+def locust_check(port: int, args, asyncio_point: dict, users: int) -> dict:
     os.environ.update({"RNNSERVE_LOADTEST_MODEL": args.model, "RNNSERVE_LOADTEST_WORKLOAD": "short"})
-    summary = run_locust(f"http://127.0.0.1:{port}", 64, 64, f"{max(5, int(args.seconds) + 2)}s", "predict", args.out / "locust")
+    summary = run_locust(f"http://127.0.0.1:{port}", users, users, f"{max(5, int(args.seconds) + 2)}s", "predict",
+                         args.out / "locust")
     locust = summary["endpoints"].get("v1 predict", {"requests_per_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0})
-    return {"locust_requests_per_s": locust["requests_per_s"], "locust_p50_ms": locust["p50_ms"],
+    return {"users": users, "locust_requests_per_s": locust["requests_per_s"], "locust_p50_ms": locust["p50_ms"],
             "locust_p99_ms": locust["p99_ms"], "asyncio_requests_per_s": asyncio_point["requests_per_s"]}
 
 
 def markdown(r: dict) -> str:
-    p, c = r["points"], r["ceiling"]
-    lines = [f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; ONNX Runtime "
-             f"{r['machine']['onnxruntime']}; {r['machine']['date']}. Model {r['model']}; "
-             f"{r['seconds_per_point']} s per point, median of {r['repeats']}; rnnserve settings: "
-             f"{' '.join(r['server_env']) or 'defaults'}.", "",
-             "| stack | workload | users | req/s | p50 ms | p99 ms | server CPU-s / 1k req | CPU server / generator / other (s) | disturbed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    p, c, m = r["points"], r["ceiling"], r["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores; provider {m['provider']}; ONNX Runtime {m['onnxruntime']}; "
+             f"{m['date']}. Model {r['model']}; {r['seconds_per_point']} s per point, median of {r['repeats']}; load "
+             f"from {r['client_procs']} process(es); rnnserve settings: {' '.join(r['server_env']) or 'defaults'}.", "",
+             "| stack | workload | texts/request | users | req/s | sequences/s | p50 ms | p99 ms | front-end CPU ms/req "
+             "| engine CPU ms/req | CPU server / generator / other (s) | disturbed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, v in p.items():
         if key.startswith("generate"):
             continue
-        stack, w, users = key.split("|")
-        lines.append(f"| {stack} | {w} | {users} | {v['requests_per_s']:.0f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
-                     f"{v['server_cpu_s_per_1000']:.2f} | {v['cpu_server_s']:.1f} / {v['cpu_generator_s']:.1f} / "
+        stack, w, n, users = key.split("|")
+        lines.append(f"| {stack} | {w} | {n} | {users} | {v['requests_per_s']:.0f} | {v['sequences_per_s']:.0f} | "
+                     f"{v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {v['frontend_cpu_ms_per_request']:.3f} | "
+                     f"{v['engine_cpu_ms_per_request']:.3f} | {v['cpu_server_s']:.1f} / {v['cpu_generator_s']:.1f} / "
                      f"{v['cpu_other_s']:.1f} | {'yes' if v['disturbed'] else 'no'} |")
-    lines += ["", "| in-process ONNX Runtime | batch 1 | batch 8 | batch 32 | batch 64 |", "|---|---|---|---|---|"]
-    for w in c:
-        lines.append(f"| {w}: sequences/s (ms per call) | " + " | ".join(
-            f"{c[w][b]['sequences_per_s']:.0f} ({c[w][b]['ms_per_call_p50']:.2f})" for b in c[w]) + " |")
-    lines += ["", "| ratio | short | long |", "|---|---|---|"]
-    best = {w: max(v["sequences_per_s"] for k in c if k.startswith(w) for v in c[k].values()) for w in WORKLOADS}
-    for label, num, den in (("rnnserve 64 users / naive ONNX Runtime 64 users", "rnnserve|{w}|64", "naive-onnxruntime|{w}|64"),
-                            ("rnnserve 64 users / naive PyTorch 64 users", "rnnserve|{w}|64", "naive-pytorch|{w}|64")):
-        lines.append(f"| {label} (req/s) | " + " | ".join(
-            f"{p[num.format(w=w)]['requests_per_s'] / p[den.format(w=w)]['requests_per_s']:.2f}x" for w in WORKLOADS) + " |")
-    lines.append("| rnnserve 64 users / best in-process ceiling, any threads and batch (seq/s) | " + " | ".join(
-        f"{p[f'rnnserve|{w}|64']['requests_per_s'] / best[w]:.2f}" for w in WORKLOADS) + " |")
-    lines.append("| rnnserve 1 user p50 - in-process batch-1 call (ms) | " + " | ".join(
-        f"{p[f'rnnserve|{w}|1']['p50_ms'] - c[w][1]['ms_per_call_p50']:+.2f}" for w in WORKLOADS) + " |")
+    batches = sorted({k.split("|")[1] for t in c.values() for k in t if "|" in k}, key=int)
+    lines += ["", "| in-process ceiling: sequences/s (ms per call) | " + " | ".join(f"batch {b}" for b in batches) + " |",
+              "|---|" + "---|" * len(batches)]
+    for name, table in c.items():
+        if name.startswith("pytorch"):
+            cells = [f"{table[b]['sequences_per_s']:.0f}" if b in table else "" for b in batches]
+            lines.append(f"| {name}, eager | " + " | ".join(cells) + " |")
+            continue
+        for mode in ("run", "iobinding"):
+            cells = [f"{table[f'{mode}|{b}']['sequences_per_s']:.0f} ({table[f'{mode}|{b}']['ms_per_call_p50']:.2f})"
+                     for b in batches]
+            lines.append(f"| {name}, {mode} | " + " | ".join(cells) + " |")
+    top, n0 = r["users"][-1], r["texts_per_request"][0]
+    lines += ["", "| ratio, one run | short | long |", "|---|---|---|"]
+    for stack in [s for s in {k.split("|")[0] for k in p} if s != "rnnserve" and not s.startswith("generate")]:
+        cells = [f"{p[f'rnnserve|{w}|{n0}|{top}']['requests_per_s'] / p[k]['requests_per_s']:.2f}x"
+                 if (k := f"{stack}|{w}|{n0}|{top}") in p else "" for w in WORKLOADS]
+        lines.append(f"| rnnserve / {stack}, {top} users, {n0} text(s) per request (req/s) | " + " | ".join(cells) + " |")
+    best = {w: max(v["sequences_per_s"] for k, t in c.items() if k.startswith(f"onnxruntime|{w}") for v in t.values())
+            for w in WORKLOADS}
+    lines.append(f"| rnnserve {top} users / best in-process ceiling (sequences/s) | " + " | ".join(
+        f"{max(v['sequences_per_s'] for k, v in p.items() if k.startswith(f'rnnserve|{w}|')) / best[w]:.2f}"
+        for w in WORKLOADS) + " |")
     lines += ["", "| generation | streams | tokens/s | time to first token p50 ms | p50 request ms (100 tokens) |",
               "|---|---|---|---|---|"]
     for key, v in p.items():
         if key.startswith("generate"):
-            lines.append(f"| {r['lm']} | {key.split('|')[2]} | {v['tokens_per_s']:.0f} | {v['ttft_p50_ms']:.1f} | "
+            lines.append(f"| {r['lm']} | {key.split('|')[3]} | {v['tokens_per_s']:.0f} | {v['ttft_p50_ms']:.1f} | "
                          f"{v['p50_ms']:.0f} |")
     if "locust_check" in r:
         lc = r["locust_check"]
-        lines += ["", f"Locust check (rnnserve, short, 64 users): Locust {lc['locust_requests_per_s']:.0f} req/s "
-                      f"(p50 {lc['locust_p50_ms']:.0f} ms, p99 {lc['locust_p99_ms']:.0f} ms) vs the asyncio client "
+        lines += ["", f"Locust check (rnnserve, short, {lc['users']} users): Locust {lc['locust_requests_per_s']:.0f} "
+                      f"req/s (p50 {lc['locust_p50_ms']:.0f} ms, p99 {lc['locust_p99_ms']:.0f} ms) vs the asyncio client "
                       f"{lc['asyncio_requests_per_s']:.0f} req/s."]
     lines.append(f"\nWall time of the whole run: {r['wall_s']} s.")
     return "\n".join(lines) + "\n"
@@ -208,13 +293,15 @@ def plot(r: dict, path: Path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, w in zip(axes, WORKLOADS):
-        for stack in ("rnnserve", "naive-onnxruntime", "naive-pytorch"):
-            pts = sorted((v["requests_per_s"], v["p99_ms"]) for k, v in r["points"].items()
+        for stack in sorted({k.split("|")[0] for k in r["points"] if not k.startswith("generate")}):
+            pts = sorted((v["sequences_per_s"], v["p99_ms"]) for k, v in r["points"].items()
                          if k.startswith(f"{stack}|{w}|"))
-            ax.plot(*zip(*pts), marker="o", label=stack)
-        best = max(v["sequences_per_s"] for k in r["ceiling"] if k.startswith(w) for v in r["ceiling"][k].values())
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=stack)
+        best = max(v["sequences_per_s"] for k, t in r["ceiling"].items() if k.startswith(f"onnxruntime|{w}")
+                   for v in t.values())
         ax.axvline(best, color="gray", linestyle="--", label="in-process ceiling")
-        ax.set(title=f"{w} requests", xlabel="requests/s", ylabel="p99 latency (ms)", yscale="log")
+        ax.set(title=f"{w} requests", xlabel="sequences/s", ylabel="p99 latency (ms)", yscale="log")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)

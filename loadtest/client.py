@@ -1,9 +1,11 @@
-"""A small asyncio HTTP/1.1 load generator: N users, keep-alive, no think time, bounded in time.
+"""A small asyncio HTTP/1.1 load generator: N users, keep-alive, no think time, bounded in time,
+in one process or several (so that the load generator is not what is measured).
 
 Lighter than Locust (no gevent, no per-request objects beyond a few bytes), so it checks that
 Locust is not the limit being measured. Handles Content-Length and chunked (streamed) bodies.
 """
 import asyncio
+import multiprocessing
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +17,7 @@ class LoadResult:
     errors: int = 0
     statuses: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
+    cpu_s: float = 0.0  # the load generator's own CPU time
 
 
 async def read_response(reader: asyncio.StreamReader, sent_at: float, result: LoadResult) -> tuple[int, bytes]:
@@ -62,3 +65,30 @@ async def load(host: str, port: int, requests: list[tuple[str, bytes]], users: i
     await asyncio.gather(*(user(host, port, requests, duration_s, result, u, users) for u in range(users)))
     result.elapsed_s = time.perf_counter() - started
     return result
+
+
+def load_part(args) -> LoadResult:
+    started = time.process_time()
+    result = asyncio.run(load(*args))
+    result.cpu_s = time.process_time() - started
+    return result
+
+
+def load_in_processes(host: str, port: int, requests: list[tuple[str, bytes]], users: int, duration_s: float,
+                      processes: int = 1) -> LoadResult:
+    """load() spread over `processes` processes, the users split between them; the result merged,
+    with the CPU-seconds the load generator used."""
+    if processes <= 1:
+        return load_part((host, port, requests, users, duration_s))
+    shares = [users // processes + (i < users % processes) for i in range(processes)]
+    parts = [(host, port, requests[i::processes] or requests, n, duration_s) for i, n in enumerate(shares) if n]
+    with multiprocessing.get_context("spawn").Pool(len(parts)) as pool:
+        results = pool.map(load_part, parts)
+    merged = LoadResult(elapsed_s=max(r.elapsed_s for r in results), cpu_s=sum(r.cpu_s for r in results))
+    for r in results:
+        merged.latencies_s += r.latencies_s
+        merged.first_byte_s += r.first_byte_s
+        merged.errors += r.errors
+        for status, n in r.statuses.items():
+            merged.statuses[status] = merged.statuses.get(status, 0) + n
+    return merged

@@ -4,6 +4,7 @@ import os
 import platform
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -17,17 +18,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of a process (all its threads) and of its child processes (server workers)."""
-    total = 0.0
+def cpu_by_role(pid: int) -> dict[str, float]:
+    """utime + stime (all threads) of a server process and its children, split into its inference
+    engines (python -m serving.engine) and the rest: the HTTP front-ends (and a supervisor)."""
+    roles = {"frontend": 0.0, "engine": 0.0}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
         if stat.parent.name == str(pid) or fields[1] == str(pid):  # fields[1]: the parent's pid
-            total += (int(fields[11]) + int(fields[12])) / TICK
-    return total
+            roles["engine" if b"serving.engine" in command else "frontend"] += (int(fields[11]) + int(fields[12])) / TICK
+    return roles
 
 
 def machine_busy_s() -> float:
@@ -35,9 +38,11 @@ def machine_busy_s() -> float:
     return (sum(values) - values[3] - values[4]) / TICK  # all but idle and iowait
 
 
-def start(name: str, command: list[str], env: dict, port: int, ready_path: str) -> subprocess.Popen:
-    """Start a server and wait until GET ready_path answers 200 (every worker loaded)."""
-    proc = subprocess.Popen(command, env=os.environ | env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def start(name: str, command: list[str], env: dict, port: int, ready_path: str, cwd: Path | None = None) -> subprocess.Popen:
+    """Start a server and wait until GET ready_path answers 200 (every worker loaded). Its log
+    goes to a file (a pipe nobody reads would fill and stop it); the error shows its tail."""
+    log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(command, env=os.environ | env, stdout=subprocess.DEVNULL, stderr=log, cwd=cwd)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -45,10 +50,10 @@ def start(name: str, command: list[str], env: dict, port: int, ready_path: str) 
                 break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"{name} exited: {Path(log.name).read_text()[-2000:]}")
             time.sleep(0.2)
-    time.sleep(1)  # the other workers of a multi-process server finish loading
-    print(f"started {name} on :{port}")
+    time.sleep(1)  # the other processes of a multi-process server finish loading
+    print(f"started {name} on :{port} (log {log.name})")
     return proc
 
 

@@ -50,8 +50,8 @@ def token_rows(model_dir: Path, texts_: list[str]) -> list[list[int]]:
     return [codec.encode(t)[0] for t in texts_]
 
 
-def predict_body(text: str) -> bytes:
-    return json.dumps({"instances": [text]}).encode()
+def predict_body(*texts_: str) -> bytes:
+    return json.dumps({"instances": list(texts_)}).encode()
 
 
 def v2_body(row: list[int]) -> bytes:

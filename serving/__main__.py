@@ -4,8 +4,9 @@
 
 Every setting can also come from the environment as RNNSERVE_<NAME> (serving/settings.py).
 The processes on the machine:
-- engines (python -m serving.engine), one per CUDA device, else one: each owns the ONNX Runtime
-  sessions on its device, the batching and the generation loop (serving/engine/engine.py);
+- engines (python -m serving.engine), one per CUDA device, else one per CPU core: each owns the
+  ONNX Runtime sessions on its device, the batching and the generation loop
+  (serving/engine/engine.py);
 - HTTP front-ends (uvicorn workers sharing the port): parse, validate, tokenize and answer, and
   reach the engines over ZeroMQ ipc sockets (serving/client.py);
 - this one: it starts them, restarts an engine that dies (what was in flight there is answered
@@ -105,9 +106,9 @@ def main(argv=None):
             os.environ[f"RNNSERVE_{name.upper()}"] = str(value)
     settings = Settings()
     configure_logging()
-    gpus = cuda_devices(settings)
-    engines = settings.engines or max(1, gpus)
-    workers = settings.workers or max(1, len(os.sched_getaffinity(0)) - engines)
+    gpus, cores = cuda_devices(settings), len(os.sched_getaffinity(0))
+    engines = settings.engines or gpus or cores  # on the CPU, one per core: their ONNX Runtime calls run side by side
+    workers = settings.workers or (max(1, cores - engines) if gpus else cores)
     runtime = tempfile.mkdtemp(prefix="rnnserve-")  # the engines' sockets and the metrics files; removed at exit
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", runtime)
     addresses = [f"ipc://{runtime}/engine-{i}" for i in range(engines)]
@@ -118,7 +119,7 @@ def main(argv=None):
     try:
         uvicorn.run("serving.app:create_app", factory=True, host=settings.host, port=settings.port,
                     workers=workers, log_level="info", access_log=False, limit_concurrency=settings.max_connections,
-                    timeout_graceful_shutdown=settings.shutdown_grace_s)
+                    timeout_graceful_shutdown=settings.shutdown_grace_s, proxy_headers=False)
     finally:
         processes.stop(settings.shutdown_grace_s)
         shutil.rmtree(runtime, ignore_errors=True)

@@ -17,10 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.client import EngineClient
-from serving.guards import BearerToken, BodyGuard, ShedLoad, refuse
-from serving.logs import configure_logging
-from serving.metrics import CountRequests
-from serving.request_ids import REQUEST_ID, RequestIds
+from serving.frontdoor import FrontDoor, refuse
+from serving.logs import REQUEST_ID, configure_logging
 from serving.routes import control, lm, v1, v2
 from serving.schemas import ErrorResponse
 from serving.settings import Settings
@@ -45,7 +43,8 @@ def drain_on_sigterm(app: FastAPI):
     signal.signal(signal.SIGTERM, draining)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FrontDoor:
+    """The FastAPI app behind its front door (serving/frontdoor.py); .app and .state reach inside."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -64,13 +63,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="RNN-family text models on ONNX Runtime with dynamic batching.", responses=errors)
     app.state.settings = settings
     app.state.ready = False
-    if settings.control_token:  # innermost middleware first: RequestIds wraps them all
-        prefixes = ("/v2/repository", "/v1/models", "/v2/models") if settings.token_for_inference else ("/v2/repository",)
-        app.add_middleware(BearerToken, token=settings.control_token.get_secret_value(), prefixes=prefixes)
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(ShedLoad, max_queue_size=settings.max_queue_size)
-    app.add_middleware(CountRequests)  # sees every answer of the middleware inside it too
-    app.add_middleware(RequestIds)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)
@@ -86,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             multiprocess.MultiProcessCollector(registry)
         return Response(generate_latest(registry) if registry else generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return FrontDoor(app, settings)
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -95,7 +87,7 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-    return refuse(400, f"invalid request: {problems}")
+    return refuse(400, f"invalid request: {problems}")  # as frontdoor.invalid does for the direct routes
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -23,6 +23,7 @@ from serving.messages import (Cancel, Catalog, Deployed, Depths, Failed, Generat
                               encode)
 
 log = logging.getLogger(__name__)
+COALESCE_S = 0.0005
 
 
 class Stream:
@@ -64,11 +65,12 @@ class Link:
     waiting: dict[int, asyncio.Future] = field(default_factory=dict)
     streams: dict[int, Stream] = field(default_factory=dict)
     outbox: list = field(default_factory=list)
+    flushed: float = 0.0
 
 
 class EngineClient:
     def __init__(self, addresses: list[str], repository: Path):
-        self.context = zmq.asyncio.Context()
+        self.context = zmq.asyncio.Context(shadow=zmq.Context.instance().underlying)  # inproc:// engines share it
         self.repository = Path(repository)
         self.links = [Link(i, a, self.context.socket(zmq.DEALER)) for i, a in enumerate(addresses)]
         self.ids = itertools.count(1)
@@ -82,6 +84,7 @@ class EngineClient:
             link.socket.setsockopt(zmq.RCVHWM, 0)
             monitor = link.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             link.socket.connect(link.address)
+            self.send(link, Hello())  # queued until connected (an inproc:// engine reports no connection events)
             self.tasks += [asyncio.create_task(self.read(link), name=f"engine-{link.index}-replies"),
                            asyncio.create_task(self.watch(link, monitor), name=f"engine-{link.index}-watch")]
 
@@ -92,7 +95,6 @@ class EngineClient:
         for link in self.links:
             link.socket.disable_monitor()
             link.socket.close()
-        self.context.term()
 
     @property
     def ready(self) -> bool:
@@ -128,12 +130,17 @@ class EngineClient:
     def send(self, link: Link, message):
         """Queue a message; everything queued in one turn of the event loop goes in one frame."""
         if not link.outbox:
-            asyncio.get_running_loop().call_soon(self.flush, link)
+            loop = asyncio.get_running_loop()
+            if loop.time() - link.flushed < COALESCE_S:
+                loop.call_later(COALESCE_S, self.flush, link)
+            else:
+                loop.call_soon(self.flush, link)
         link.outbox.append(message)
 
     def flush(self, link: Link):
         frame, link.outbox = encode(link.outbox), []
-        link.socket.send(frame, copy=False)
+        link.flushed = asyncio.get_running_loop().time()
+        link.socket.send(frame)
 
     def request(self, link: Link, message, timeout_s: float) -> asyncio.Future:
         """Send a message that has one reply (Result, Failed, Done, SessionOpened); the future gets

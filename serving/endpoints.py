@@ -3,23 +3,22 @@ before any route runs, so that requests refused early (shed, too large, unauthor
 model) are counted and shed like the rest."""
 import re
 
-ENDPOINTS = [  # (method, path, endpoint); group 1 is the model's name
-    ("POST", re.compile(r"/v1/models/([^/:]+):predict"), "v1_predict"),
-    ("POST", re.compile(r"/v1/models/([^/:]+):generate"), "generate"),
-    ("POST", re.compile(r"/v1/models/([^/:]+)/sessions"), "session_create"),
-    ("POST", re.compile(r"/v1/models/([^/:]+)/sessions/[^/:]+:step"), "session_step"),
-    ("DELETE", re.compile(r"/v1/models/([^/:]+)/sessions/[^/:]+"), "session_end"),
-    ("POST", re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer"), "v2_infer"),
+ENDPOINTS = [  # (method, path, endpoint); the groups are the path parameters
+    ("POST", re.compile(r"/v1/models/(?P<name>[^/:]+):predict"), "v1_predict"),
+    ("POST", re.compile(r"/v1/models/(?P<name>[^/:]+):generate"), "generate"),
+    ("POST", re.compile(r"/v1/models/(?P<name>[^/:]+)/sessions"), "session_create"),
+    ("POST", re.compile(r"/v1/models/(?P<name>[^/:]+)/sessions/(?P<sid>[^/:]+):step"), "session_step"),
+    ("DELETE", re.compile(r"/v1/models/(?P<name>[^/:]+)/sessions/(?P<sid>[^/:]+)"), "session_end"),
+    ("POST", re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"), "v2_infer"),
 ]
-QUEUED = {"v1_predict", "v2_infer"}  # the endpoints whose requests wait in the model's queue
 
 
-def endpoint_of(scope) -> tuple[str, str] | None:
-    """(endpoint, model name) of an inference request, else None."""
+def endpoint_of(scope) -> tuple[str, dict] | None:
+    """(endpoint, path parameters) of an inference request, else None."""
     path = scope["path"]
     if not path.startswith(("/v1/models/", "/v2/models/")):
         return None
     for method, pattern, endpoint in ENDPOINTS:
         if scope["method"] == method and (match := pattern.fullmatch(path)):
-            return endpoint, match[1]
+            return endpoint, {k: v for k, v in match.groupdict().items() if v is not None}
     return None

@@ -1,8 +1,11 @@
-"""Logging for every server process: one format, with the request id on every line."""
+"""Logging for every server process: one format, with the request id on every line (a client's
+sane X-Request-ID, else a new one; it is also in the answer's header and every error body)."""
 import logging
+import re
+from contextvars import ContextVar
 
-from serving.request_ids import REQUEST_ID
-
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")  # set by serving/frontdoor.py
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # a client's X-Request-ID is kept if it is this
 LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s [%(request_id)s]: %(message)s"
 
 

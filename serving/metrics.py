@@ -1,13 +1,9 @@
-"""Prometheus metrics of the server, served at GET /metrics, and the middleware that counts
-every inference request once, whatever answered it.
+"""Prometheus metrics of the server, served at GET /metrics (every inference request is counted
+once, whatever answered it, by serving/frontdoor.py).
 
 A language model's steps run through a batcher named "<model>:step", so its time per step and
 step batch size are the inference-time and batch-size histograms under that name."""
-import time
-
 from prometheus_client import Counter, Gauge, Histogram
-
-from serving.endpoints import endpoint_of
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
@@ -35,37 +31,3 @@ ACTIVE_GENERATIONS = Gauge("rnnserve_active_generations", "Generations in progre
 TOKENS_GENERATED = Counter("rnnserve_tokens_generated_total", "Tokens generated", ["model"])
 LIVE_SESSIONS = Gauge("rnnserve_live_sessions", "Sequence sessions alive", ["model"],
                       multiprocess_mode="livesum")
-
-
-class CountRequests:
-    """ASGI middleware: counts and times every inference request by model, endpoint and status,
-    when its response has ended, and keeps the in-flight gauge. A streamed generation is endpoint
-    "generate_stream" (the route marks it in the scope) and is timed to its last event."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        found = endpoint_of(scope) if scope["type"] == "http" else None
-        if found is None:
-            return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), 500
-        endpoint, name = found
-        client = getattr(scope["app"].state, "engines", None)
-        model = name if client and client.deployed(name) else NOT_DEPLOYED
-        in_flight = IN_FLIGHT.labels(model)
-        in_flight.inc()
-
-        async def send_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            in_flight.dec()
-            endpoint = scope.get("rnnserve.endpoint", endpoint)
-            REQUESTS.labels(model, endpoint, str(status)).inc()
-            REQUEST_LATENCY.labels(model, endpoint).observe(time.perf_counter() - started)

@@ -15,10 +15,10 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
-    workers: int = Field(0, ge=0, description="HTTP front-end processes sharing the port; 0: one per CPU core, "
-                                              "less one per engine (at least one)")
+    workers: int = Field(0, ge=0, description="HTTP front-end processes sharing the port; 0: one per CPU core (with "
+                                              "GPUs, less one per engine)")
     engines: int = Field(0, ge=0, description="inference engine processes, each owning the sessions on its device; "
-                                              "0: one per CUDA device, else one")
+                                              "0: one per CUDA device, else one per CPU core")
     engine_addresses: list[str] = Field([], description="the engines' ZeroMQ addresses (python -m serving sets them)")
     repository: Path = Field(Path("model_repository"), description="every model folder in it is loaded at start-up")
     model_versions: dict[str, int] = Field({}, description='pinned versions, e.g. {"imdb-gru": 1}; otherwise the latest')
@@ -50,8 +50,10 @@ class Settings(BaseSettings):
     spin_wait: bool = Field(False, description="spinning intra-op threads (they compete with the event loop)")
 
     # dynamic batching
-    max_batch_size: int = Field(64, ge=1, description="rows per ONNX Runtime call")
-    max_batch_tokens: int = Field(4096, ge=1, description="rows x padded length per call")
+    max_batch_size: int | None = Field(None, ge=1, description="rows per ONNX Runtime call; unset: 16 on the CPU, "
+                                                               "1024 on CUDA (docs/benchmarks.md)")
+    max_batch_tokens: int | None = Field(None, ge=1, description="rows x padded length per call; unset: 4096 on the "
+                                                                 "CPU, 262144 on CUDA")
     max_queue_delay_ms: float = Field(0.0, ge=0, description="how long a batch waits for more rows after its first")
     max_queue_size: int = Field(1024, ge=1, description="waiting requests per model; beyond it 503 with Retry-After")
     request_timeout_s: float = Field(30.0, ge=0, description="queue plus inference (a generation: each token); "

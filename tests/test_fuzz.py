@@ -30,7 +30,7 @@ from tests.serving_fixtures import Server, tiny_repository
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance, content_type_conformance]
 # One test per operation, named from the app's schema; the cases come from the running server's.
 # (schemathesis.pytest.from_fixture does not run on pytest 9: it sets Function._nodeid, gone in pytest 9.)
-PATHS = create_app(Settings(repository=Path("."))).openapi()["paths"]
+PATHS = create_app(Settings(repository=Path("."))).app.openapi()["paths"]
 OPERATIONS = [f"{method.upper()} {path}" for path, methods in PATHS.items() for method in methods]
 ROWS = st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=30), min_size=1, max_size=4)  # ids in both vocabs
 

@@ -75,7 +75,7 @@ def test_an_engine_that_dies_answers_its_requests_at_once_and_is_restarted(repos
     env = {**os.environ, "RNNSERVE_MAX_QUEUE_DELAY_MS": "5000", "RNNSERVE_REQUEST_TIMEOUT_S": "20"}
     log = open(tmp_path / "server.log", "w+")
     server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host",
-                               "127.0.0.1", "--port", str(port), "--workers", "1"], env=env, stderr=log)
+                               "127.0.0.1", "--port", str(port), "--workers", "1", "--engines", "1"], env=env, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url)
@@ -198,7 +198,7 @@ def test_a_stream_whose_client_left_before_it_started_releases_its_hold(reposito
 
     async def scenario():
         app = create_app(s.settings)
-        async with app.router.lifespan_context(app):
+        async with app.app.router.lifespan_context(app.app):
             while not app.state.engines.ready:
                 await asyncio.sleep(0.01)
             messages = [{"type": "http.request", "body": body, "more_body": False}]

@@ -37,19 +37,27 @@ def test_the_asyncio_client_counts_every_answer(server):
 
 
 def test_the_benchmark_harness_measures_every_stack_without_errors(tmp_path):
-    """The harness end to end on tiny models and 0.3 s points: a test of the plumbing, not of speed."""
+    """The harness end to end on tiny models and 0.3 s points, with requests of 1 and 3 texts from
+    two load processes: a test of the plumbing, not of speed."""
     tiny_repository(tmp_path)
     done = subprocess.run([sys.executable, "-m", "loadtest", "bench", "--model", "clf", "--lm", "lm",
                            "--repository", str(tmp_path / "repo"), "--runs", str(tmp_path / "runs"),
+                           "--texts", "1,3", "--client-procs", "2", "--ceiling-batches", "1,8",
                            "--seconds", "0.3", "--repeats", "1", "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(results["points"]) == 2 * 6 + 3
+    assert len(results["points"]) == 2 * 2 * 6 + 3  # workloads x texts/request x stack points, + generation
     for key, point in results["points"].items():
         assert point["requests"] > 0 and point["errors"] == 0, (key, point)
         assert point["cpu_server_s"] > 0
-    assert set(results["ceiling"]["short"]) == {"1", "8", "32", "64"} and len(results["ceiling"]) == 4
+        if key.startswith("rnnserve"):
+            assert point["frontend_cpu_ms_per_request"] > 0 and point["engine_cpu_ms_per_request"] > 0, (key, point)
+    three = results["points"]["rnnserve|short|3|64"]
+    assert three["sequences_per_s"] == pytest.approx(3 * three["requests_per_s"])
+    ceiling = results["ceiling"]["onnxruntime|short|1 threads"]
+    assert set(ceiling) == {"run|1", "run|8", "iobinding|1", "iobinding|8"}
+    assert set(results["ceiling"]["pytorch|long"]) == {"1", "8"}
     assert results["locust_check"]["locust_requests_per_s"] > 0
     assert (tmp_path / "out" / "latency_throughput.png").stat().st_size > 1000
-    assert "rnnserve 64 users / naive ONNX Runtime" in (tmp_path / "out" / "results.md").read_text()
+    assert "rnnserve / naive-onnxruntime, 64 users" in (tmp_path / "out" / "results.md").read_text()

@@ -53,7 +53,7 @@ def test_sigterm_answers_every_accepted_request_then_exits(repository, tmp_path)
     """40 requests wait in a batch that closes 3 s after its first; SIGTERM comes once the server
     has taken all 40. Every one is answered, correctly; new connections are refused from then
     on; the process exits."""
-    process, url = start(repository, tmp_path, max_queue_delay_ms=3000, shutdown_grace_s=10)
+    process, url = start(repository, tmp_path, max_queue_delay_ms=3000, max_batch_size=64, shutdown_grace_s=10)
 
     async def scenario():
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=40)) as client:

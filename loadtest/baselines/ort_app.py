@@ -1,7 +1,7 @@
 """NAIVE BASELINE, not rnnserve: the same minimal FastAPI app running ONNX Runtime once per
 request with default session settings (what a user writes first after exporting).
 
-    MODEL_DIR=model_repository/imdb-bilstm/1 uvicorn loadtest.baselines.ort_app:app --port 8002
+    MODEL_DIR=model_repository/imdb-bilstm/1 [PROVIDER=cpu|cuda] uvicorn loadtest.baselines.ort_app:app --port 8002
 """
 import os
 from pathlib import Path
@@ -16,7 +16,8 @@ from core.repository import read_version
 
 app = FastAPI(title="naive ONNX Runtime baseline")
 version = read_version(Path(os.environ["MODEL_DIR"]))
-session = ort.InferenceSession(version.graph_bytes(), providers=["CPUExecutionProvider"])
+providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if os.environ.get("PROVIDER") == "cuda" else ["CPUExecutionProvider"]
+session = ort.InferenceSession(version.graph_bytes(), providers=providers)
 
 
 class Body(BaseModel):

@@ -1,7 +1,7 @@
 """NAIVE BASELINE, not rnnserve: a minimal FastAPI app running the PyTorch model once per request,
 as the tutorials this project grew from do.
 
-    RUN=runs/imdb-bilstm uvicorn loadtest.baselines.torch_app:app --port 8001
+    RUN=runs/imdb-bilstm [DEVICE=cpu|cuda] uvicorn loadtest.baselines.torch_app:app --port 8001
 """
 import os
 from pathlib import Path
@@ -15,6 +15,8 @@ from models.checkpoint import load_run
 
 app = FastAPI(title="naive PyTorch baseline")
 model, config, tokenizer, vocab = load_run(Path(os.environ["RUN"]))
+device = torch.device(os.environ.get("DEVICE", "cpu"))
+model = model.to(device)
 codec = TextCodec(tokenizer, vocab, config["max_len"])
 
 
@@ -28,6 +30,6 @@ def predict(name: str, body: Body) -> dict:
     for text in body.instances:
         ids, _ = codec.encode(text)
         with torch.no_grad():
-            p = model(torch.tensor([ids]), torch.tensor([len(ids)])).softmax(-1)[0]
+            p = model(torch.tensor([ids], device=device), torch.tensor([len(ids)])).softmax(-1)[0].cpu()
         out.append({"label": config["labels"][int(p.argmax())], "score": float(p.max())})
     return {"predictions": out}

@@ -6,7 +6,8 @@ Settings come from the environment (RNNSERVE_*), as for the server. SIGTERM stop
 after the step it is in.
 """
 import argparse
-import logging
+import ctypes
+import os
 import signal
 
 from serving.engine.engine import Engine
@@ -24,7 +25,20 @@ def main(argv=None):
     configure_logging()
     engine = Engine(Settings(), args.address, args.index, args.device)
     signal.signal(signal.SIGTERM, lambda *_: engine.stop())
+    die_with_parent()
     engine.run()
+
+
+def die_with_parent():
+    """SIGTERM when the process that started this one dies, even by SIGKILL (Linux): an engine
+    never outlives its server."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux, or not glibc
+        return
+    if os.getppid() != parent:  # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

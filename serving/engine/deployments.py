@@ -73,12 +73,18 @@ class Deployments:
         return Deployment(runner, Queue(runner.limits), lm)
 
     def start(self):
-        """Deploy every model in the repository (its pinned version, else its latest), now."""
+        """Deploy every model in the repository (its pinned version, else its latest), now. One
+        that fails stays out, with the reason in the index; none at all is an error."""
         names = model_names(self.root)
         if not names:
             raise RuntimeError(f"no models in {self.root}: run `make models` or python -m export")
         for name in names:
-            self.swap(self.load(name, self.pinned.get(name), pin=name in self.pinned).result())
+            try:
+                self.swap(self.load(name, self.pinned.get(name), pin=name in self.pinned).result())
+            except (ModelLoadError, UnknownModel) as e:
+                log.error("%s is not served: %s", name, e)
+        if not self.current:
+            raise RuntimeError(f"no model in {self.root} could be loaded (see the errors above)")
 
     def find(self, name: str, version: int) -> Deployment | None:
         """The deployment of that version, serving or retiring (not yet released)."""
@@ -98,10 +104,10 @@ class Deployments:
 
         def load() -> tuple[Runner, bool]:
             try:
-                config = read_config(folder)
-            except ManifestError as e:
-                raise ModelLoadError(f"unreadable serving config: {e}") from e
-            try:
+                try:
+                    config = read_config(folder)
+                except ManifestError as e:
+                    raise ModelLoadError(f"unreadable serving config: {e}") from e
                 runner = Runner.load(folder / str(version), self.settings, config, self.device)
             except ModelLoadError as e:
                 self.failed[name, version] = str(e)

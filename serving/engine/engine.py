@@ -117,7 +117,6 @@ class Engine:
             request = Pending(sender, m.id, m.rows, m.deadline, time.monotonic())
             deployment.queue.put(request)
             self.waiting[sender, m.id] = request
-            metrics.QUEUE_DEPTH.labels(m.model).set(len(deployment.queue))
         elif isinstance(m, Cancel):
             for i in m.ids:
                 if request := self.waiting.pop((sender, i), None):

@@ -25,18 +25,27 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+DEVICE_BATCH = {"CPU": (16, 4096), "CUDA": (1024, 262144)}  # (rows, padded tokens) per call by default
+
+
 @dataclass(frozen=True)
 class Limits:
-    """How one model is batched: its config.json over the server's settings."""
+    """How one model is batched: its config.json over the server's settings over its device's
+    defaults (on the CPU, calls of 8-32 rows ran fastest per row: docs/benchmarks.md)."""
     max_batch_size: int
     max_batch_tokens: int
     max_queue_delay_s: float
     max_queue_size: int
 
     @classmethod
-    def of(cls, settings: Settings, config: ServingConfig) -> "Limits":
-        pick = lambda name: getattr(config, name) if getattr(config, name) is not None else getattr(settings, name)
-        return cls(pick("max_batch_size"), pick("max_batch_tokens"), pick("max_queue_delay_ms") / 1000,
+    def of(cls, settings: Settings, config: ServingConfig, provider: str) -> "Limits":
+        def pick(name, default=None):
+            for source in (config, settings):
+                if getattr(source, name) is not None:
+                    return getattr(source, name)
+            return default
+        rows, tokens = DEVICE_BATCH["CUDA" if provider == CUDA else "CPU"]
+        return cls(pick("max_batch_size", rows), pick("max_batch_tokens", tokens), pick("max_queue_delay_ms") / 1000,
                    pick("max_queue_size"))
 
 
@@ -82,7 +91,8 @@ class Runner:
             session = open_session(graph, settings, config, device)
         except Exception as e:  # ONNX Runtime raises its own exception types
             raise ModelLoadError(f"{version_dir}: ONNX Runtime cannot load the graph: {e}") from e
-        runner = cls(version.name, version.number, version.manifest, config.variant, session, Limits.of(settings, config))
+        runner = cls(version.name, version.number, version.manifest, config.variant, session,
+                     Limits.of(settings, config, session.get_providers()[0]))
         try:
             runner.warm_up()
         except Exception as e:  # a graph that loads but does not run on its own inputs

@@ -3,7 +3,7 @@ beside the one serving and swap, unload. Every engine follows every call.
 
 Closed by default, like Triton's --model-control-mode=none: every route answers 403 unless
 RNNSERVE_CONTROL_TOKEN is set (then callers need it as a bearer token, checked in
-serving/guards.py) or RNNSERVE_CONTROL=open (anyone who reaches the port: a trusted network only)."""
+serving/frontdoor.py) or RNNSERVE_CONTROL=open (anyone who reaches the port: a trusted network only)."""
 import asyncio
 
 from fastapi import APIRouter, Depends, HTTPException, Request

@@ -16,7 +16,7 @@ from serving import metrics
 from serving.client import EngineClient, Link, Stream
 from serving.inference import answered, check_text, engines, json_response, refusal, reply_of, served
 from serving.messages import CloseSession, Done, Failed, Generate, OpenSession, SessionOpened, Step, Stepped
-from serving.request_ids import REQUEST_ID
+from serving.logs import REQUEST_ID
 from serving.schemas import GenerateRequest, GenerateResponse, SessionCreated, StepRequest, StepResponse
 
 router = APIRouter(prefix="/v1/models", tags=["language models"])
