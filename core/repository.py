@@ -15,7 +15,6 @@ folder and renames it into place, so a version folder is always complete). Every
 manifest names is a plain name inside its version folder, and each graph carries its sha256.
 """
 import hashlib
-import json
 import re
 import sys
 from dataclasses import dataclass

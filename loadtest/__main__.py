@@ -4,10 +4,11 @@
         [--scenario predict|v2|generate|all] [--out results/run]
     python -m loadtest bench [--model imdb-bilstm --lm timemachine-gru --repository model_repository --runs runs]
     python -m loadtest soak [--model imdb-gru --minutes 10 --users 32 --reload-every-s 60]
+    python -m loadtest ipc [--messages 20000]
 
 `run` drives Locust headless against any host and writes its CSV and HTML reports plus a
 summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py;
-`soak`: loadtest/soak.py.
+`soak`: loadtest/soak.py; `ipc`: what the front-end <-> engine transport costs (loadtest/ipc.py).
 """
 import argparse
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from loadtest.bench import bench as run_bench
 from loadtest.headless import SCENARIOS, run_locust
+from loadtest.ipc import ipc as run_ipc
 from loadtest.soak import soak as run_soak
 
 def main(argv=None):
@@ -53,7 +55,11 @@ def main(argv=None):
     soak.add_argument("--window-s", type=float, default=30.0, help="one row of figures per window")
     soak.add_argument("--reload-every-s", type=float, default=60.0, help="reload the model under load; 0: never")
     soak.add_argument("--out", type=Path, default=Path("results/soak"))
+    transport = commands.add_parser("ipc", help="the front-end <-> engine transport's cost (loadtest/ipc.py)")
+    transport.add_argument("--messages", type=int, default=20000)
     args = p.parse_args(argv)
+    if args.command == "ipc":
+        return run_ipc(args)
     if args.command == "soak":
         return run_soak(args)
     if args.command == "run":

@@ -86,10 +86,11 @@ def cuda_devices(settings: Settings) -> int:
     import onnxruntime as ort
     if CUDA not in settings.providers or CUDA not in ort.get_available_providers():
         return 0
+    devices = len(list(Path("/dev").glob("nvidia[0-9]*")))  # what the driver (or the container runtime) exposes
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip()])
-    return len([d for d in Path("/dev").glob("nvidia[0-9]*")]) or 1
+    if visible is not None and devices:
+        return min(devices, len([d for d in visible.split(",") if d.strip()]))
+    return devices
 
 
 def main(argv=None):

@@ -69,15 +69,15 @@ class FrontDoor:
             return await self.enter(scope, receive, answer, headers, None)
         client, name = getattr(self.state, "engines", None), found[1]["name"]
         model = name if client and client.deployed(name) else metrics.NOT_DEPLOYED
-        in_flight = metrics.IN_FLIGHT.labels(model)
+        in_flight = metrics.of(metrics.IN_FLIGHT, model)
         in_flight.inc()
         try:
             await self.enter(scope, receive, answer, headers, found)
         finally:
             in_flight.dec()
             endpoint = scope.get("rnnserve.endpoint", found[0])
-            metrics.REQUESTS.labels(model, endpoint, str(status)).inc()
-            metrics.REQUEST_LATENCY.labels(model, endpoint).observe(time.perf_counter() - started)
+            metrics.of(metrics.REQUESTS, model, endpoint, str(status)).inc()
+            metrics.of(metrics.REQUEST_LATENCY, model, endpoint).observe(time.perf_counter() - started)
 
     async def enter(self, scope, receive, send, headers: dict, found: tuple | None):
         if self.token and scope["path"].startswith(self.guarded):

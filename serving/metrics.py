@@ -3,6 +3,8 @@ once, whatever answered it, by serving/frontdoor.py).
 
 A language model's steps run through a batcher named "<model>:step", so its time per step and
 step batch size are the inference-time and batch-size histograms under that name."""
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
@@ -31,3 +33,9 @@ ACTIVE_GENERATIONS = Gauge("rnnserve_active_generations", "Generations in progre
 TOKENS_GENERATED = Counter("rnnserve_tokens_generated_total", "Tokens generated", ["model"])
 LIVE_SESSIONS = Gauge("rnnserve_live_sessions", "Sequence sessions alive", ["model"],
                       multiprocess_mode="livesum")
+
+
+@functools.cache
+def of(metric, *labels: str):
+    """metric.labels(*labels), looked up once: the hot paths count every request."""
+    return metric.labels(*labels)

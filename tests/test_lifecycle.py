@@ -4,7 +4,6 @@ that count every answer. Each test here failed before its fix."""
 import asyncio
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,12 +13,10 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from loadtest.servers import free_port
 from serving.app import create_app
-from serving.settings import Settings
 from tests.serving_fixtures import Server, tiny_repository
 from tests.test_model_control import wait_ready
 

@@ -61,3 +61,10 @@ def test_the_benchmark_harness_measures_every_stack_without_errors(tmp_path):
     assert results["locust_check"]["locust_requests_per_s"] > 0
     assert (tmp_path / "out" / "latency_throughput.png").stat().st_size > 1000
     assert "rnnserve / naive-onnxruntime, 64 users" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_the_transport_benchmark_runs():
+    done = subprocess.run([sys.executable, "-m", "loadtest", "ipc", "--messages", "512"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ["1", "8", "64"]

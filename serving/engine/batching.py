@@ -47,6 +47,10 @@ class Queue:
             return 0.0
         return max(0.0, self.waiting[0].arrived + self.limits.max_queue_delay_s - now)
 
+    def take_all(self) -> list[Pending]:
+        waiting, self.waiting, self.rows = list(self.waiting), deque(), 0
+        return waiting
+
     def take(self) -> list[Pending]:
         """The next batch: requests in arrival order until their rows fill max_batch_size (at
         least one request); cancelled and expired ones are left out by the caller."""

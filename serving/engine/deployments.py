@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.repository import ManifestError, UnknownModel, model_dir, model_names, read_config, versions
-from serving import metrics
 from serving.engine.batching import Queue
 from serving.engine.generation import LanguageModel
 from serving.engine.runner import ModelLoadError, Runner
@@ -146,9 +145,10 @@ class Deployments:
             deployment.lm.expire(everything=True)  # sessions belong to their version
         self.retiring.append(deployment)
 
-    def release_idle(self, grace_s: float):
-        """Release retired versions that have answered everything (or waited out the grace period)."""
-        now = time.monotonic()
+    def release_idle(self, grace_s: float) -> list[Deployment]:
+        """Release retired versions that have answered everything (or waited out the grace
+        period); the released ones, whose queues the engine answers."""
+        now, released = time.monotonic(), []
         for d in list(self.retiring):
             quiet = not d.busy() and now - max(d.retired_at, d.last_used) >= QUIET_S
             if quiet or now - d.retired_at >= grace_s:
@@ -156,6 +156,8 @@ class Deployments:
                     log.warning("%s v%s released with work unanswered after %.0fs", d.name, d.version, grace_s)
                 self.release(d)
                 self.retiring.remove(d)
+                released.append(d)
+        return released
 
     def index(self) -> list[dict]:
         """Every version of every model on disk: READY (deployed), UNLOADING (answering its last

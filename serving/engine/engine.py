@@ -208,11 +208,12 @@ class Engine:
                 self.waiting.pop((request.sender, request.id), None)
                 if request.deadline >= now:  # past it, the front-end has answered 504 already
                     batch.append(request)
-        metrics.QUEUE_DEPTH.labels(deployment.name).set(len(deployment.queue))
+        metrics.of(metrics.QUEUE_DEPTH, deployment.name).set(len(deployment.queue))
         if not batch:
             return
+        queue_time = metrics.of(metrics.QUEUE_TIME, deployment.name)
         for request in batch:
-            metrics.QUEUE_TIME.labels(deployment.name).observe(now - request.arrived)
+            queue_time.observe(now - request.arrived)
         rows = [row for request in batch for row in request.rows]
         started = time.perf_counter()
         try:
@@ -222,18 +223,20 @@ class Engine:
             for request in batch:
                 self.post(request.sender, Failed(request.id, 500, f"inference failed: {type(e).__name__}: {e}"))
             return
-        metrics.INFERENCE_TIME.labels(deployment.name).observe(time.perf_counter() - started)
+        metrics.of(metrics.INFERENCE_TIME, deployment.name).observe(time.perf_counter() - started)
         deployment.last_used = time.monotonic()
+        classes = np.stack(outputs) if outputs[0].ndim == 1 else None  # (rows, C) for a classifier
         start = 0
         for request in batch:
-            mine = outputs[start: start + len(request.rows)]
-            start += len(request.rows)
-            if mine[0].ndim == 1:  # classifier: (n, C)
-                data = np.stack(mine)
+            n = len(request.rows)
+            if classes is not None:
+                data = classes[start: start + n]
             else:  # language model: (n, T, V), zero past each row's length
-                data = np.zeros((len(mine), max(len(o) for o in mine), mine[0].shape[-1]), np.float32)
+                mine = outputs[start: start + n]
+                data = np.zeros((n, max(len(o) for o in mine), mine[0].shape[-1]), np.float32)
                 for i, out in enumerate(mine):
                     data[i, : len(out)] = out
+            start += n
             self.post(request.sender, Result(request.id, data.tobytes(), list(data.shape)))
 
     def run_calls(self, deployment: Deployment, rows: list[list[int]]) -> list[np.ndarray]:
@@ -245,8 +248,8 @@ class Engine:
             if len(out) != len(call):
                 raise RuntimeError(f"{name}: {len(call)} rows in, {len(out)} out")
             longest, real = max(lengths[i] for i in call), sum(lengths[i] for i in call)
-            metrics.BATCH_SIZE.labels(name).observe(len(call))
-            metrics.PADDING_RATIO.labels(name).observe(len(call) * longest / real - 1)
+            metrics.of(metrics.BATCH_SIZE, name).observe(len(call))
+            metrics.of(metrics.PADDING_RATIO, name).observe(len(call) * longest / real - 1)
             for j, i in enumerate(call):
                 outputs[i] = out[j]
         return outputs
@@ -263,7 +266,13 @@ class Engine:
         if self.settings.repository_poll_s and now >= self.next_poll:
             self.next_poll = now + self.settings.repository_poll_s
             self.loading += [(load, None, None) for load in self.deployments.poll()]
-        self.deployments.release_idle(self.settings.shutdown_grace_s)
+        for released in self.deployments.release_idle(self.settings.shutdown_grace_s):
+            gone = f"{released.name} v{released.version} was unloaded before this request ran; retry"
+            for request in released.queue.take_all():  # past the grace period: told, never left waiting
+                self.waiting.pop((request.sender, request.id), None)
+                self.post(request.sender, Failed(request.id, 503, gone))
+            if released.lm:
+                self.post_all(released.lm.fail(list(released.lm.streams.values()), gone))
 
     # --- hand back ---
 

@@ -164,8 +164,8 @@ class LanguageModel:
             log.exception("a step of %d rows failed on %s", len(rows), self.name)
             return self.fail(owners, f"generation failed: {type(e).__name__}: {e}")
         self.pool[slots] = state
-        metrics.INFERENCE_TIME.labels(f"{self.name}:step").observe(time.perf_counter() - started)
-        metrics.BATCH_SIZE.labels(f"{self.name}:step").observe(len(rows))
+        metrics.of(metrics.INFERENCE_TIME, f"{self.name}:step").observe(time.perf_counter() - started)
+        metrics.of(metrics.BATCH_SIZE, f"{self.name}:step").observe(len(rows))
         replies, tokens = [], {}
         for row, owner in zip(logits, owners):
             if isinstance(owner, Stream):
@@ -183,7 +183,7 @@ class LanguageModel:
                 sender, request, session = owner
                 session.last_used, session.tokens = time.monotonic(), session.tokens + len(request.ids)
                 replies.append((sender, Stepped(request.id, row.astype(np.float32).tobytes(), session.tokens)))
-        metrics.TOKENS_GENERATED.labels(self.name).inc(sum(len(t[0]) for t in tokens.values()))
+        metrics.of(metrics.TOKENS_GENERATED, self.name).inc(sum(len(t[0]) for t in tokens.values()))
         return replies + [(sender, Tokens(*t)) for sender, t in tokens.items()]
 
     def fail(self, owners: list, error: str) -> list[tuple[bytes, Failed]]:

@@ -60,13 +60,15 @@ def open_session(graph: bytes, settings: Settings, config: ServingConfig, device
     wanted = config.providers or settings.providers
     available = ort.get_available_providers()
     providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-    if providers[0] != wanted[0]:
-        log.warning("%s is not available here (ONNX Runtime offers %s)", wanted[0], available)
     chosen = []
     for provider in providers:
         given = settings.provider_options.get(provider, {}) | config.provider_options.get(provider, {})
         chosen.append((provider, given | {"device_id": str(device)} if provider == CUDA else given))
-    return ort.InferenceSession(graph, options, providers=chosen)
+    session = ort.InferenceSession(graph, options, providers=chosen)
+    if session.get_providers()[0] != wanted[0]:  # not in this build, or its libraries or device are missing
+        log.warning("%s is not available here (ONNX Runtime offers %s): running on %s", wanted[0], available,
+                    session.get_providers()[0])
+    return session
 
 
 @dataclass(eq=False)

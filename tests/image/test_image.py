@@ -115,6 +115,32 @@ def test_the_container_uses_the_cpu_fallback_and_says_so(container):
     assert sh(*PODMAN, "exec", cid, "id", "-u") == "10001"
 
 
+PROCESSES = """
+import json, pathlib
+rows = []
+for proc in pathlib.Path('/proc').glob('[0-9]*'):
+    try:
+        command = (proc / 'cmdline').read_bytes().replace(b'\\0', b' ').decode()
+        onnxruntime = 'onnxruntime' in (proc / 'maps').read_text()
+    except OSError:
+        continue
+    if 'python' in command:
+        rows.append({'command': command, 'onnxruntime': onnxruntime})
+print(json.dumps(rows))
+"""
+
+
+def test_the_container_runs_engines_and_front_ends_apart(container):
+    """Inside the image: the inference engines (python -m serving.engine) hold ONNX Runtime; the
+    HTTP front-end workers (uvicorn's, spawned) do not even load it."""
+    _, cid = container
+    rows = json.loads(sh(*PODMAN, "exec", cid, "python3", "-c", PROCESSES))
+    engines = [r for r in rows if "serving.engine" in r["command"]]
+    front_ends = [r for r in rows if "multiprocessing" in r["command"] and "spawn" in r["command"]]
+    assert engines and all(r["onnxruntime"] for r in engines), rows
+    assert front_ends and not any(r["onnxruntime"] for r in front_ends), rows
+
+
 def test_a_short_locust_load_against_the_container_has_zero_failures(container, tmp_path):
     url, _ = container
     env = os.environ | {"RNNSERVE_LOADTEST_MODEL": "clf", "RNNSERVE_LOADTEST_LM": "lm"}
