@@ -146,18 +146,18 @@ class ServingConfig(BaseModel):
 def read_config(model_dir: Path) -> ServingConfig:
     """The model's config.json, or every field at the server's setting when there is none."""
     path = Path(model_dir) / CONFIG
-    if not path.exists():
-        return ServingConfig()
+    return validated(ServingConfig, path) if path.exists() else ServingConfig()
+
+
+def validated(schema: type[BaseModel], path: Path):
+    """A JSON file read into its schema; ManifestError naming the file and the first fields wrong."""
     try:
-        return ServingConfig.model_validate_json(path.read_bytes())
+        return schema.model_validate_json(path.read_bytes())
     except OSError as e:
         raise ManifestError(f"{path}: unreadable: {e.strerror or e}") from None
     except ValidationError as e:
-        raise ManifestError(f"{path}: {problems(e)}") from None
-
-
-def problems(error: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'file'}: {err['msg']}" for err in error.errors()[:3])
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'file'}: {err['msg']}" for err in e.errors()[:3])
+        raise ManifestError(f"{path}: {problems}") from None
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -182,13 +182,7 @@ def model_dir(repository: Path, name: str) -> Path:
 
 
 def read_manifest(version_dir: Path) -> Manifest:
-    path = Path(version_dir) / MANIFEST
-    try:
-        return Manifest.model_validate_json(path.read_bytes())
-    except OSError as e:
-        raise ManifestError(f"{path}: unreadable: {e.strerror or e}") from None
-    except ValidationError as e:
-        raise ManifestError(f"{path}: {problems(e)}") from None
+    return validated(Manifest, Path(version_dir) / MANIFEST)
 
 
 def write_manifest(version_dir: Path, manifest: Manifest):

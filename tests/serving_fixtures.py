@@ -1,7 +1,10 @@
-"""A real server on 127.0.0.1 over a repository of tiny exported models: an engine in a thread
-and a uvicorn front-end in another, talking over a ZeroMQ ipc socket as the processes of
-python -m serving do (tests that need the processes themselves start python -m serving)."""
+"""A real server on 127.0.0.1 over a repository of tiny exported models: in this process (an
+engine in a thread and a uvicorn front-end in another, talking over a ZeroMQ ipc socket as the
+processes of python -m serving do), or python -m serving itself where its processes are tested."""
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -75,3 +78,27 @@ class Server:
         self.engine.stop()
         self.engine_thread.join(10)
         shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+def serve(repository: Path, *args: str, log=subprocess.DEVNULL, **settings) -> tuple[subprocess.Popen, str]:
+    """python -m serving over `repository` on a free port, with command-line `args` and
+    RNNSERVE_<NAME> settings; returns once it is ready."""
+    port = free_port()
+    env = os.environ | {f"RNNSERVE_{k.upper()}": str(v) for k, v in settings.items()}
+    process = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
+                                "--port", str(port), *args], env=env, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    return process, url
+
+
+def wait_ready(url: str, timeout_s: float = 60):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not become ready")

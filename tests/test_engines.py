@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -18,24 +16,14 @@ import pytest
 from core.codec import softmax
 from core.repository import read_version
 from export.repository import export_run
-from loadtest.servers import free_port
-from tests.serving_fixtures import Server, alone, tiny_repository
+from tests.serving_fixtures import Server, alone, serve, tiny_repository
 from tests.test_export import make_run
 from tests.test_lifecycle import children
-from tests.test_model_control import wait_ready
 
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory):
     return tiny_repository(tmp_path_factory.mktemp("engines"))
-
-
-def serve(repository, *args, log=subprocess.DEVNULL, **env) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
-                               "--port", str(port), *args], env=os.environ | env, stderr=log)
-    wait_ready(f"http://127.0.0.1:{port}")
-    return server, f"http://127.0.0.1:{port}"
 
 
 def test_answers_across_front_ends_and_engines_equal_the_graph_alone(repository):

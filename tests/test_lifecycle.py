@@ -17,8 +17,7 @@ import pytest
 
 from loadtest.servers import free_port
 from serving.app import create_app
-from tests.serving_fixtures import Server, tiny_repository
-from tests.test_model_control import wait_ready
+from tests.serving_fixtures import Server, serve, tiny_repository, wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +37,9 @@ def test_every_worker_serves_what_the_last_control_calls_asked_for(tmp_path):
         for seed in (0, 1):
             export_run(make_run(tmp_path / "runs" / f"{name}{seed}", "classifier", "gru", seed=seed), repository,
                        name=name, cases=2)
-    port = free_port()
-    env = {**os.environ, "RNNSERVE_CONTROL": "open"}
-    server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host",
-                               "127.0.0.1", "--port", str(port), "--workers", "2", "--engines", "2"], env=env,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    server, url = serve(repository, "--workers", "2", "--engines", "2", control="open")
     try:
-        wait_ready(url)
-        time.sleep(1)  # the second worker too
+        time.sleep(1)  # the second front-end too
         for round_ in range(8):
             version = 1 if round_ % 2 else 2  # ends on 1: not the latest, which each worker starts on
             for name in ("g", "h"):
@@ -68,14 +61,10 @@ def test_every_worker_serves_what_the_last_control_calls_asked_for(tmp_path):
 def test_an_engine_that_dies_answers_its_requests_at_once_and_is_restarted(repository, tmp_path):
     """Ten requests wait in the engine (its batch waits 5 s for company) when it is killed: each
     gets 503 at once, not a wait for its deadline; the engine is restarted and serves again."""
-    port = free_port()
-    env = {**os.environ, "RNNSERVE_MAX_QUEUE_DELAY_MS": "5000", "RNNSERVE_REQUEST_TIMEOUT_S": "20"}
     log = open(tmp_path / "server.log", "w+")
-    server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host",
-                               "127.0.0.1", "--port", str(port), "--workers", "1", "--engines", "1"], env=env, stderr=log)
-    url = f"http://127.0.0.1:{port}"
+    server, url = serve(repository, "--workers", "1", "--engines", "1", log=log, max_queue_delay_ms=5000,
+                        request_timeout_s=20)
     try:
-        wait_ready(url)
         engine = next(p for p in children(server.pid) if "serving.engine" in p[1])[0]
 
         async def scenario():

@@ -2,11 +2,8 @@
 bearer token, paths that try to leave the repository, and several workers following one call."""
 import asyncio
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -16,8 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from export.repository import export_run
-from loadtest.servers import free_port
-from tests.serving_fixtures import Server, alone, tiny_repository
+from tests.serving_fixtures import Server, alone, serve, tiny_repository
 from tests.test_export import make_run
 
 TEXTS = ["good film", "the plot was awful", "a", "great great good film the plot", "bad", "awful film the a"]
@@ -217,15 +213,9 @@ def test_polling_deploys_a_new_version_when_it_appears(two_versions, tmp_path):
 def test_every_front_end_and_engine_follows_a_load_call(two_versions, tmp_path):
     """python -m serving --workers 2 --engines 2: the call reaches one front-end; both engines
     swap, and every front-end serves version 1 after it."""
-    port = free_port()
-    env = {**os.environ, "RNNSERVE_CONTROL": "open"}
     log = open(tmp_path / "server.log", "w+")
-    server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(two_versions), "--host",
-                               "127.0.0.1", "--port", str(port), "--workers", "2", "--engines", "2"], env=env, stderr=log)
-    url = f"http://127.0.0.1:{port}"
+    server, url = serve(two_versions, "--workers", "2", "--engines", "2", log=log, control="open")
     try:
-        wait_ready(url)
-
         def versions_seen(n=40) -> set[str]:  # a new connection each time: the kernel spreads them
             return {httpx.get(f"{url}/v1/models/clf", headers={"Connection": "close"}).json()["version"]
                     for _ in range(n)}
@@ -239,18 +229,6 @@ def test_every_front_end_and_engine_follows_a_load_call(two_versions, tmp_path):
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
-
-
-def wait_ready(url: str, timeout_s: float = 60):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not become ready")
 
 
 class Planted:

@@ -4,13 +4,11 @@ memory are under test)."""
 import asyncio
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import httpx
@@ -19,10 +17,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from loadtest.servers import free_port
 from loadtest.client import LoadResult, read_response
-from tests.serving_fixtures import Server, alone, tiny_repository
-from tests.test_model_control import wait_ready
+from tests.serving_fixtures import Server, alone, serve, tiny_repository
 
 TEXTS = ["good film", "the plot was awful", "a", "great great good film the plot", "bad", "awful film the a"]
 
@@ -33,15 +29,8 @@ def repository(tmp_path_factory):
 
 
 def start(repository, tmp_path, **settings) -> tuple[subprocess.Popen, str]:
-    """python -m serving (one worker) with RNNSERVE_* settings; its log in tmp_path/server.log."""
-    port = free_port()
-    env = {**os.environ, **{f"RNNSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
-    log = open(tmp_path / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host",
-                                "127.0.0.1", "--port", str(port), "--workers", "1"], env=env, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
-    return process, url
+    """python -m serving (one front-end) with RNNSERVE_* settings; its log in tmp_path/server.log."""
+    return serve(repository, "--workers", "1", log=open(tmp_path / "server.log", "w"), **settings)
 
 
 def in_flight(metrics) -> float:
