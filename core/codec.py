@@ -33,6 +33,10 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.join(self.vocab.decode(ids))
 
+    def piece(self, token: int) -> str:
+        """One generated token as it continues a text: a word after a space, a character as it is."""
+        return self.tokenizer.join(["", self.vocab.itos[token]])
+
 
 def pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad with 0: (B, T_max) int64 ids and (B,) int64 lengths."""

@@ -40,6 +40,8 @@ def main(argv=None):
     bench.add_argument("--texts", default="1", help="texts per request, comma-separated, e.g. 1,32")
     bench.add_argument("--client-procs", type=int, default=1, help="load-generator processes")
     bench.add_argument("--ceiling-batches", default="1,8,32,64", help="batch sizes of the in-process ceiling")
+    bench.add_argument("--streams", default="1,8,64", help="concurrent generation streams, comma-separated")
+    bench.add_argument("--generation-batches", default="1,8,64", help="batch sizes of the in-process greedy loop")
     bench.add_argument("--compare", type=Path, help="another checkout whose python -m serving (over its own "
                        "model_repository) is measured beside this one's")
     bench.add_argument("--seconds", type=float, default=6.0, help="per measured point")

@@ -80,6 +80,29 @@ def ceiling(graph: bytes, rows: list[list[int]], provider: str, batches: list[in
     return out
 
 
+def generation_ceiling(graph: bytes, state: dict, provider: str, batches: list[int], seconds: float) -> dict:
+    """In-process greedy decoding with one ONNX Runtime thread, the state copied through the host
+    each step (what the engine's loop does, without HTTP or sampling): tokens/s per batch."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(graph, options, providers=PROVIDERS[provider])
+    out = {}
+    for batch in batches:
+        tokens = np.full((batch, 1), 2, np.int64)
+        lengths = np.ones(batch, np.int64)
+        states = {name: np.zeros((state["layers"], batch, state["hidden_size"]), np.float32) for name in state["inputs"]}
+        steps, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or not steps:
+            logits, *new = session.run(None, {"input_ids": tokens, "lengths": lengths, **states})
+            tokens = logits[:, -1].argmax(axis=1)[:, None].astype(np.int64)
+            states = dict(zip(state["inputs"], new))
+            steps += 1
+        elapsed = time.perf_counter() - started
+        out[str(batch)] = {"tokens_per_s": batch * steps / elapsed, "ms_per_step": 1000 * elapsed / steps}
+    return out
+
+
 def torch_ceiling(run: Path, rows: list[list[int]], provider: str, batches: list[int], seconds: float) -> dict:
     """PyTorch eager with packed sequences on the same device, in a subprocess (this one imports
     no PyTorch): sequences/s per batch size."""
@@ -160,6 +183,10 @@ def bench(args) -> dict:
                                                            numbers(args.ceiling_batches), min(args.seconds, 2))
         print(f"ceiling {w}: " + json.dumps({k: round(v["sequences_per_s"]) for k, v in
                                             results["ceiling"][f"onnxruntime|{w}|1 threads"].items()}))
+    lm = read_version(latest(args.repository, args.lm))
+    results["generation_ceiling"] = generation_ceiling(lm.graph_bytes(), lm.manifest.state.model_dump(), args.provider,
+                                                       numbers(args.generation_batches), min(args.seconds, 2))
+    print("generation ceiling: " + json.dumps({b: round(v["tokens_per_s"]) for b, v in results["generation_ceiling"].items()}))
 
     stacks = {"rnnserve": ([sys.executable, "-m", "serving", "--host", "127.0.0.1"], None,
                            {"RNNSERVE_REPOSITORY": str(args.repository), "RNNSERVE_PROVIDERS": json.dumps(PROVIDERS[args.provider]),
@@ -193,7 +220,7 @@ def bench(args) -> dict:
                       f"p50 {point['p50_ms']:7.1f} ms p99 {point['p99_ms']:7.1f} ms, CPU ms/req front-end "
                       f"{point['frontend_cpu_ms_per_request']:.3f} engine {point['engine_cpu_ms_per_request']:.3f}"
                       f"{'  (disturbed)' if point['disturbed'] else ''}")
-            for streams_n in (1, 8, 64):
+            for streams_n in numbers(args.streams):
                 point = generation_point(procs["rnnserve"].pid, ports["rnnserve"], args.lm, streams_n, args.seconds,
                                          args.client_procs)
                 raw.setdefault(f"generate|stream|1|{streams_n}", []).append(point)
@@ -272,12 +299,15 @@ def markdown(r: dict) -> str:
     lines.append(f"| rnnserve {top} users / best in-process ceiling (sequences/s) | " + " | ".join(
         f"{max(v['sequences_per_s'] for k, v in p.items() if k.startswith(f'rnnserve|{w}|')) / best[w]:.2f}"
         for w in WORKLOADS) + " |")
-    lines += ["", "| generation | streams | tokens/s | time to first token p50 ms | p50 request ms (100 tokens) |",
-              "|---|---|---|---|---|"]
+    g = r.get("generation_ceiling", {})
+    lines += ["", "| generation | streams | tokens/s | time to first token p50 ms | p50 request ms (100 tokens) | "
+              "in-process greedy loop at that batch, tokens/s | ratio |", "|---|---|---|---|---|---|---|"]
     for key, v in p.items():
         if key.startswith("generate"):
-            lines.append(f"| {r['lm']} | {key.split('|')[3]} | {v['tokens_per_s']:.0f} | {v['ttft_p50_ms']:.1f} | "
-                         f"{v['p50_ms']:.0f} |")
+            n = key.split("|")[3]
+            loop = g.get(n, {}).get("tokens_per_s")
+            lines.append(f"| {r['lm']} | {n} | {v['tokens_per_s']:.0f} | {v['ttft_p50_ms']:.1f} | {v['p50_ms']:.0f} | "
+                         + (f"{loop:.0f} | {v['tokens_per_s'] / loop:.2f} |" if loop else " | |"))
     if "locust_check" in r:
         lc = r["locust_check"]
         lines += ["", f"Locust check (rnnserve, short, {lc['users']} users): Locust {lc['locust_requests_per_s']:.0f} "

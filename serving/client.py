@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,22 +35,33 @@ class Stream:
         self.tokens: list[int] = []
         self.last = False
         self.failed: Failed | None = None
-        self.arrived = asyncio.Event()
+        self.waiter: asyncio.Future | None = None
 
     def push(self, token: int, last: bool):
         self.tokens.append(token)
         self.last = last
-        self.arrived.set()
+        self.wake()
 
     def fail(self, failed: Failed):
         self.failed, self.last = failed, True
-        self.arrived.set()
+        self.wake()
+
+    def wake(self):
+        if self.waiter and not self.waiter.done():
+            self.waiter.set_result(None)
 
     async def next(self, timeout_s: float) -> list[int]:
-        """Every token that arrived since the last call (waiting at most timeout_s for one)."""
+        """Every token that arrived since the last call (waiting at most timeout_s for one);
+        TimeoutError if none came."""
         if not self.tokens and not self.last:
-            await asyncio.wait_for(self.arrived.wait(), timeout_s)
-        self.arrived.clear()
+            waiter = self.waiter = asyncio.get_running_loop().create_future()
+            timer = asyncio.get_running_loop().call_later(
+                timeout_s, lambda: waiter.done() or waiter.set_exception(TimeoutError()))
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
         tokens, self.tokens = self.tokens, []
         return tokens
 
@@ -105,10 +117,16 @@ class EngineClient:
     def deployed(self, name: str) -> list[tuple[Link, Deployed]]:
         return [(link, link.catalog[name]) for link in self.links if link.catalog and name in link.catalog]
 
-    def pick(self, name: str) -> tuple[Link, Deployed] | None:
-        """The engine serving `name` with the least work waiting from this front-end."""
+    def pick(self, name: str, together: bool = False) -> tuple[Link, Deployed] | None:
+        """The engine serving `name` with the least work waiting from this front-end; together:
+        the same one for every front-end (a model's generations share its steps there, and one
+        step of 64 rows costs far less than two of 32)."""
         serving = self.deployed(name)
-        return min(serving, key=lambda ld: len(ld[0].waiting) + len(ld[0].streams)) if serving else None
+        if not serving:
+            return None
+        if together:
+            return serving[zlib.crc32(name.encode()) % len(serving)]
+        return min(serving, key=lambda ld: len(ld[0].waiting) + len(ld[0].streams))
 
     def version(self, name: str, number: int) -> Version:
         """A deployed version's codec and manifest, read once through the repository contract."""

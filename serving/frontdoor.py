@@ -2,10 +2,11 @@
 an id, the bearer token where one is asked for, shedding when the model's queue is full, the
 whole body read within its limits, and a count of the answer in /metrics.
 
-The two hot routes, V1 predict and V2 infer, are then called directly with their validated
-body: FastAPI's routing, dependency solving and middleware stack cost more than the route itself
-(profiled under load: docs/benchmarks.md). They stay FastAPI routes, documented at /docs and
-answering the same way.
+The hot routes (V1 predict, V2 infer, generate, a session's step) are then called directly with
+their validated body: FastAPI's routing, dependency solving and middleware stack cost more than
+the route itself, and every chunk of a stream went through three of its send wrappers (profiled
+under load: docs/benchmarks.md). They stay FastAPI routes, documented at /docs and answering the
+same way.
 """
 import asyncio
 import itertools
@@ -22,12 +23,13 @@ from starlette.requests import Request
 from serving import metrics
 from serving.endpoints import endpoint_of
 from serving.logs import REQUEST_ID, SANE_REQUEST_ID
-from serving.routes import v1, v2
-from serving.schemas import InferRequest, PredictRequest
+from serving.routes import lm, v1, v2
+from serving.schemas import GenerateRequest, InferRequest, PredictRequest, StepRequest
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
-DIRECT = {"v1_predict": (PredictRequest, v1.predict), "v2_infer": (InferRequest, v2.infer_tensors)}  # schema, route
+DIRECT = {"v1_predict": (PredictRequest, v1.predict), "v2_infer": (InferRequest, v2.infer_tensors),  # schema, route
+          "generate": (GenerateRequest, lm.generate), "session_step": (StepRequest, lm.step_session)}
 QUEUED = {"v1_predict", "v2_infer"}  # the endpoints whose requests wait in the model's queue
 WANTED = {b"x-request-id", b"content-length", b"authorization"}
 NEW_IDS = map(f"{os.urandom(8).hex()}{{:016x}}".format, itertools.count())  # 32 hex digits: random per process, then a count

@@ -26,11 +26,13 @@ def engines(request: Request) -> EngineClient:
     return request.app.state.engines
 
 
-def served(request: Request, name: str, version: str | None = None, task: str | None = None) -> tuple[Link, Version]:
+def served(request: Request, name: str, version: str | None = None, task: str | None = None,
+           together: bool = False) -> tuple[Link, Version]:
     """The engine that will serve `name` and the version it serves (404 if none, or if `version` is
-    given and is not the one deployed; 400 for the wrong task; 503 while starting or draining)."""
+    given and is not the one deployed; 400 for the wrong task; 503 while starting or draining).
+    together: the one engine every front-end sends this model's generations to."""
     client = engines(request)
-    picked = client.pick(name)
+    picked = client.pick(name, together)
     if picked is None:
         raise HTTPException(404, f"unknown model {name!r}")
     link, deployed = picked

@@ -94,6 +94,7 @@ def test_the_codec_is_the_one_rule_from_text_to_ids(exported):
     assert codec.decode(codec.encode("good film")[0]) == "good film"
     lm = read_version(exported / "lm" / "1").codec
     assert lm.decode(lm.ids("the time")) == "the time" and len(lm.ids("the time " * 5)) == 45  # prompts are not cut
+    assert lm.piece(lm.ids("t")[0]) == "t" and codec.piece(codec.ids("film")[0]) == " film"  # a generated token's text
 
 
 def test_the_repository_command_lists_every_version(exported):

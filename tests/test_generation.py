@@ -154,9 +154,9 @@ def test_an_error_while_streaming_ends_the_stream_with_an_error_event(folder):
     runner = s.deployment("lm").runner
     advance, calls, good = runner.advance, [], [2]  # the first `good` steps of a generation run
 
-    def failing(rows, state):
+    def failing(*args):
         calls.append(1)
-        return advance(rows, state) if len(calls) <= good[0] else 1 / 0
+        return advance(*args) if len(calls) <= good[0] else 1 / 0
 
     runner.advance = failing
     try:
@@ -185,7 +185,7 @@ def test_generation_cap_answers_503(folder):
     s = Server(folder / "repo", max_generations=1)
     runner = s.deployment("lm").runner
     advance = runner.advance
-    runner.advance = lambda rows, state: (time.sleep(0.02), advance(rows, state))[1]
+    runner.advance = lambda *a: (time.sleep(0.02), advance(*a))[1]
     try:
         async def fire():
             async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
@@ -204,7 +204,7 @@ def test_a_client_that_disconnects_ends_its_generation(folder):
     s = Server(folder / "repo")
     runner = s.deployment("lm").runner
     advance = runner.advance
-    runner.advance = lambda rows, state: (time.sleep(0.005), advance(rows, state))[1]
+    runner.advance = lambda *a: (time.sleep(0.005), advance(*a))[1]
 
     def tokens_so_far() -> float:  # the registry is the process's, shared with other tests' servers
         return float(re.search(r'rnnserve_tokens_generated_total\{model="lm"\} (\S+)',

@@ -107,7 +107,7 @@ def test_generation_and_session_steps_keep_the_request_deadline(repository):
     s = Server(repository, request_timeout_s=0.5)
     runner = s.deployment("lm").runner
     advance = runner.advance
-    runner.advance = lambda rows, state: (time.sleep(2), advance(rows, state))[1]
+    runner.advance = lambda *a: (time.sleep(2), advance(*a))[1]
     try:
         for stream in (False, True):
             started = time.perf_counter()
@@ -123,7 +123,7 @@ def test_generation_and_session_steps_keep_the_request_deadline(repository):
         assert lm.streams == {}
         time.sleep(2)  # out of the slow step it was in
         sid = httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"]
-        runner.advance = lambda rows, state: (time.sleep(2), advance(rows, state))[1]
+        runner.advance = lambda *a: (time.sleep(2), advance(*a))[1]
         started = time.perf_counter()
         r = httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "the"}, timeout=10)
         assert r.status_code == 504 and time.perf_counter() - started < 1.5, r.text
@@ -151,7 +151,7 @@ def test_a_session_step_whose_client_left_is_dropped_before_it_runs(repository):
     advance = runner.advance
     try:
         busy, sid = (httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"] for _ in range(2))
-        runner.advance = lambda rows, state: (time.sleep(1), advance(rows, state))[1]
+        runner.advance = lambda *a: (time.sleep(1), advance(*a))[1]
         other = threading.Thread(target=httpx.post, args=(f"{s.url}/v1/models/lm/sessions/{busy}:step",),
                                  kwargs={"json": {"text": "a"}, "timeout": 10})
         other.start()
@@ -180,7 +180,7 @@ def test_a_stream_whose_client_left_before_it_started_releases_its_hold(reposito
     s = Server(repository)  # its engine; a front-end of our own below
     runner = s.deployment("lm").runner
     advance = runner.advance
-    runner.advance = lambda rows, state: (time.sleep(0.005), advance(rows, state))[1]
+    runner.advance = lambda *a: (time.sleep(0.005), advance(*a))[1]
 
     async def scenario():
         app = create_app(s.settings)

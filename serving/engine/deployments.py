@@ -68,7 +68,8 @@ class Deployments:
 
     def deployment(self, runner: Runner) -> Deployment:
         s = self.settings
-        lm = LanguageModel(runner, s.max_generations, s.max_sessions, s.session_idle_s) if runner.task == "lm" else None
+        lm = (LanguageModel(runner, s.max_generations, s.max_sessions, s.session_idle_s, s.max_new_tokens)
+              if runner.task == "lm" else None)
         return Deployment(runner, Queue(runner.limits), lm)
 
     def start(self):

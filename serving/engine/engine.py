@@ -24,11 +24,12 @@ from serving.engine.batching import Pending, plan_calls
 from serving.engine.deployments import Deployment, Deployments
 from serving.engine.runner import ModelLoadError
 from serving.messages import (Cancel, Catalog, CloseSession, Control, Deployed, Depths, Done, Failed, Generate, Hello,
-                              Infer, OpenSession, Result, SessionOpened, Step, decode_requests, encode)
+                              Infer, OpenSession, Result, SessionOpened, Step, Tokens, decode_requests, encode)
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 IDLE_S = 0.05  # the longest the loop sleeps: housekeeping and stop() are never further away
+TOKENS_EVERY_S = 0.002  # how long generation tokens may wait to go out with the next steps
 
 
 class Engine:
@@ -39,6 +40,8 @@ class Engine:
         self.waiting: dict[tuple[bytes, int], Pending] = {}  # queued requests, for Cancel
         self.loading: list[tuple[Future, bytes | None, int | None]] = []  # (load, who asked, their request id)
         self.outbox: dict[bytes, list] = {}
+        self.urgent: set[bytes] = set()  # front-ends whose outbox holds a first token
+        self.sent: dict[bytes, float] = {}  # when each front-end was last sent a frame
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self.next_housekeeping = self.next_poll = 0.0
@@ -66,7 +69,9 @@ class Engine:
                     if deployment.queue.due_in(now) == 0:
                         self.run_batch(deployment)
                     if deployment.lm and deployment.lm.has_work():
-                        self.post_all(deployment.lm.step())
+                        replies, firsts = deployment.lm.step()
+                        self.post_all(replies)
+                        self.urgent |= firsts
                         deployment.last_used = time.monotonic()
                 self.housekeeping()
                 self.flush()
@@ -80,7 +85,7 @@ class Engine:
 
     def wait_s(self) -> float:
         """How long the next poll may sleep: 0 when work is due."""
-        now, wait = time.monotonic(), IDLE_S
+        now, wait = time.monotonic(), TOKENS_EVERY_S if self.outbox else IDLE_S  # held tokens go out soon
         for deployment in self.deployments.all():
             if deployment.lm and deployment.lm.has_work():
                 return 0.0
@@ -272,7 +277,7 @@ class Engine:
                 self.waiting.pop((request.sender, request.id), None)
                 self.post(request.sender, Failed(request.id, 503, gone))
             if released.lm:
-                self.post_all(released.lm.fail(list(released.lm.streams.values()), gone))
+                self.post_all(released.lm.fail(np.array(list(released.lm.streams.values()), np.int64), [], gone))
 
     # --- hand back ---
 
@@ -285,10 +290,18 @@ class Engine:
             self.post(frontend, message)
 
     def flush(self):
-        """One frame per front-end with everything for it, and the queue depths it sheds by."""
+        """One frame per front-end with everything for it, and the queue depths it sheds by. Only
+        generation tokens may wait, at most TOKENS_EVERY_S: a front-end then wakes once for
+        several steps (a generation's first token never waits)."""
         if not self.outbox:
             return
+        now, held = time.monotonic(), {}
         depths = Depths(self.index, {d.name: len(d.queue) for d in self.deployments.current.values()})
         for frontend, messages in self.outbox.items():
+            if frontend not in self.urgent and now - self.sent.get(frontend, 0.0) < TOKENS_EVERY_S and all(
+                    isinstance(m, Tokens) for m in messages):
+                held[frontend] = messages
+                continue
             self.socket.send_multipart([frontend, encode([*messages, depths])])
-        self.outbox = {}
+            self.sent[frontend] = now
+        self.outbox, self.urgent = held, set()

@@ -5,10 +5,12 @@ An RNN's whole context is its state (layers x hidden numbers), so a generation i
 "advance this state over these tokens". Each active generation and each session holds a slot of
 the pool. One step gathers the slots that have work (a prompt to prefill, the token sampled last
 step, a session's new text), runs them in one ONNX Runtime call (`lengths` keeps every row exact,
-whatever its length), scatters the new states back and samples each generation's next token.
+whatever its length), scatters the new states back and samples every generation's next token in
+one vectorized pass (sampling.py).
 New generations join at the next step; finished or cancelled ones leave and free their slot.
 Work per token does not grow with the prompt or the text so far.
 """
+import functools
 import logging
 import secrets
 import time
@@ -16,39 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.codec import softmax
+from core.codec import pad
 from serving import metrics
 from serving.engine.runner import Runner
+from serving.engine.sampling import next_tokens
 from serving.messages import Failed, Generate, Step, Stepped, Tokens
 
 log = logging.getLogger(__name__)
-
-
-def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
-    """The next token from (V,) logits: greedy at temperature 0, else from the filtered softmax."""
-    if temperature == 0:
-        return int(np.argmax(logits))
-    z = (logits.astype(np.float64) - logits.max()) / temperature  # max 0: no overflow at tiny temperatures
-    if 0 < top_k < len(z):
-        z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
-    p = softmax(z)
-    if top_p < 1:
-        order = np.argsort(-p)
-        outside = np.cumsum(p[order]) - p[order] >= top_p  # tokens past the nucleus
-        p[order[outside]] = 0
-        p /= p.sum()
-    return int(rng.choice(len(p), p=p))
-
-
-@dataclass(eq=False)
-class Stream:
-    """One generation: its slot, what it feeds next, and how it samples."""
-    sender: bytes
-    request: Generate
-    slot: int
-    feed: list[int]  # the prompt, then the token sampled last
-    rng: np.random.Generator
-    emitted: int = 0
 
 
 @dataclass(eq=False)
@@ -61,18 +37,34 @@ class Session:
 
 
 class LanguageModel:
-    """The generations and sessions of one language-model version."""
+    """The generations and sessions of one language-model version. Everything a step needs is an
+    array indexed by slot (the token to feed, how many were emitted, the sampling settings, the
+    uniforms), so a step of decoding is a few vectorized operations, whatever the number of
+    generations; Python loops only over those that join or leave."""
 
-    def __init__(self, runner: Runner, max_generations: int, max_sessions: int, idle_s: float):
+    def __init__(self, runner: Runner, max_generations: int, max_sessions: int, idle_s: float, max_new_tokens: int):
         self.runner, self.max_generations, self.max_sessions, self.idle_s = runner, max_generations, max_sessions, idle_s
-        self.pool = np.zeros((max_generations + max_sessions, *runner.zero_state().shape), np.float32)  # (slots, S, L, H)
-        self.free = list(range(len(self.pool)))[::-1]
-        self.streams: dict[tuple[bytes, int], Stream] = {}
+        slots = max_generations + max_sessions
+        self.pool = np.zeros((slots, *runner.zero_state().shape), np.float32)  # (slots, S, L, H)
+        self.free = list(range(slots))[::-1]
+        self.next_token, self.emitted, self.max_new, self.request_id, self.frontend = (
+            np.zeros(slots, np.int64) for _ in range(5))
+        self.temperature, self.top_p, self.top_k = np.zeros(slots), np.ones(slots), np.zeros(slots, np.int64)
+        self.uniforms = np.zeros((slots, max_new_tokens))  # a generation's draws, one per token (pages touched as used)
+        self.senders: list[bytes] = []  # front-ends, by the index in self.frontend
+        self.streams: dict[tuple[bytes, int], int] = {}  # (front-end, request id) -> slot
+        self.prompts: dict[int, list[int]] = {}  # slot -> its prompt, fed at the next step
+        self.decoding: np.ndarray = np.zeros(0, np.int64)  # slots that feed their last token
         self.sessions: dict[str, Session] = {}
 
     @property
     def name(self) -> str:
         return self.runner.name
+
+    @functools.cached_property
+    def step_label(self) -> str:
+        """Its steps' batch size and time are the model's histograms under this name."""
+        return f"{self.name}:step"
 
     def take_slot(self) -> int:
         slot = self.free.pop()
@@ -82,16 +74,27 @@ class LanguageModel:
     def start(self, sender: bytes, request: Generate) -> Failed | None:
         if len(self.streams) >= self.max_generations:
             return Failed(request.id, 503, f"{self.max_generations} generations already running; retry shortly")
-        self.streams[sender, request.id] = Stream(sender, request, self.take_slot(), request.prompt,
-                                                  np.random.default_rng(request.seed))
-        metrics.ACTIVE_GENERATIONS.labels(self.name).inc()
+        if sender not in self.senders:
+            self.senders.append(sender)
+        slot = self.take_slot()
+        self.streams[sender, request.id] = slot
+        self.prompts[slot] = request.prompt
+        self.emitted[slot], self.max_new[slot], self.request_id[slot] = 0, request.max_new_tokens, request.id
+        self.frontend[slot] = self.senders.index(sender)
+        self.temperature[slot], self.top_k[slot], self.top_p[slot] = request.temperature, request.top_k, request.top_p
+        if request.temperature:
+            self.uniforms[slot, : request.max_new_tokens] = np.random.default_rng(request.seed).random(request.max_new_tokens)
+        metrics.of(metrics.ACTIVE_GENERATIONS, self.name).inc()
         return None
 
     def end(self, key: tuple[bytes, int]):
-        stream = self.streams.pop(key, None)
-        if stream:
-            self.free.append(stream.slot)
-            metrics.ACTIVE_GENERATIONS.labels(self.name).dec()
+        slot = self.streams.pop(key, None)
+        if slot is None:
+            return
+        self.prompts.pop(slot, None)
+        self.decoding = self.decoding[self.decoding != slot]
+        self.free.append(slot)
+        metrics.of(metrics.ACTIVE_GENERATIONS, self.name).dec()
 
     def open(self) -> str | None:
         self.expire()
@@ -99,7 +102,7 @@ class LanguageModel:
             return None
         session = Session(secrets.token_hex(8), self.take_slot())
         self.sessions[session.id] = session
-        metrics.LIVE_SESSIONS.labels(self.name).inc()
+        metrics.of(metrics.LIVE_SESSIONS, self.name).inc()
         return session.id
 
     def close(self, sid: str) -> bool:
@@ -107,7 +110,7 @@ class LanguageModel:
         if session is None:
             return False
         self.free.append(session.slot)
-        metrics.LIVE_SESSIONS.labels(self.name).dec()
+        metrics.of(metrics.LIVE_SESSIONS, self.name).dec()
         return True
 
     def expire(self, everything: bool = False):
@@ -138,60 +141,67 @@ class LanguageModel:
     def has_work(self) -> bool:
         return bool(self.streams) or any(s.steps for s in self.sessions.values())
 
-    def step(self) -> list[tuple[bytes, object]]:
-        """One ONNX Runtime call over every slot with work; returns (sender, reply) pairs: each
-        generation's next token, each session step's next-token logits."""
+    def step(self) -> tuple[list[tuple[bytes, object]], set[bytes]]:
+        """One ONNX Runtime call over every slot with work: the prompts of new generations, the last
+        token of the others, the sessions' new text. Returns (front-end, reply) pairs (one Tokens
+        message per front-end with the next token of each of its generations, and each session
+        step's next-token logits), and the front-ends whose replies carry a first token."""
         now = time.monotonic()
-        rows, slots, owners = [], [], []
-        for stream in self.streams.values():
-            rows.append(stream.feed)
-            slots.append(stream.slot)
-            owners.append(stream)
+        prefill = list(self.prompts.items())
+        steps = []
         for session in self.sessions.values():
             if session.steps:
                 sender, request = session.steps.pop(0)
-                if request.deadline < now:
-                    continue  # the front-end has answered 504 already
-                rows.append(request.ids)
-                slots.append(session.slot)
-                owners.append((sender, request, session))
-        if not rows:
-            return []
+                if request.deadline >= now:  # past it, the front-end has answered 504 already
+                    steps.append((sender, request, session))
+        generating = np.array([slot for slot, _ in prefill] + self.decoding.tolist(), np.int64)
+        slots = np.concatenate([generating, np.array([session.slot for _, _, session in steps], np.int64)])
+        if not len(slots):
+            return [], set()
+        firsts = {self.senders[f] for f in self.frontend[[slot for slot, _ in prefill]].tolist()}
+        if prefill or steps:  # rows of several lengths
+            ids, lengths = pad([prompt for _, prompt in prefill] + [[t] for t in self.next_token[self.decoding].tolist()]
+                               + [request.ids for _, request, _ in steps])
+        else:  # every row one token: no padding to do
+            ids, lengths = self.next_token[self.decoding][:, None], np.ones(len(self.decoding), np.int64)
         started = time.perf_counter()
         try:
-            logits, state = self.runner.advance(rows, self.pool[slots])  # (B, V), (B, S, L, H)
+            logits, self.pool[slots] = self.runner.advance(ids, lengths, self.pool[slots])
+            replies, ended = self.sampled(generating, logits[: len(generating)])
         except Exception as e:  # a failing step fails what was in it, and only that
-            log.exception("a step of %d rows failed on %s", len(rows), self.name)
-            return self.fail(owners, f"generation failed: {type(e).__name__}: {e}")
-        self.pool[slots] = state
-        metrics.of(metrics.INFERENCE_TIME, f"{self.name}:step").observe(time.perf_counter() - started)
-        metrics.of(metrics.BATCH_SIZE, f"{self.name}:step").observe(len(rows))
-        replies, tokens = [], {}
-        for row, owner in zip(logits, owners):
-            if isinstance(owner, Stream):
-                r = owner.request
-                token = sample(row, r.temperature, r.top_k, r.top_p, owner.rng)
-                owner.feed, owner.emitted = [token], owner.emitted + 1
-                last = owner.emitted >= r.max_new_tokens
-                ids, toks, lasts = tokens.setdefault(owner.sender, ([], [], []))
-                ids.append(r.id)
-                toks.append(token)
-                lasts.append(last)
-                if last:
-                    self.end((owner.sender, r.id))
-            else:
-                sender, request, session = owner
-                session.last_used, session.tokens = time.monotonic(), session.tokens + len(request.ids)
-                replies.append((sender, Stepped(request.id, row.astype(np.float32).tobytes(), session.tokens)))
-        metrics.of(metrics.TOKENS_GENERATED, self.name).inc(sum(len(t[0]) for t in tokens.values()))
-        return replies + [(sender, Tokens(*t)) for sender, t in tokens.items()]
+            log.exception("a step of %d rows failed on %s", len(slots), self.name)
+            return self.fail(generating, steps, f"generation failed: {type(e).__name__}: {e}"), set()
+        self.prompts.clear()
+        self.decoding = generating[~ended]
+        metrics.of(metrics.INFERENCE_TIME, self.step_label).observe(time.perf_counter() - started)
+        metrics.of(metrics.BATCH_SIZE, self.step_label).observe(len(slots))
+        for row, (sender, request, session) in zip(logits[len(generating):], steps):
+            session.last_used, session.tokens = time.monotonic(), session.tokens + len(request.ids)
+            replies.append((sender, Stepped(request.id, row.astype(np.float32).tobytes(), session.tokens)))
+        return replies, firsts
 
-    def fail(self, owners: list, error: str) -> list[tuple[bytes, Failed]]:
-        replies = []
-        for owner in owners:
-            if isinstance(owner, Stream):
-                replies.append((owner.sender, Failed(owner.request.id, 500, error)))
-                self.end((owner.sender, owner.request.id))
-            else:
-                replies.append((owner[0], Failed(owner[1].id, 500, error)))
+    def sampled(self, slots: np.ndarray, logits: np.ndarray) -> tuple[list[tuple[bytes, Tokens]], np.ndarray]:
+        """Every generation's next token, sampled in one pass; one Tokens message per front-end;
+        the generations that reached max_new_tokens end (the mask of those is returned too)."""
+        if not len(slots):
+            return [], np.zeros(0, bool)
+        emitted = self.emitted[slots]
+        tokens = next_tokens(logits, self.temperature[slots], self.top_k[slots], self.top_p[slots],
+                             self.uniforms[slots, emitted])
+        self.next_token[slots], self.emitted[slots] = tokens, emitted + 1
+        last = emitted + 1 >= self.max_new[slots]
+        frontends, ids = self.frontend[slots], self.request_id[slots]
+        replies = [(self.senders[f], Tokens(ids[mine].tolist(), tokens[mine].tolist(), last[mine].tolist()))
+                   for f in np.unique(frontends) for mine in [frontends == f]]
+        for f, rid in zip(frontends[last].tolist(), ids[last].tolist()):
+            self.end((self.senders[f], rid))
+        metrics.of(metrics.TOKENS_GENERATED, self.name).inc(len(slots))
+        return replies, last
+
+    def fail(self, generating: np.ndarray, steps: list, error: str) -> list[tuple[bytes, Failed]]:
+        replies = [(sender, Failed(request.id, 500, error)) for sender, request, _ in steps]
+        for slot in generating.tolist():
+            key = (self.senders[self.frontend[slot]], int(self.request_id[slot]))
+            replies.append((key[0], Failed(key[1], 500, error)))
+            self.end(key)
         return replies

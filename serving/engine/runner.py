@@ -141,13 +141,13 @@ class Runner:
         logits = self.run(ids, lengths)[0]
         return list(logits) if logits.ndim == 2 else [logits[i, :n] for i, n in enumerate(lengths)]
 
-    def advance(self, rows: list[list[int]], state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """LMs: each row's tokens from its state (B, S, layers, H) -> the next-token logits (B, V)
-        at each row's last token and the state there (B, S, layers, H)."""
-        ids, lengths = pad(rows)
+    def advance(self, ids: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """LMs: each row's tokens, (B, T) right-padded with (B,) lengths, from its state
+        (B, S, layers, H) -> the next-token logits (B, V) at each row's last token and the state
+        there (B, S, layers, H)."""
         logits, *states = self.run(ids, lengths, [np.ascontiguousarray(state[:, k].swapaxes(0, 1))
                                                   for k in range(state.shape[1])])
-        last = logits[np.arange(len(rows)), lengths - 1]  # (B, V)
+        last = logits[np.arange(len(lengths)), lengths - 1]  # (B, V)
         return last, np.stack(states, axis=1).swapaxes(0, 2)  # (layers, S, B, H) -> (B, S, layers, H)
 
     def zero_state(self) -> np.ndarray:

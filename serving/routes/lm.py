@@ -2,6 +2,7 @@
 advances the states and samples; the front-end encodes prompts, decodes tokens, finds stop
 strings and writes the answers."""
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -23,8 +24,8 @@ router = APIRouter(prefix="/v1/models", tags=["language models"])
 log = logging.getLogger(__name__)
 
 
-def language_model(request: Request, name: str):
-    link, version = served(request, name)
+def language_model(request: Request, name: str, together: bool = False):
+    link, version = served(request, name, together=together)
     if version.manifest.task != "lm":
         raise HTTPException(400, f"model {name!r} is a {version.manifest.task}: only language models generate "
                                  "or keep sessions")
@@ -46,7 +47,7 @@ class Generation:
         """The pieces of text these tokens make, up to a stop string or the last token."""
         new = []
         for token in tokens:
-            piece = self.codec.decode([token])
+            piece = self.codec.piece(token)
             self.tokens += 1
             self.text += piece
             new.append(piece)
@@ -70,7 +71,7 @@ async def first_tokens(request: Request, name: str, body: GenerateRequest) -> tu
     client, settings = engines(request), request.app.state.settings
     started = time.perf_counter()
     for attempt in range(2):
-        link, version = language_model(request, name)
+        link, version = language_model(request, name, together=True)
         if body.top_k > len(version.codec.vocab):
             raise HTTPException(400, f"top_k is at most the vocabulary size {len(version.codec.vocab)}")
         prompt = version.codec.ids(body.prompt)
@@ -92,23 +93,34 @@ async def first_tokens(request: Request, name: str, body: GenerateRequest) -> tu
             raise refusal(stream.failed)
 
 
+@functools.lru_cache(maxsize=65536)
+def event(piece: str) -> bytes:
+    """One token's server-sent event (made once per piece of text)."""
+    return f"data: {json.dumps({'token': piece})}\n\n".encode()
+
+
 class GenerationFailed(Exception):
     """The engine failed a generation after its first token, or the next token did not come."""
 
 
 async def rest(client: EngineClient, link: Link, stream: Stream, generation: Generation, tokens: list[int],
-               timeout_s: float):
-    """Yields the text pieces of each arrival of tokens, the first ones included, until the
-    generation ends; each arrival must come within timeout_s."""
+               timeout_s: float, interval_s: float):
+    """Yields the text pieces of the tokens that arrived, the first ones at once, then at most
+    every interval_s (what arrives meanwhile goes together: one write for several tokens), until
+    the generation ends; each token must come within timeout_s of the one before."""
+    loop = asyncio.get_running_loop()
     while True:
         pieces = generation.add(tokens, stream.last and not stream.failed)
         if generation.finish_reason == "stop":
             client.cancel(link, stream.id)
+        written = loop.time()
         yield pieces
         if stream.failed:
             raise GenerationFailed(stream.failed.error)
         if generation.finish_reason:
             return
+        if (pause := written + interval_s - loop.time()) > 0 and not stream.last:
+            await asyncio.sleep(pause)
         try:
             tokens = await stream.next(timeout_s)
         except TimeoutError:
@@ -144,7 +156,8 @@ async def generate(name: str, body: GenerateRequest, request: Request):
         raise HTTPException(400, f"max_new_tokens is at most {settings.max_new_tokens}")
     with answered(name, "generate"):
         link, stream, generation, tokens = await first_tokens(request, name, body)
-    pieces = rest(client, link, stream, generation, tokens, settings.request_timeout_s)
+    pieces = rest(client, link, stream, generation, tokens, settings.request_timeout_s,
+                  settings.stream_interval_ms / 1000)
 
     if body.stream:
         request.scope["rnnserve.endpoint"] = "generate_stream"
@@ -152,7 +165,7 @@ async def generate(name: str, body: GenerateRequest, request: Request):
         async def events():
             try:
                 async for new in pieces:
-                    yield "".join(f"data: {json.dumps({'token': piece})}\n\n" for piece in new)
+                    yield b"".join(map(event, new))
                 yield f"data: {json.dumps(generation.summary())}\n\n"
             except Exception as e:  # the headers are sent: the error goes in the stream
                 error = str(e) if isinstance(e, GenerationFailed) else f"generation failed: {type(e).__name__}: {e}"
@@ -225,7 +238,7 @@ async def create_session(name: str, request: Request) -> dict:
 
 
 @router.post("/{name}/sessions/{sid}:step", response_model=StepResponse)
-async def step_session(name: str, sid: str, body: StepRequest, request: Request) -> dict:
+async def step_session(name: str, sid: str, body: StepRequest, request: Request):
     """Advance the session's state over more text; answers the next-token distribution's top k.
     Within the request deadline; a step whose client disconnects before it runs is dropped."""
     link, codec, session = session_of(request, name, sid)
@@ -238,9 +251,9 @@ async def step_session(name: str, sid: str, body: StepRequest, request: Request)
         stepped: Stepped = await ask(request, link, Step(client.next_id(), session, ids, client.deadline(timeout)))
         p = softmax(np.frombuffer(stepped.data, np.float32))
         best = np.argsort(-p)[: body.top_k]
-        return {"session_id": sid, "tokens": len(ids), "total_tokens": stepped.total_tokens,
-                "unknown_tokens": ids.count(codec.vocab.unk_id),
-                "next": [{"token": codec.vocab.itos[i], "probability": float(p[i])} for i in best]}
+        return json_response({"session_id": sid, "tokens": len(ids), "total_tokens": stepped.total_tokens,
+                              "unknown_tokens": ids.count(codec.vocab.unk_id),
+                              "next": [{"token": codec.vocab.itos[i], "probability": float(p[i])} for i in best]})
 
 
 @router.delete("/{name}/sessions/{sid}")

@@ -1,0 +1,64 @@
+"""Sampling over the whole batch: for a seed, the same tokens as one stream sampled alone, and the
+same texts as the server gave before it sampled in batches (recorded from a2e04d7)."""
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from serving.engine.sampling import next_tokens
+from tests.serving_fixtures import Server, tiny_repository
+
+RECORDED = json.loads((Path(__file__).parent / "fixtures" / "generation_a2e04d7.json").read_text())
+
+
+def sampled_alone(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
+    """The server's sampler before this one, per stream (serving/generation.py at a2e04d7)."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = (logits.astype(np.float64) - logits.max()) / temperature
+    if 0 < top_k < len(z):
+        z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p)
+        outside = np.cumsum(p[order]) - p[order] >= top_p
+        p[order[outside]] = 0
+        p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+@pytest.mark.parametrize("vocab", [2, 47, 1000])
+def test_a_batch_samples_what_each_row_would_alone(vocab):
+    rng = np.random.default_rng(vocab)
+    batch = 400
+    logits = (rng.standard_normal((batch, vocab)) * rng.choice([0.1, 1, 5], (batch, 1))).astype(np.float32)
+    temperature = rng.choice([0.0, 1e-310, 0.3, 1.0, 2.0], batch)
+    top_k = rng.choice([0, 1, 3, vocab // 2, vocab], batch)
+    top_p = rng.choice([1.0, 0.95, 0.5, 0.01], batch)
+    seeds = rng.integers(0, 10 ** 6, batch)
+    uniform = np.array([np.random.default_rng(s).random() for s in seeds])  # each stream's first draw
+    expected = [sampled_alone(logits[i], temperature[i], int(top_k[i]), top_p[i], np.random.default_rng(seeds[i]))
+                for i in range(batch)]
+    assert next_tokens(logits, temperature, top_k, top_p, uniform).tolist() == expected
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tiny_repository(tmp_path_factory.mktemp("sampling")))
+    yield s
+    s.stop()
+
+
+def test_seeded_generations_give_the_texts_recorded_from_the_server_before(server):
+    """The 30 recorded requests (greedy, temperatures, top-k, top-p, three seeds), sent all at once
+    so that they share steps: each text as recorded."""
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/models/lm:generate", json=a["request"])
+                                          for a in RECORDED["answers"]))
+    answers = [r.json() for r in asyncio.run(fire())]
+    assert [(a["text"], a["tokens"]) for a in answers] == [(a["text"], a["tokens"]) for a in RECORDED["answers"]]
