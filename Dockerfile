@@ -3,7 +3,7 @@
 # serving package. No PyTorch and no training code. See README "Container".
 #
 #   docker build -t rnnserve .                       # GPU: onnxruntime-gpu with CUDA 13 + cuDNN 9 from PyPI
-#   docker run --gpus all -p 8000:8000 rnnserve      # needs an NVIDIA driver >= 580 (CUDA 13)
+#   docker run --gpus all -p 8000:8000 -p 8001:8001 rnnserve   # REST, gRPC; needs an NVIDIA driver >= 580 (CUDA 13)
 #   docker run -p 8000:8000 -v $PWD/model_repository:/models rnnserve   # CPU fallback, mounted models
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
@@ -21,7 +21,8 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     RNNSERVE_REPOSITORY=/models \
     RNNSERVE_HOST=0.0.0.0 \
-    RNNSERVE_PORT=8000
+    RNNSERVE_PORT=8000 \
+    RNNSERVE_GRPC_PORT=8001
 
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -43,7 +44,7 @@ COPY serving/ serving/
 COPY ${MODEL_REPOSITORY}/ /models/
 
 USER 10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ['RNNSERVE_PORT']}/v2/health/ready\", timeout=2)"]
 CMD ["python3", "-m", "serving"]

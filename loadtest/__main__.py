@@ -5,10 +5,12 @@
     python -m loadtest bench [--model imdb-bilstm --lm timemachine-gru --repository model_repository --runs runs]
     python -m loadtest soak [--model imdb-gru --minutes 10 --users 32 --reload-every-s 60]
     python -m loadtest ipc [--messages 20000]
+    python -m loadtest protocols [--model imdb-gru --rows 32 --users 64]
 
 `run` drives Locust headless against any host and writes its CSV and HTML reports plus a
 summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py;
-`soak`: loadtest/soak.py; `ipc`: what the front-end <-> engine transport costs (loadtest/ipc.py).
+`soak`: loadtest/soak.py; `ipc`: what the front-end <-> engine transport costs (loadtest/ipc.py);
+`protocols`: V2 JSON vs binary vs gRPC, and tracing off vs on (loadtest/protocols.py).
 """
 import argparse
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 from loadtest.bench import bench as run_bench
 from loadtest.headless import SCENARIOS, run_locust
 from loadtest.ipc import ipc as run_ipc
+from loadtest.protocols import protocols as run_protocols
 from loadtest.soak import soak as run_soak
 
 def main(argv=None):
@@ -59,7 +62,18 @@ def main(argv=None):
     soak.add_argument("--out", type=Path, default=Path("results/soak"))
     transport = commands.add_parser("ipc", help="the front-end <-> engine transport's cost (loadtest/ipc.py)")
     transport.add_argument("--messages", type=int, default=20000)
+    wire = commands.add_parser("protocols", help="V2 JSON vs binary vs gRPC; tracing off vs on (loadtest/protocols.py)")
+    wire.add_argument("--model", default="imdb-gru")
+    wire.add_argument("--repository", type=Path, default=Path("model_repository"))
+    wire.add_argument("--rows", type=int, default=32, help="pre-tokenized rows per V2 request")
+    wire.add_argument("--users", type=int, default=64)
+    wire.add_argument("--seconds", type=float, default=5.0, help="per measured point")
+    wire.add_argument("--repeats", type=int, default=3)
+    wire.add_argument("--tracing", action=argparse.BooleanOptionalAction, default=True, help="measure part 2")
+    wire.add_argument("--out", type=Path, default=Path("results/protocols"))
     args = p.parse_args(argv)
+    if args.command == "protocols":
+        return run_protocols(args)
     if args.command == "ipc":
         return run_ipc(args)
     if args.command == "soak":

@@ -126,9 +126,12 @@ def torch_ceiling(run: Path, rows: list[list[int]], provider: str, batches: list
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def measure(pid: int, port: int, requests, users: int, seconds: float, client_procs: int, texts_per_request: int) -> dict:
+def measure(pid: int, port: int, requests, users: int, seconds: float, client_procs: int, texts_per_request: int,
+            load=load_in_processes) -> dict:
+    """One point: `users` sending `requests` for `seconds` through `load` (the asyncio HTTP client,
+    or loadtest/protocols.py's gRPC one), with the CPU each role of the server used."""
     roles0, busy0 = cpu_by_role(pid), machine_busy_s()
-    result = load_in_processes("127.0.0.1", port, requests, users, seconds, client_procs)
+    result = load("127.0.0.1", port, requests, users, seconds, client_procs)
     roles, busy = cpu_by_role(pid), machine_busy_s() - busy0
     frontend, engine = (roles[r] - roles0[r] for r in ("frontend", "engine"))
     n, lat = len(result.latencies_s), np.array(result.latencies_s) * 1000

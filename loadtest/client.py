@@ -9,6 +9,8 @@ import multiprocessing
 import time
 from dataclasses import dataclass, field
 
+JSON = b"Content-Type: application/json\r\n"
+
 
 @dataclass
 class LoadResult:
@@ -45,11 +47,11 @@ async def user(host: str, port: int, requests, duration_s: float, result: LoadRe
     i = offset
     try:
         while time.perf_counter() < deadline:
-            path, body = requests[i % len(requests)]
+            path, body, *headers = requests[i % len(requests)]
             i += users
             sent_at = time.perf_counter()
-            writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (path.encode(), host.encode(), len(body), body))
+            writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
+                path.encode(), host.encode(), headers[0] if headers else JSON, len(body), body))
             status, _ = await read_response(reader, sent_at, result)
             result.latencies_s.append(time.perf_counter() - sent_at)
             result.statuses[status] = result.statuses.get(status, 0) + 1
@@ -58,8 +60,9 @@ async def user(host: str, port: int, requests, duration_s: float, result: LoadRe
         writer.close()
 
 
-async def load(host: str, port: int, requests: list[tuple[str, bytes]], users: int, duration_s: float) -> LoadResult:
-    """`users` connections sending `requests` (path, body) round-robin for `duration_s`."""
+async def load(host: str, port: int, requests: list[tuple], users: int, duration_s: float) -> LoadResult:
+    """`users` connections sending `requests` round-robin for `duration_s`: (path, body) with a JSON
+    content type, or (path, body, header lines) with its own (b"Name: value\\r\\n" each)."""
     result = LoadResult()
     started = time.perf_counter()
     await asyncio.gather(*(user(host, port, requests, duration_s, result, u, users) for u in range(users)))
@@ -67,14 +70,19 @@ async def load(host: str, port: int, requests: list[tuple[str, bytes]], users: i
     return result
 
 
-def load_part(args) -> LoadResult:
+def timed(load_fn, args) -> LoadResult:
+    """asyncio.run(load_fn(*args)), with the CPU time this process spent on it."""
     started = time.process_time()
-    result = asyncio.run(load(*args))
+    result = asyncio.run(load_fn(*args))
     result.cpu_s = time.process_time() - started
     return result
 
 
-def load_in_processes(host: str, port: int, requests: list[tuple[str, bytes]], users: int, duration_s: float,
+def load_part(args) -> LoadResult:
+    return timed(load, args)
+
+
+def load_in_processes(host: str, port: int, requests: list[tuple], users: int, duration_s: float,
                       processes: int = 1) -> LoadResult:
     """load() spread over `processes` processes, the users split between them; the result merged,
     with the CPU-seconds the load generator used."""

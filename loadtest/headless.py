@@ -8,8 +8,8 @@ from pathlib import Path
 
 from loadtest.workloads import texts
 
-SCENARIOS = {"predict": ["PredictUser"], "v2": ["V2User"], "generate": ["GenerateUser"],
-             "all": ["PredictUser", "V2User", "GenerateUser"]}
+SCENARIOS = {"predict": ["PredictUser"], "v2": ["V2User"], "v2-binary": ["V2BinaryUser"], "grpc": ["GrpcUser"],
+             "generate": ["GenerateUser"], "all": ["PredictUser", "V2User", "V2BinaryUser", "GrpcUser", "GenerateUser"]}
 
 
 def run_locust(host: str, users: int, spawn_rate: float, duration: str, scenario: str, out: Path) -> dict:

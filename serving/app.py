@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving import tracing
 from serving.client import EngineClient
 from serving.frontdoor import FrontDoor, refuse
 from serving.logs import REQUEST_ID, configure_logging
@@ -50,13 +51,21 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         configure_logging()  # each front-end process logs too
+        tracing.configure(settings.tracing, "frontend")
         app.state.engines = EngineClient(settings.engine_addresses, settings.repository)
         await app.state.engines.start()
+        grpc_server = None
+        if settings.grpc_port:
+            from serving import grpc_v2  # grpcio only where it is asked for
+            grpc_server = await grpc_v2.start(app.state)
         app.state.ready = True
         drain_on_sigterm(app)
         yield
         app.state.ready = False
+        if grpc_server:
+            await grpc_server.stop(settings.shutdown_grace_s)  # calls in flight are answered first
         await app.state.engines.close()
+        tracing.shutdown()
 
     errors = {"4XX": {"model": ErrorResponse}, "5XX": {"model": ErrorResponse}}  # 400, not FastAPI's 422
     app = FastAPI(title="rnnserve", version="0.2.0", lifespan=lifespan, strict_content_type=False,

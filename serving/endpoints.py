@@ -11,6 +11,9 @@ ENDPOINTS = [  # (method, path, endpoint); the groups are the path parameters
     ("DELETE", re.compile(r"/v1/models/(?P<name>[^/:]+)/sessions/(?P<sid>[^/:]+)"), "session_end"),
     ("POST", re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"), "v2_infer"),
 ]
+ROUTES = {"v1_predict": "/v1/models/{name}:predict", "generate": "/v1/models/{name}:generate",  # http.route of spans
+          "session_create": "/v1/models/{name}/sessions", "session_step": "/v1/models/{name}/sessions/{sid}:step",
+          "session_end": "/v1/models/{name}/sessions/{sid}", "v2_infer": "/v2/models/{name}/infer"}
 
 
 def endpoint_of(scope) -> tuple[str, dict] | None:

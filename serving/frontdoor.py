@@ -9,10 +9,7 @@ under load: docs/benchmarks.md). They stay FastAPI routes, documented at /docs a
 same way.
 """
 import asyncio
-import itertools
 import logging
-import os
-import secrets
 import time
 
 from fastapi import FastAPI, HTTPException
@@ -20,9 +17,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from serving import metrics
-from serving.endpoints import endpoint_of
-from serving.logs import REQUEST_ID, SANE_REQUEST_ID
+from serving import metrics, tensors, tracing
+from serving.access import NEEDS_TOKEN, bearer_matches, token_of
+from serving.endpoints import ROUTES, endpoint_of
+from serving.logs import REQUEST_ID, start_request
 from serving.routes import lm, v1, v2
 from serving.schemas import GenerateRequest, InferRequest, PredictRequest, StepRequest
 from serving.settings import Settings
@@ -31,8 +29,9 @@ log = logging.getLogger(__name__)
 DIRECT = {"v1_predict": (PredictRequest, v1.predict), "v2_infer": (InferRequest, v2.infer_tensors),  # schema, route
           "generate": (GenerateRequest, lm.generate), "session_step": (StepRequest, lm.step_session)}
 QUEUED = {"v1_predict", "v2_infer"}  # the endpoints whose requests wait in the model's queue
-WANTED = {b"x-request-id", b"content-length", b"authorization"}
-NEW_IDS = map(f"{os.urandom(8).hex()}{{:016x}}".format, itertools.count())  # 32 hex digits: random per process, then a count
+BINARY = {"v2_infer"}  # a JSON header, then raw tensor bytes (serving/tensors.py)
+WANTED = {b"x-request-id", b"content-length", b"authorization", b"inference-header-content-length",
+          b"traceparent", b"tracestate"}
 
 
 def refuse(status: int, error: str, headers: dict | None = None) -> JSONResponse:
@@ -47,16 +46,14 @@ def invalid(error: ValidationError) -> JSONResponse:
 class FrontDoor:
     def __init__(self, app: FastAPI, settings: Settings):
         self.app, self.state, self.settings = app, app.state, settings
-        self.token = settings.control_token.get_secret_value().encode() if settings.control_token else None
+        self.token = token_of(settings)
         self.guarded = ("/v2/repository", "/v1/models", "/v2/models") if settings.token_for_inference else ("/v2/repository",)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":  # lifespan
             return await self.app(scope, receive, send)
         headers = {k: v for k, v in scope["headers"] if k in WANTED}
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if SANE_REQUEST_ID.fullmatch(given) else next(NEW_IDS)
-        REQUEST_ID.set(request_id)
+        request_id = start_request(headers.get(b"x-request-id", b"").decode("latin-1"))
         found = endpoint_of(scope)
         status, started = 500, time.perf_counter()
 
@@ -74,7 +71,10 @@ class FrontDoor:
         in_flight = metrics.of(metrics.IN_FLIGHT, model)
         in_flight.inc()
         try:
-            await self.enter(scope, receive, answer, headers, found)
+            with tracing.server_span(f"{scope['method']} {ROUTES[found[0]]}", headers, **{
+                    "http.route": ROUTES[found[0]], "url.path": scope["path"], "rnnserve.model": name, "rnnserve.request_id": request_id}):
+                await self.enter(scope, receive, answer, headers, found)
+                tracing.set_attributes(**{"http.response.status_code": status})
         finally:
             in_flight.dec()
             endpoint = scope.get("rnnserve.endpoint", found[0])
@@ -83,10 +83,8 @@ class FrontDoor:
 
     async def enter(self, scope, receive, send, headers: dict, found: tuple | None):
         if self.token and scope["path"].startswith(self.guarded):
-            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.token):
-                error = "this endpoint needs Authorization: Bearer <RNNSERVE_CONTROL_TOKEN>"
-                return await refuse(401, error, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            if not bearer_matches(self.token, headers.get(b"authorization", b"")):
+                return await refuse(401, NEEDS_TOKEN, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
         client = getattr(self.state, "engines", None)
         if found and found[0] in QUEUED and client and client.full(found[1]["name"], self.settings.max_queue_size):
             error = f"model {found[1]['name']!r} has {self.settings.max_queue_size} or more requests waiting; retry shortly"
@@ -104,7 +102,7 @@ class FrontDoor:
             return await receive()
 
         if found and found[0] in DIRECT:
-            return await self.direct(scope, replay, send, body, found)
+            return await self.direct(scope, replay, send, body, headers, found)
         await self.app(scope, replay, send)
 
     async def body(self, scope, receive, send, headers: dict) -> bytes | None:
@@ -134,12 +132,14 @@ class FrontDoor:
             await refuse(408, f"the body did not arrive within {timeout_s:g}s", {"Connection": "close"})(scope, receive, send)
             return None
 
-    async def direct(self, scope, receive, send, body: bytes, found: tuple):
+    async def direct(self, scope, receive, send, body: bytes, headers: dict, found: tuple):
         """A hot route's function, called with its validated body and path parameters."""
         endpoint, params = found
         schema, route = DIRECT[endpoint]
         scope["app"] = self.app  # as Starlette sets it: request.app
         try:
+            if endpoint in BINARY:
+                body, params["binary"] = tensors.split(body, headers.get(b"inference-header-content-length"))
             parsed = schema.model_validate_json(body)
             response = await route(request=Request(scope, receive), body=parsed, **params)
         except ValidationError as e:

@@ -6,12 +6,15 @@ from contextlib import contextmanager
 
 import msgspec
 import numpy as np
-from fastapi import HTTPException, Request
+from fastapi import HTTPException
 from fastapi.responses import Response
+from starlette.datastructures import State
 
 from core.repository import Version
+from serving import tracing
 from serving.client import EngineClient, Link
 from serving.messages import Failed, Infer, Result
+from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 BUSY = {"Retry-After": "1"}
@@ -19,19 +22,20 @@ WATCH_AFTER_S = 0.05  # a request not answered by then also watches its client (
 json_encode = msgspec.json.Encoder().encode
 
 
-def engines(request: Request) -> EngineClient:
-    if not request.app.state.ready or not request.app.state.engines.ready:
+def engines(state: State) -> EngineClient:
+    """The front-end's engines (app.state.engines), or 503 while starting, draining or restarting one."""
+    if not state.ready or not state.engines.ready:
         raise HTTPException(503, "the server is not ready (starting, shutting down, or an engine is restarting)",
                             headers=BUSY)
-    return request.app.state.engines
+    return state.engines
 
 
-def served(request: Request, name: str, version: str | None = None, task: str | None = None,
+def served(state: State, name: str, version: str | None = None, task: str | None = None,
            together: bool = False) -> tuple[Link, Version]:
     """The engine that will serve `name` and the version it serves (404 if none, or if `version` is
     given and is not the one deployed; 400 for the wrong task; 503 while starting or draining).
     together: the one engine every front-end sends this model's generations to."""
-    client = engines(request)
+    client = engines(state)
     picked = client.pick(name, together)
     if picked is None:
         raise HTTPException(404, f"unknown model {name!r}")
@@ -43,8 +47,8 @@ def served(request: Request, name: str, version: str | None = None, task: str | 
     return link, client.version(name, deployed.version)
 
 
-def check_text(request: Request, text: str, what: str = "text"):
-    limit = request.app.state.settings.max_text_chars
+def check_text(settings: Settings, text: str, what: str = "text"):
+    limit = settings.max_text_chars
     if len(text) > limit:
         raise HTTPException(413, f"{what} has {len(text)} characters; at most {limit}")
 
@@ -57,43 +61,52 @@ def refusal(reply: Failed) -> HTTPException:
     return HTTPException(reply.status, reply.error, headers=BUSY if reply.status == 503 else None)
 
 
-async def reply_of(request: Request, link: Link, future: asyncio.Future, rid: int):
-    """The engine's reply. A request not answered within WATCH_AFTER_S also watches its client: if
-    it leaves, the engine drops the request before it runs."""
-    client: EngineClient = request.app.state.engines
+async def reply_of(client: EngineClient, link: Link, future: asyncio.Future, rid: int, receive=None):
+    """The engine's reply. An HTTP request (receive: its ASGI receive) not answered within
+    WATCH_AFTER_S also watches its client: if it leaves, the engine drops the request before it
+    runs. A gRPC call's task is cancelled when its client leaves: the engine is told the same."""
     loop = asyncio.get_running_loop()
     watcher = None
+    gone = Failed(rid, 499, "client closed the request")
 
     async def watch():
-        while (await request.receive())["type"] != "http.disconnect":
+        while (await receive())["type"] != "http.disconnect":
             pass
-        client.cancel(link, rid, Failed(rid, 499, "client closed the request"))
+        client.cancel(link, rid, gone)
 
     def start_watching():
         nonlocal watcher
         watcher = loop.create_task(watch())
 
-    timer = loop.call_later(WATCH_AFTER_S, start_watching)
+    timer = loop.call_later(WATCH_AFTER_S, start_watching) if receive else None
     try:
         return await future
+    except asyncio.CancelledError:
+        client.cancel(link, rid, gone)
+        raise
     finally:
-        timer.cancel()
+        if timer:
+            timer.cancel()
         if watcher:
             watcher.cancel()
 
 
-async def infer(request: Request, name: str, encode, version: str | None = None,
-                task: str | None = None) -> tuple[Version, list[tuple[list[int], bool]], np.ndarray]:
+async def infer(state: State, name: str, encode, version: str | None = None, task: str | None = None,
+                receive=None, timeout_s: float | None = None) -> tuple[Version, list[tuple[list[int], bool]], np.ndarray]:
     """Rows through the engine that serves `name`: encode(version) gives (token ids, truncated)
     per row with that version's codec. A version swapped out between encoding and arrival (410) is
-    encoded again with the new one, once. Returns the version, the encoded rows and the outputs."""
-    timeout = request.app.state.settings.request_timeout_s
-    client = request.app.state.engines
+    encoded again with the new one, once. Returns the version, the encoded rows and the outputs.
+    receive: an HTTP request's, to watch its client (reply_of); timeout_s: a gRPC client's deadline
+    when it is sooner than the server's own."""
+    timeout = min(state.settings.request_timeout_s, timeout_s or float("inf"))
+    client = state.engines
     for attempt in range(2):
-        link, served_version = served(request, name, version, task)
-        rid, encoded = client.next_id(), encode(served_version)
-        message = Infer(rid, name, served_version.number, [ids for ids, _ in encoded], client.deadline(timeout))
-        reply = await reply_of(request, link, client.request(link, message, timeout), rid)
+        link, served_version = served(state, name, version, task)
+        with tracing.span("tokenize"):
+            rid, encoded = client.next_id(), encode(served_version)
+        message = Infer(rid, name, served_version.number, [ids for ids, _ in encoded], client.deadline(timeout),
+                        tracing.traceparent())
+        reply = await reply_of(client, link, client.request(link, message, timeout), rid, receive)
         if isinstance(reply, Result):
             return served_version, encoded, np.frombuffer(reply.data, np.float32).reshape(reply.shape)
         if reply.status != 410 or attempt:

@@ -23,6 +23,7 @@ class Infer(Message):
     version: int  # the version whose codec made the rows: it must run there (else Failed 410, and retry)
     rows: list[list[int]]
     deadline: float
+    trace: str = ""  # the request's W3C traceparent when tracing is on (serving/tracing.py)
 
 
 class Generate(Message):

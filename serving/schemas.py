@@ -31,7 +31,8 @@ class TensorInput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any] = Field(description="row-major, flat or nested")
+    data: list[Any] | None = Field(None, description="row-major, flat or nested; absent when the tensor's bytes "
+                                                     "follow the JSON (parameters.binary_data_size)")
     parameters: dict[str, Any] | None = None
 
 
@@ -51,7 +52,8 @@ class TensorOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[float]
+    data: list[float] | None = Field(None, description="absent when the bytes follow the JSON (binary_data_size)")
+    parameters: dict[str, Any] | None = None
 
 
 class InferResponse(BaseModel):

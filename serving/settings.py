@@ -15,6 +15,9 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
+    grpc_port: int = Field(0, ge=0, description="KServe V2 over gRPC on this port (Triton's is 8001); 0: off, so "
+                                                "that nothing listens unasked and local servers do not collide "
+                                                "on a second fixed port (the image sets 8001)")
     workers: int = Field(0, ge=0, description="HTTP front-end processes sharing the port; 0: one per CPU core (with "
                                               "GPUs, less one per engine)")
     engines: int = Field(0, ge=0, description="inference engine processes, each owning the sessions on its device; "
@@ -37,6 +40,10 @@ class Settings(BaseSettings):
                                                          "poll and releases retired versions")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM (and when a swapped-out version drains), how "
                                                             "long accepted requests may take")
+
+    tracing: Literal["off", "otlp"] = Field("off", description="otlp: OpenTelemetry spans from every process, "
+                                                            "exported as the standard OTEL_* variables say "
+                                                            "(serving/tracing.py)")
 
     # ONNX Runtime
     providers: list[str] = Field(["CUDAExecutionProvider", "CPUExecutionProvider"],

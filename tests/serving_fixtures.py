@@ -41,6 +41,34 @@ def alone(repository: Path, text: str, name: str = "clf", version: int = 1) -> n
     return softmax(sess.run(None, {"input_ids": np.array([ids]), "lengths": np.array([len(ids)])})[0][0])
 
 
+def graph_logits(repository, name: str, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The exported graph alone on these padded rows (a language model from its zero state, zero
+    past each row's length as the server answers)."""
+    sess = ort.InferenceSession(str(repository / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids, "lengths": lengths}
+    for state in sess.get_inputs()[2:]:  # h0 [layers, batch, hidden]
+        feed[state.name] = np.zeros([len(ids) if isinstance(d, str) else d for d in state.shape], np.float32)
+    logits = sess.run(None, feed)[0]
+    if logits.ndim == 3:
+        logits[np.arange(logits.shape[1]) >= lengths[:, None]] = 0
+    return logits
+
+
+def slowed(server, model: str, seconds: float) -> list[int]:
+    """Make each of the model's ONNX Runtime calls on `server` (a Server) take `seconds` longer;
+    returns the list the lengths of the rows it runs are appended to."""
+    runner = server.deployment(model).runner
+    run_rows, seen = runner.run_rows, []
+
+    def slow(rows):
+        seen.extend(map(len, rows))
+        time.sleep(seconds)
+        return run_rows(rows)
+
+    runner.run_rows = slow
+    return seen
+
+
 class Server:
     """.url, .engine and .app to look inside, and stop()."""
 

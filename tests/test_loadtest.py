@@ -6,25 +6,28 @@ import sys
 import pytest
 
 from loadtest.client import load
+from loadtest.servers import free_port
 from loadtest.workloads import predict_body
 from tests.serving_fixtures import Server, tiny_repository
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tiny_repository(tmp_path_factory.mktemp("load")))
+    s = Server(tiny_repository(tmp_path_factory.mktemp("load")), grpc_port=free_port())
     yield s
     s.stop()
 
 
 def test_a_short_locust_run_of_every_scenario_ends_with_zero_failures(server, tmp_path):
-    env = os.environ | {"RNNSERVE_LOADTEST_MODEL": "clf", "RNNSERVE_LOADTEST_LM": "lm"}
+    env = os.environ | {"RNNSERVE_LOADTEST_MODEL": "clf", "RNNSERVE_LOADTEST_LM": "lm", "RNNSERVE_LOADTEST_ROWS": "3",
+                        "RNNSERVE_LOADTEST_GRPC": f"127.0.0.1:{server.settings.grpc_port}"}
     done = subprocess.run([sys.executable, "-m", "loadtest", "run", "--host", server.url, "--users", "6",
                            "--spawn-rate", "6", "--duration", "5s", "--scenario", "all", "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     endpoints = json.loads((tmp_path / "summary.json").read_text())["endpoints"]
-    for name in ("v1 predict", "v2 infer", "generate (stream)", "time to first token", "Aggregated"):
+    for name in ("v1 predict", "v2 infer", "v2 infer (binary)", "ModelInfer", "generate (stream)", "time to first token",
+                 "Aggregated"):
         assert endpoints[name]["requests"] > 0 and endpoints[name]["failures"] == 0, (name, endpoints)
     assert (tmp_path / "report.html").exists() and (tmp_path / "summary.md").exists()
 
@@ -68,3 +71,19 @@ def test_the_transport_benchmark_runs():
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [line.split()[0] for line in done.stdout.splitlines()] == ["1", "8", "64"]
+
+
+def test_the_protocol_benchmark_measures_every_protocol_and_tracing_mode_without_errors(tmp_path):
+    """python -m loadtest protocols end to end on tiny models and 0.3 s points: plumbing, not speed."""
+    tiny_repository(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "loadtest", "protocols", "--model", "clf", "--repository",
+                           str(tmp_path / "repo"), "--rows", "4", "--users", "4", "--seconds", "0.3", "--repeats", "1",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["protocols"]) == {"v2 JSON", "v2 binary", "gRPC"}
+    assert set(results["tracing"]) == {"off", "otlp, every request", "otlp, 1 in 10 sampled"}
+    for point in [*results["protocols"].values(), *results["tracing"].values()]:
+        assert point["requests"] > 0 and point["errors"] == 0, point
+    assert results["protocols"]["gRPC"]["sequences_per_s"] == pytest.approx(4 * results["protocols"]["gRPC"]["requests_per_s"])
+    assert results["spans_received"] > 0

@@ -15,7 +15,7 @@ from core.repository import ServingConfig
 from serving.engine.batching import plan_calls
 from serving.engine.runner import ModelLoadError, Runner
 from serving.settings import Settings
-from tests.serving_fixtures import Server, alone, tiny_repository
+from tests.serving_fixtures import Server, alone, graph_logits, slowed, tiny_repository
 
 TEXTS = ["good film", "the plot was awful awful awful", "a", "great great good film the plot " * 3,
          "bad", "unknownword film", "the a the a good bad great awful plot film"]
@@ -243,21 +243,13 @@ def test_a_model_that_does_not_match_its_checksum_is_refused(repository, tmp_pat
 
 
 def test_the_serving_process_imports_no_pytorch():
-    code = "import sys, serving.__main__, serving.app; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, serving.__main__, serving.app, serving.grpc_v2; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_a_request_whose_client_went_away_is_dropped_before_it_runs(repository):
     s = Server(repository, max_batch_size=1, max_queue_delay_ms=0)
-    runner = s.deployment("clf").runner
-    run_rows, seen = runner.run_rows, []
-
-    def slow(rows):
-        seen.extend(map(len, rows))
-        time.sleep(0.3)
-        return run_rows(rows)
-
-    runner.run_rows = slow
+    seen = slowed(s, "clf", 0.3)
     try:
         async def scenario():
             async with httpx.AsyncClient(base_url=s.url) as client:
@@ -274,18 +266,75 @@ def test_a_request_whose_client_went_away_is_dropped_before_it_runs(repository):
         s.stop()
 
 
-def test_an_off_the_shelf_v2_client_works_unchanged(server, repository):
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("model", ["clf", "lm"])
+def test_an_off_the_shelf_v2_client_works_unchanged(server, repository, model, binary):
     import tritonclient.http as triton
 
     client = triton.InferenceServerClient(server.url.removeprefix("http://"))
-    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("clf")
-    meta = client.get_model_metadata("clf")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
+    meta = client.get_model_metadata(model)
     assert meta["inputs"][0]["name"] == "input_ids" and meta["outputs"][0]["datatype"] == "FP32"
     ids, lengths = np.array([[2, 3, 4], [5, 6, 0]], dtype=np.int64), np.array([3, 2], dtype=np.int64)
     inputs = [triton.InferInput("input_ids", list(ids.shape), "INT64"), triton.InferInput("lengths", [2], "INT64")]
-    inputs[0].set_data_from_numpy(ids, binary_data=False)
-    inputs[1].set_data_from_numpy(lengths, binary_data=False)
-    result = client.infer("clf", inputs, outputs=[triton.InferRequestedOutput("logits", binary_data=False)])
-    sess = ort.InferenceSession(str(repository / "clf" / "1" / "model.onnx"))
-    expected = sess.run(None, {"input_ids": ids, "lengths": lengths})[0]
-    assert np.abs(result.as_numpy("logits") - expected).max() < 1e-5
+    inputs[0].set_data_from_numpy(ids, binary_data=binary)  # binary_data=True is the client's default
+    inputs[1].set_data_from_numpy(lengths, binary_data=binary)
+    result = client.infer(model, inputs, outputs=[triton.InferRequestedOutput("logits", binary_data=binary)])
+    assert ("binary_data_size" in result.get_output("logits").get("parameters", {})) == binary
+    assert np.abs(result.as_numpy("logits") - graph_logits(repository, model, ids, lengths)).max() < 1e-5
+    if binary:  # no outputs named: the client asks binary_data_output for all
+        assert np.array_equal(client.infer(model, inputs).as_numpy("logits"), result.as_numpy("logits"))
+
+
+def binary_request(*inputs: tuple[str, list[int], bytes], **parameters) -> tuple[bytes, dict]:
+    """A V2 body with the binary tensor extension: (name, shape, raw bytes) per input."""
+    header = json.dumps({"inputs": [{"name": n, "shape": shape, "datatype": "INT64",
+                                     "parameters": {"binary_data_size": len(raw)}} for n, shape, raw in inputs],
+                         **parameters}).encode()
+    return header + b"".join(raw for _, _, raw in inputs), {"Inference-Header-Content-Length": str(len(header))}
+
+
+IDS, LENGTHS = np.array([[2, 3, 4], [5, 6, 0]], "<i8").tobytes(), np.array([3, 2], "<i8").tobytes()
+GOOD = binary_request(("input_ids", [2, 3], IDS), ("lengths", [2], LENGTHS))
+BAD_BINARY = {
+    "sizes short of the body": (GOOD[0] + b"\0" * 8, GOOD[1]),
+    "truncated body": (GOOD[0][:-8], GOOD[1]),
+    "size not shape x datatype": binary_request(("input_ids", [2, 3], IDS[:-8]), ("lengths", [2], LENGTHS)),
+    "size not a number": (GOOD[0].replace(b'"binary_data_size": 48', b'"binary_data_size": "48"'), GOOD[1]),
+    "header not a number": (GOOD[0], {"Inference-Header-Content-Length": "12a"}),
+    "header past the body": (GOOD[0], {"Inference-Header-Content-Length": str(len(GOOD[0]) + 1)}),
+    "header missing": (GOOD[0], {}),
+    "input the model lacks": binary_request(("input_ids", [2, 3], IDS), ("lengths", [2], LENGTHS), ("h0", [1], IDS[:8])),
+    "FP32 bytes": (GOOD[0].replace(b'"INT64"', b'"FP32"', 1), GOOD[1]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BINARY)
+def test_a_malformed_binary_request_gets_400_and_the_server_goes_on(server, case):
+    body, headers = BAD_BINARY[case]
+    r = httpx.post(f"{server.url}/v2/models/clf/infer", content=body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] and r.json()["request_id"]
+    ok = httpx.post(f"{server.url}/v2/models/clf/infer", content=GOOD[0], headers=GOOD[1])
+    assert ok.status_code == 200 and len(ok.json()["outputs"][0]["data"]) == 4
+
+
+def test_binary_output_is_given_when_asked_and_json_otherwise(server, repository):
+    expected = graph_logits(repository, "clf", np.frombuffer(IDS, "<i8").reshape(2, 3), np.frombuffer(LENGTHS, "<i8"))
+    json_inputs = json.loads(v2_body())["inputs"]
+    for asked, binary in [({"parameters": {"binary_data_output": True}}, True),
+                          ({"outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}, True),
+                          ({"parameters": {"binary_data_output": True},
+                            "outputs": [{"name": "logits", "parameters": {"binary_data": False}}]}, False),
+                          ({}, False)]:
+        r = httpx.post(f"{server.url}/v2/models/clf/infer", json={"inputs": json_inputs, **asked})
+        assert r.status_code == 200, r.text
+        if binary:
+            length = int(r.headers["Inference-Header-Content-Length"])
+            header = json.loads(r.content[:length])
+            assert header["outputs"][0]["parameters"]["binary_data_size"] == len(r.content) - length == 16
+            got = np.frombuffer(r.content[length:], "<f4").reshape(header["outputs"][0]["shape"])
+        else:
+            assert "Inference-Header-Content-Length" not in r.headers
+            got = np.array(r.json()["outputs"][0]["data"]).reshape(2, 2)
+        assert np.abs(got - expected).max() < 1e-5, asked

@@ -10,6 +10,7 @@ import ctypes
 import os
 import signal
 
+from serving import tracing
 from serving.engine.engine import Engine
 from serving.logs import configure_logging
 from serving.settings import Settings
@@ -23,10 +24,15 @@ def main(argv=None):
     p.add_argument("--device", type=int, default=0, help="the CUDA device it runs on (when CUDA is available)")
     args = p.parse_args(argv)
     configure_logging()
-    engine = Engine(Settings(), args.address, args.index, args.device)
+    settings = Settings()
+    tracing.configure(settings.tracing, "engine")
+    engine = Engine(settings, args.address, args.index, args.device)
     signal.signal(signal.SIGTERM, lambda *_: engine.stop())
     die_with_parent()
-    engine.run()
+    try:
+        engine.run()
+    finally:
+        tracing.shutdown()
 
 
 def die_with_parent():

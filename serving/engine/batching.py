@@ -20,6 +20,7 @@ class Pending:
     rows: list[list[int]]
     deadline: float
     arrived: float
+    trace: str = ""  # its traceparent: the queued span's parent (serving/tracing.py)
     cancelled: bool = False
 
 

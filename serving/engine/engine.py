@@ -19,7 +19,7 @@ import numpy as np
 import zmq
 
 from core.repository import UnknownModel
-from serving import metrics
+from serving import metrics, tracing
 from serving.engine.batching import Pending, plan_calls
 from serving.engine.deployments import Deployment, Deployments
 from serving.engine.runner import ModelLoadError
@@ -119,7 +119,7 @@ class Engine:
             if deployment.queue.full():
                 return self.post(sender, Failed(m.id, 503, f"model {m.model!r} has {len(deployment.queue)} "
                                                            "requests waiting; retry shortly"))
-            request = Pending(sender, m.id, m.rows, m.deadline, time.monotonic())
+            request = Pending(sender, m.id, m.rows, m.deadline, time.monotonic(), m.trace)
             deployment.queue.put(request)
             self.waiting[sender, m.id] = request
         elif isinstance(m, Cancel):
@@ -221,13 +221,17 @@ class Engine:
             queue_time.observe(now - request.arrived)
         rows = [row for request in batch for row in request.rows]
         started = time.perf_counter()
-        try:
-            outputs = self.run_calls(deployment, rows)
-        except Exception as e:  # a failing batch fails its requests, and only them
-            log.exception("batch of %d rows failed on %s", len(rows), deployment.name)
-            for request in batch:
-                self.post(request.sender, Failed(request.id, 500, f"inference failed: {type(e).__name__}: {e}"))
-            return
+        with tracing.batch_span(deployment.name, batch, now) as span:
+            try:
+                outputs, padded = self.run_calls(deployment, rows)
+            except Exception as e:  # a failing batch fails its requests, and only them
+                log.exception("batch of %d rows failed on %s", len(rows), deployment.name)
+                for request in batch:
+                    self.post(request.sender, Failed(request.id, 500, f"inference failed: {type(e).__name__}: {e}"))
+                return
+            if span:
+                span.set_attributes({"rnnserve.rows": len(rows), "rnnserve.padded_tokens": padded,
+                                     "rnnserve.tokens": sum(map(len, rows))})
         metrics.of(metrics.INFERENCE_TIME, deployment.name).observe(time.perf_counter() - started)
         deployment.last_used = time.monotonic()
         classes = np.stack(outputs) if outputs[0].ndim == 1 else None  # (rows, C) for a classifier
@@ -244,20 +248,22 @@ class Engine:
             start += n
             self.post(request.sender, Result(request.id, data.tobytes(), list(data.shape)))
 
-    def run_calls(self, deployment: Deployment, rows: list[list[int]]) -> list[np.ndarray]:
+    def run_calls(self, deployment: Deployment, rows: list[list[int]]) -> tuple[list[np.ndarray], int]:
+        """Each row's output, and the tokens the calls ran with their padding."""
         limits, name = deployment.runner.limits, deployment.name
         lengths = [len(r) for r in rows]
-        outputs = [None] * len(rows)
+        outputs, padded = [None] * len(rows), 0
         for call in plan_calls(lengths, limits.max_batch_size, limits.max_batch_tokens):
             out = deployment.runner.run_rows([rows[i] for i in call])
             if len(out) != len(call):
                 raise RuntimeError(f"{name}: {len(call)} rows in, {len(out)} out")
             longest, real = max(lengths[i] for i in call), sum(lengths[i] for i in call)
+            padded += len(call) * longest
             metrics.of(metrics.BATCH_SIZE, name).observe(len(call))
             metrics.of(metrics.PADDING_RATIO, name).observe(len(call) * longest / real - 1)
             for j, i in enumerate(call):
                 outputs[i] = out[j]
-        return outputs
+        return outputs, padded
 
     def housekeeping(self):
         """Every control_sync_s: expire idle sessions, poll the repository, release retired versions."""

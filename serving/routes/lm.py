@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
 from core.codec import TextCodec, softmax
-from serving import metrics
+from serving import metrics, tracing
 from serving.client import EngineClient, Link, Stream
 from serving.inference import answered, check_text, engines, json_response, refusal, reply_of, served
 from serving.messages import CloseSession, Done, Failed, Generate, OpenSession, SessionOpened, Step, Stepped
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def language_model(request: Request, name: str, together: bool = False):
-    link, version = served(request, name, together=together)
+    link, version = served(request.app.state, name, together=together)
     if version.manifest.task != "lm":
         raise HTTPException(400, f"model {name!r} is a {version.manifest.task}: only language models generate "
                                  "or keep sessions")
@@ -68,13 +68,14 @@ class Generation:
 async def first_tokens(request: Request, name: str, body: GenerateRequest) -> tuple[Link, Stream, Generation, list[int]]:
     """Start the generation on an engine and wait for its first token(s): until then a refusal or
     the deadline is still an HTTP status. A version swapped out meanwhile (410) is tried once more."""
-    client, settings = engines(request), request.app.state.settings
+    client, settings = engines(request.app.state), request.app.state.settings
     started = time.perf_counter()
     for attempt in range(2):
         link, version = language_model(request, name, together=True)
         if body.top_k > len(version.codec.vocab):
             raise HTTPException(400, f"top_k is at most the vocabulary size {len(version.codec.vocab)}")
-        prompt = version.codec.ids(body.prompt)
+        with tracing.span("tokenize"):
+            prompt = version.codec.ids(body.prompt)
         if not prompt:
             raise HTTPException(400, "the prompt has no tokens")
         rid = client.next_id()
@@ -109,23 +110,29 @@ async def rest(client: EngineClient, link: Link, stream: Stream, generation: Gen
     every interval_s (what arrives meanwhile goes together: one write for several tokens), until
     the generation ends; each token must come within timeout_s of the one before."""
     loop = asyncio.get_running_loop()
-    while True:
-        pieces = generation.add(tokens, stream.last and not stream.failed)
-        if generation.finish_reason == "stop":
-            client.cancel(link, stream.id)
-        written = loop.time()
-        yield pieces
-        if stream.failed:
-            raise GenerationFailed(stream.failed.error)
-        if generation.finish_reason:
-            return
-        if (pause := written + interval_s - loop.time()) > 0 and not stream.last:
-            await asyncio.sleep(pause)
-        try:
-            tokens = await stream.next(timeout_s)
-        except TimeoutError:
-            client.cancel(link, stream.id)
-            raise GenerationFailed(f"no next token within the deadline of {timeout_s:g}s") from None
+    span = tracing.start("generation")
+    try:
+        while True:
+            pieces = generation.add(tokens, stream.last and not stream.failed)
+            if generation.finish_reason == "stop":
+                client.cancel(link, stream.id)
+            written = loop.time()
+            yield pieces
+            if stream.failed:
+                raise GenerationFailed(stream.failed.error)
+            if generation.finish_reason:
+                return
+            if (pause := written + interval_s - loop.time()) > 0 and not stream.last:
+                await asyncio.sleep(pause)
+            try:
+                tokens = await stream.next(timeout_s)
+            except TimeoutError:
+                client.cancel(link, stream.id)
+                raise GenerationFailed(f"no next token within the deadline of {timeout_s:g}s") from None
+    finally:
+        if span:
+            span.set_attributes({"rnnserve.tokens": generation.tokens, "rnnserve.finish_reason": generation.finish_reason or "cut off"})
+            span.end()
 
 
 class OwnedStream(StreamingResponse):
@@ -150,8 +157,8 @@ async def generate(name: str, body: GenerateRequest, request: Request):
 
     The first token must come within RNNSERVE_REQUEST_TIMEOUT_S (504), and so must each later one
     (an error event when streaming); the whole stream has no deadline of its own."""
-    settings, client = request.app.state.settings, engines(request)
-    check_text(request, body.prompt, "prompt")
+    settings, client = request.app.state.settings, engines(request.app.state)
+    check_text(request.app.state.settings, body.prompt, "prompt")
     if body.max_new_tokens > settings.max_new_tokens:
         raise HTTPException(400, f"max_new_tokens is at most {settings.max_new_tokens}")
     with answered(name, "generate"):
@@ -206,7 +213,7 @@ def session_id(link: Link, opened: SessionOpened) -> str:
 
 
 def session_of(request: Request, name: str, sid: str) -> tuple[Link, TextCodec, str]:
-    client = engines(request)
+    client = engines(request.app.state)
     engine, _, rest_ = sid.partition(".")
     version, _, session = rest_.partition(".")
     if not (engine.isdigit() and version.isdigit() and int(engine) < len(client.links) and session):
@@ -223,7 +230,7 @@ async def ask(request: Request, link: Link, message) -> object:
     """A session message's reply within the request deadline; a refusal raises its status."""
     client = request.app.state.engines
     future = client.request(link, message, request.app.state.settings.request_timeout_s)
-    reply = await reply_of(request, link, future, message.id)
+    reply = await reply_of(client, link, future, message.id, request.receive)
     if isinstance(reply, Failed):
         raise refusal(reply)
     return reply
@@ -233,7 +240,7 @@ async def ask(request: Request, link: Link, message) -> object:
 async def create_session(name: str, request: Request) -> dict:
     """Start a sequence session at the model's zero state."""
     link, _ = language_model(request, name)
-    opened = await ask(request, link, OpenSession(engines(request).next_id(), name))
+    opened = await ask(request, link, OpenSession(engines(request.app.state).next_id(), name))
     return {"session_id": session_id(link, opened), "idle_expiry_s": request.app.state.settings.session_idle_s}
 
 
@@ -242,12 +249,12 @@ async def step_session(name: str, sid: str, body: StepRequest, request: Request)
     """Advance the session's state over more text; answers the next-token distribution's top k.
     Within the request deadline; a step whose client disconnects before it runs is dropped."""
     link, codec, session = session_of(request, name, sid)
-    check_text(request, body.text)
+    check_text(request.app.state.settings, body.text)
     ids = codec.ids(body.text)
     if not ids:
         raise HTTPException(400, "the text has no tokens")
     with answered(name, "session_step"):
-        client, timeout = engines(request), request.app.state.settings.request_timeout_s
+        client, timeout = engines(request.app.state), request.app.state.settings.request_timeout_s
         stepped: Stepped = await ask(request, link, Step(client.next_id(), session, ids, client.deadline(timeout)))
         p = softmax(np.frombuffer(stepped.data, np.float32))
         best = np.argsort(-p)[: body.top_k]
@@ -260,5 +267,5 @@ async def step_session(name: str, sid: str, body: StepRequest, request: Request)
 async def end_session(name: str, sid: str, request: Request) -> dict:
     """End a session and free its state."""
     link, _, session = session_of(request, name, sid)
-    done: Done = await ask(request, link, CloseSession(engines(request).next_id(), session))
+    done: Done = await ask(request, link, CloseSession(engines(request.app.state).next_id(), session))
     return done.body | {"session_id": sid}

@@ -9,7 +9,7 @@ router = APIRouter(prefix="/v1/models", tags=["v1"])
 
 
 def metadata(request: Request, name: str) -> dict:
-    link, version = served(request, name)
+    link, version = served(request.app.state, name)
     m, deployed = version.manifest, link.catalog[name]
     return {"name": name, "version": str(version.number), "task": m.task, "arch": m.arch, "labels": m.labels,
             "max_len": m.max_len, "vocab_size": len(version.codec.vocab), "provider": deployed.provider,
@@ -20,7 +20,7 @@ def metadata(request: Request, name: str) -> dict:
 @router.get("")
 async def list_models(request: Request) -> dict:
     """Every loaded model with its version, task, labels and execution provider."""
-    names = sorted({name for link in engines(request).links for name in link.catalog})
+    names = sorted({name for link in engines(request.app.state).links for name in link.catalog})
     return {"models": [metadata(request, name) for name in names]}
 
 
@@ -38,9 +38,9 @@ async def predict(name: str, body: PredictRequest, request: Request):
         if len(body.instances) > limit:
             raise HTTPException(413, f"{len(body.instances)} instances; at most {limit} per request")
         for i, text in enumerate(body.instances):
-            check_text(request, text, f"instance {i}")
-        version, encoded, logits = await infer(request, name, lambda v: [v.codec.encode(t) for t in body.instances],
-                                               task="classifier")
+            check_text(request.app.state.settings, text, f"instance {i}")
+        version, encoded, logits = await infer(request.app.state, name, lambda v: [v.codec.encode(t) for t in body.instances],
+                                               task="classifier", receive=request.receive)
         labels = version.manifest.labels
         return json_response({"predictions": [
             {"label": labels[best := max(range(len(p)), key=p.__getitem__)], "score": p[best],

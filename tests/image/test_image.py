@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton
 
 from tests.serving_fixtures import Server, free_port, tiny_repository
 
@@ -53,8 +55,9 @@ def image():
 
 @pytest.fixture(scope="module")
 def container(image):
-    port = free_port()
-    cid = sh(*PODMAN, "run", "-d", "--network", "host", "-e", f"RNNSERVE_PORT={port}", TAG)
+    port, grpc_port = free_port(), free_port()
+    cid = sh(*PODMAN, "run", "-d", "--network", "host", "-e", f"RNNSERVE_PORT={port}", "-e",
+             f"RNNSERVE_GRPC_PORT={grpc_port}", TAG)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -66,7 +69,7 @@ def container(image):
                 time.sleep(0.5)
         else:
             pytest.fail("container never became ready:\n" + sh(*PODMAN, "logs", cid))
-        yield url, cid
+        yield url, cid, grpc_port
     finally:
         subprocess.run([*PODMAN, "stop", "-t", "10", cid], capture_output=True)
         subprocess.run([*PODMAN, "rm", "-f", cid], capture_output=True)
@@ -90,9 +93,21 @@ REQUESTS = [
 
 @pytest.mark.parametrize("path,body", REQUESTS, ids=[r[0] for r in REQUESTS])
 def test_the_container_answers_as_the_same_models_outside_it(container, outside, path, body):
-    url, _ = container
+    url, _, _ = container
     inside, out = httpx.post(url + path, json=body).json(), httpx.post(outside + path, json=body).json()
     assert json.dumps(inside, sort_keys=True) == json.dumps(out, sort_keys=True) or close(inside, out), (inside, out)
+
+
+def test_the_containers_grpc_port_answers_tritons_client_as_rest_does(container):
+    url, _, grpc_port = container
+    ids, lengths = np.array([[2, 3, 4], [5, 6, 0]], np.int64), np.array([3, 2], np.int64)
+    inputs = [triton.InferInput("input_ids", [2, 3], "INT64"), triton.InferInput("lengths", [2], "INT64")]
+    inputs[0].set_data_from_numpy(ids)
+    inputs[1].set_data_from_numpy(lengths)
+    client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    assert client.is_server_ready() and client.is_model_ready("clf")
+    rest = httpx.post(f"{url}/v2/models/clf/infer", json=REQUESTS[1][1]).json()["outputs"][0]["data"]
+    assert np.abs(client.infer("clf", inputs).as_numpy("logits").ravel() - np.array(rest)).max() < 1e-6
 
 
 def close(a, b) -> bool:
@@ -106,7 +121,7 @@ def close(a, b) -> bool:
 
 
 def test_the_container_uses_the_cpu_fallback_and_says_so(container):
-    url, cid = container
+    url, cid, _ = container
     assert httpx.get(f"{url}/v1/models/clf").json()["provider"] == "CPUExecutionProvider"
     logs = subprocess.run([*PODMAN, "logs", cid], capture_output=True, text=True)
     assert "CUDAExecutionProvider is not available here" in logs.stderr, logs.stderr[-2000:]
@@ -133,7 +148,7 @@ print(json.dumps(rows))
 def test_the_container_runs_engines_and_front_ends_apart(container):
     """Inside the image: the inference engines (python -m serving.engine) hold ONNX Runtime; the
     HTTP front-end workers (uvicorn's, spawned) do not even load it."""
-    _, cid = container
+    _, cid, _ = container
     rows = json.loads(sh(*PODMAN, "exec", cid, "python3", "-c", PROCESSES))
     engines = [r for r in rows if "serving.engine" in r["command"]]
     front_ends = [r for r in rows if "multiprocessing" in r["command"] and "spawn" in r["command"]]
@@ -142,8 +157,9 @@ def test_the_container_runs_engines_and_front_ends_apart(container):
 
 
 def test_a_short_locust_load_against_the_container_has_zero_failures(container, tmp_path):
-    url, _ = container
-    env = os.environ | {"RNNSERVE_LOADTEST_MODEL": "clf", "RNNSERVE_LOADTEST_LM": "lm"}
+    url, _, grpc_port = container
+    env = os.environ | {"RNNSERVE_LOADTEST_MODEL": "clf", "RNNSERVE_LOADTEST_LM": "lm",
+                        "RNNSERVE_LOADTEST_GRPC": f"127.0.0.1:{grpc_port}"}
     done = subprocess.run([sys.executable, "-m", "loadtest", "run", "--host", url, "--users", "8", "--spawn-rate", "8",
                            "--duration", "5s", "--scenario", "all", "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)

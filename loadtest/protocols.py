@@ -1,0 +1,174 @@
+"""What the protocol costs, and what tracing costs: one model, one run, one machine.
+
+    python -m loadtest protocols --model imdb-gru [--rows 32 --users 64 --seconds 5 --repeats 3]
+
+1. the same requests of --rows pre-tokenized IMDB rows each as V2 infer with JSON tensors, with
+   binary tensors (in and out, as tritonclient.http sends them) and over gRPC (raw contents),
+   against one python -m serving; sequences/s, p50, p99, server CPU per request;
+2. python -m serving with tracing off, with RNNSERVE_TRACING=otlp exporting every request's spans
+   to a receiver process on 127.0.0.1 (python -m loadtest.otlp), and the same with OpenTelemetry's
+   standard sampler keeping 1 trace in 10 (OTEL_TRACES_SAMPLER=parentbased_traceidratio); one
+   short text per V1 predict.
+Points are interleaved (the order turns every round) and the median of --repeats is reported.
+Writes results.json and results.md under --out.
+"""
+import asyncio
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+from core.repository import latest
+from loadtest.bench import measure, median_point
+from loadtest.client import LoadResult, load_in_processes, timed
+from loadtest.servers import cpu_name, free_port, start
+from loadtest.workloads import padded, predict_body, texts, token_rows, v2_binary_body, v2_body
+
+
+async def grpc_users(port: int, requests: list[bytes], users: int, duration_s: float) -> LoadResult:
+    """`users` concurrent ModelInfer calls in a loop over one channel (HTTP/2 multiplexes them)."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+    messages = [pb.ModelInferRequest.FromString(r) for r in requests]
+    result = LoadResult()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        deadline = time.perf_counter() + duration_s
+
+        async def user(i: int):
+            while time.perf_counter() < deadline:
+                sent_at = time.perf_counter()
+                try:
+                    await stub.ModelInfer(messages[i % len(messages)], timeout=30)
+                    status = 200
+                except grpc.aio.AioRpcError as e:
+                    status = e.code().name
+                result.latencies_s.append(time.perf_counter() - sent_at)
+                result.statuses[status] = result.statuses.get(status, 0) + 1
+                result.errors += status != 200
+                i += users
+
+        started = time.perf_counter()
+        await asyncio.gather(*(user(i) for i in range(users)))
+        result.elapsed_s = time.perf_counter() - started
+    return result
+
+
+def grpc_part(args) -> LoadResult:
+    return timed(grpc_users, args)
+
+
+def grpc_load(host: str, port: int, requests: list[bytes], users: int, duration_s: float, processes: int = 1) -> LoadResult:
+    """grpc_users in its own process (the load generator's CPU counted, as the HTTP client's is)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(grpc_part, ((port, requests, users, duration_s),))
+
+
+def grpc_request(model: str, rows: list[list[int]]) -> bytes:
+    from tritonclient.grpc import service_pb2 as pb
+    ids, lengths = padded(rows)
+    tensor = pb.ModelInferRequest.InferInputTensor
+    return pb.ModelInferRequest(model_name=model, raw_input_contents=[ids.tobytes(), lengths.tobytes()],
+                                inputs=[tensor(name="input_ids", datatype="INT64", shape=ids.shape),
+                                        tensor(name="lengths", datatype="INT64", shape=lengths.shape)]).SerializeToString()
+
+
+def rotated(items: list, by: int) -> list:
+    return items[by % len(items):] + items[:by % len(items)]
+
+
+def protocols(args) -> dict:
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = token_rows(latest(args.repository, args.model), texts("short", 2048, seed=3))
+    chunks = [rows[i: i + args.rows] for i in range(0, len(rows) - args.rows + 1, args.rows)]
+    path = f"/v2/models/{args.model}/infer"
+    binary = [v2_binary_body(*c) for c in chunks]
+    requests = {"v2 JSON": [(path, v2_body(*c)) for c in chunks],
+                "v2 binary": [(path, body, b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: "
+                               b"%d\r\n" % length) for body, length in binary],
+                "gRPC": [grpc_request(args.model, c) for c in chunks]}
+    results = {"machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
+                           "date": time.strftime("%Y-%m-%d %H:%M")},
+               "model": args.model, "rows": args.rows, "users": args.users, "seconds": args.seconds,
+               "repeats": args.repeats, "protocols": {}, "tracing": {}}
+    base = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--repository", str(args.repository)]
+
+    port, grpc_port = free_port(), free_port()
+    server = start("rnnserve", base + ["--port", str(port)], {"RNNSERVE_GRPC_PORT": str(grpc_port)}, port, "/v2/health/ready")
+    raw = {}
+    try:
+        for round_ in range(args.repeats):
+            for name in rotated(list(requests), round_):
+                grpc = name == "gRPC"
+                point = measure(server.pid, grpc_port if grpc else port, requests[name], args.users, args.seconds, 1,
+                                args.rows, load=grpc_load if grpc else load_in_processes)
+                raw.setdefault(name, []).append(point)
+                print(f"{name:10s} {point['sequences_per_s']:8.0f} seq/s p50 {point['p50_ms']:6.1f} ms "
+                      f"p99 {point['p99_ms']:6.1f} ms errors {point['errors']}")
+    finally:
+        server.terminate()
+        server.wait(30)
+    results["protocols"] = {k: median_point(v) for k, v in raw.items()}
+    if args.tracing:
+        results["tracing"], results["spans_received"] = tracing_cost(args, base)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (args.out / "results.md").write_text(table)
+    print(table)
+    return results
+
+
+def tracing_cost(args, base: list[str]) -> tuple[dict, int]:
+    """Part 2: (mode -> median point, spans the receiver got)."""
+    receiver_port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-m", "loadtest.otlp", "--port", str(receiver_port), "--every", "1"],
+                                stdout=subprocess.PIPE, text=True)
+    traced = {"RNNSERVE_TRACING": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
+              "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+    modes = {"off": {}, "otlp, every request": traced,
+             "otlp, 1 in 10 sampled": traced | {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                                 "OTEL_TRACES_SAMPLER_ARG": "0.1"}}
+    predicts = [(f"/v1/models/{args.model}:predict", predict_body(t)) for t in texts("short", 2000, seed=4)]
+    raw = {}
+    try:
+        for round_ in range(args.repeats):
+            for mode in rotated(list(modes), round_):
+                port = free_port()
+                server = start("rnnserve-tracing", base + ["--port", str(port)], modes[mode], port, "/v2/health/ready")
+                try:
+                    point = measure(server.pid, port, predicts, args.users, args.seconds, 1, 1)
+                finally:
+                    server.terminate()
+                    server.wait(30)
+                raw.setdefault(mode, []).append(point)
+                print(f"tracing {mode:22s} {point['requests_per_s']:8.0f} req/s p50 {point['p50_ms']:6.1f} ms "
+                      f"p99 {point['p99_ms']:6.1f} ms errors {point['errors']}")
+    finally:
+        receiver.terminate()
+        spans = [line for line in receiver.communicate(timeout=30)[0].splitlines() if line.endswith("spans")]
+    return {k: median_point(v) for k, v in raw.items()}, int(spans[-1].split()[0]) if spans else 0
+
+
+def markdown(r: dict) -> str:
+    m, p, t = r["machine"], r["protocols"], r["tracing"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores; {m['date']}. Model {r['model']}; {r['users']} users; "
+             f"{r['seconds']} s per point, median of {r['repeats']}, interleaved.", "",
+             f"| V2 infer, {r['rows']} rows per request | sequences/s | requests/s | p50 ms | p99 ms | front-end / engine "
+             "CPU ms/request | vs JSON |", "|---|---|---|---|---|---|---|"]
+    for name, v in p.items():
+        lines.append(f"| {name} | {v['sequences_per_s']:.0f} | {v['requests_per_s']:.0f} | {v['p50_ms']:.1f} | "
+                     f"{v['p99_ms']:.1f} | {v['frontend_cpu_ms_per_request']:.3f} / {v['engine_cpu_ms_per_request']:.3f} | "
+                     f"{v['sequences_per_s'] / p['v2 JSON']['sequences_per_s']:.2f}x |")
+    lines += ["", f"gRPC / binary REST: {p['gRPC']['sequences_per_s'] / p['v2 binary']['sequences_per_s']:.2f}."]
+    if not t:
+        return "\n".join(lines) + "\n"
+    lines += ["", "| V1 predict, one short text | requests/s | p50 ms | p99 ms | front-end / engine CPU ms/request | vs off |",
+              "|---|---|---|---|---|---|"]
+    for mode, v in t.items():
+        lines.append(f"| tracing {mode} | {v['requests_per_s']:.0f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
+                     f"{v['frontend_cpu_ms_per_request']:.3f} / {v['engine_cpu_ms_per_request']:.3f} | "
+                     f"{v['requests_per_s'] / t['off']['requests_per_s']:.2f} |")
+    lines.append(f"\n{r['spans_received']} spans received by the OTLP receiver.")
+    return "\n".join(lines) + "\n"

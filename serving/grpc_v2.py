@@ -1,0 +1,185 @@
+"""KServe V2 over gRPC (inference.GRPCInferenceService) in every front-end, on RNNSERVE_GRPC_PORT:
+health, metadata, ModelInfer with raw_input_contents / raw_output_contents, and the repository
+extension. The same engines and batches as REST, the same checks (serving/tensors.py), the same
+token as `authorization` metadata, and the same errors as gRPC status codes (CODES).
+
+The service definition is the published grpc_service.proto as Triton's client ships it compiled
+(tritonclient.grpc.service_pb2): what tritonclient.grpc and KServe's clients speak, unchanged.
+The front-ends share the port with SO_REUSEPORT, as they share the HTTP one.
+"""
+import asyncio
+import functools
+import logging
+import time
+
+import grpc
+from fastapi import HTTPException
+from starlette.datastructures import State
+from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+
+from serving import metrics, tensors, tracing
+from serving.access import NEEDS_TOKEN, bearer_matches, control_closed, token_of
+from serving.inference import engines, infer, served
+from serving.logs import start_request
+from serving.routes import control, v2
+
+log = logging.getLogger(__name__)
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+         403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 410: grpc.StatusCode.NOT_FOUND,
+         413: grpc.StatusCode.RESOURCE_EXHAUSTED, 499: grpc.StatusCode.CANCELLED, 503: grpc.StatusCode.UNAVAILABLE,
+         504: grpc.StatusCode.DEADLINE_EXCEEDED}  # HTTP status -> gRPC code; anything else INTERNAL
+STATUSES = {code: status for status, code in CODES.items() if status != 410} | {grpc.StatusCode.INTERNAL: 500}
+
+
+def rpc(guard: str | None = None):
+    """An RPC as the front door treats a request: an id (x-request-id metadata), the token where
+    `guard` ("control", or "inference" with token_for_inference) asks for it, and every refusal
+    (HTTPException) as its gRPC status, an unexpected error as INTERNAL with the id to find it by."""
+    def wrap(method):
+        @functools.wraps(method)
+        async def handler(self, request, context: grpc.aio.ServicerContext):
+            metadata = dict(context.invocation_metadata() or ())
+            request_id = start_request(metadata.get("x-request-id", ""))
+            context.set_trailing_metadata((("x-request-id", request_id),))
+            try:
+                with tracing.server_span(f"inference.GRPCInferenceService/{method.__name__}", metadata, **{
+                        "rpc.system": "grpc", "rpc.method": method.__name__, "rnnserve.request_id": request_id}):
+                    self.check(guard, metadata.get("authorization", "").encode("latin-1"))
+                    return await method(self, request, context)
+            except HTTPException as e:
+                await context.abort(CODES.get(e.status_code, grpc.StatusCode.INTERNAL), f"{e.detail} (request {request_id})")
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as e:
+                log.error("unhandled %s", type(e).__name__, exc_info=e)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__} (request {request_id})")
+        return handler
+    return wrap
+
+
+def inputs_of(request: pb.ModelInferRequest) -> list[tensors.Input]:
+    """The inputs' raw_input_contents (one per input, in order) or, without them, their contents."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise HTTPException(400, f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    return [tensors.Input(t.name, t.datatype, list(t.shape),
+                          tensors.from_bytes(t.name, t.datatype, list(t.shape), raw[i]) if raw else list(t.contents.int64_contents))
+            for i, t in enumerate(request.inputs)]
+
+
+class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, state: State):
+        self.state, self.settings = state, state.settings
+        self.token = token_of(self.settings)
+
+    def check(self, guard: str | None, authorization: bytes):
+        if guard == "control" and (closed := control_closed(self.settings)):
+            raise HTTPException(403, closed)
+        guarded = guard == "control" or (guard == "inference" and self.settings.token_for_inference)
+        if self.token and guarded and not bearer_matches(self.token, authorization):
+            raise HTTPException(401, NEEDS_TOKEN)
+
+    @rpc()
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc()
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=bool(self.state.ready and self.state.engines.ready))
+
+    @rpc()
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(**v2.SERVER)
+
+    @rpc("inference")
+    async def ModelReady(self, request, context):
+        try:
+            served(self.state, request.name, request.version or None)
+        except HTTPException:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @rpc("inference")
+    async def ModelMetadata(self, request, context):
+        meta = v2.metadata(self.state, request.name, request.version or None)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                                        inputs=[tensor(**t) for t in meta["inputs"]],
+                                        outputs=[tensor(**t) for t in meta["outputs"]])
+
+    @rpc("inference")
+    async def ModelInfer(self, request, context):
+        """Logits for right-padded input_ids and lengths, batched with every other request."""
+        name, started, status = request.model_name, time.perf_counter(), grpc.StatusCode.INTERNAL
+        client = getattr(self.state, "engines", None)
+        model = name if client and client.deployed(name) else metrics.NOT_DEPLOYED
+        in_flight = metrics.of(metrics.IN_FLIGHT, model)
+        in_flight.inc()
+        try:
+            if engines(self.state).full(name, self.settings.max_queue_size):
+                raise HTTPException(503, f"model {name!r} has {self.settings.max_queue_size} or more requests "
+                                         "waiting; retry shortly")
+            if request.outputs and [o.name for o in request.outputs] != ["logits"]:
+                raise HTTPException(400, f"unknown outputs {[o.name for o in request.outputs]}; this model gives logits")
+            inputs, limit = inputs_of(request), self.settings.max_instances
+            version, _, logits = await infer(
+                self.state, name, lambda v: [(row, False) for row in tensors.rows_from(inputs, len(v.codec.vocab), limit)],
+                request.model_version or None, timeout_s=context.time_remaining())
+            status = grpc.StatusCode.OK
+            return pb.ModelInferResponse(
+                model_name=name, model_version=str(version.number), id=request.id,
+                outputs=[pb.ModelInferResponse.InferOutputTensor(name="logits", datatype="FP32", shape=logits.shape)],
+                raw_output_contents=[logits.astype("<f4", copy=False).tobytes()])
+        except HTTPException as e:
+            status = CODES.get(e.status_code, grpc.StatusCode.INTERNAL)
+            raise
+        except asyncio.CancelledError:
+            status = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            in_flight.dec()
+            metrics.of(metrics.REQUESTS, model, "grpc_infer", str(STATUSES.get(status, 200))).inc()
+            metrics.of(metrics.REQUEST_LATENCY, model, "grpc_infer").observe(time.perf_counter() - started)
+
+    @rpc("control")
+    async def RepositoryIndex(self, request, context):
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[index(**row) for row in await control.index_of(self.state, request.ready)])
+
+    @rpc("control")
+    async def RepositoryModelLoad(self, request, context):
+        """parameters["version"] (int64_param or string_param) loads and pins that version."""
+        version = None
+        if "version" in request.parameters:
+            param = request.parameters["version"]
+            version = getattr(param, param.WhichOneof("parameter_choice") or "string_param")
+        await control.load_model(self.state, request.model_name, version)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc("control")
+    async def RepositoryModelUnload(self, request, context):
+        await control.unload_model(self.state, request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+async def unimplemented(self, request, context):
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this extension of the protocol is not served by rnnserve")
+
+
+for _name in set(vars(service_pb2_grpc.GRPCInferenceServiceServicer)) - set(vars(Service)):  # statistics,
+    if not _name.startswith("_"):  # shared memory, trace and log settings, the streaming infer
+        setattr(Service, _name, unimplemented)
+
+
+async def start(state: State) -> grpc.aio.Server:
+    """This front-end's gRPC server on settings.grpc_port; messages up to max_body_bytes."""
+    settings = state.settings
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1),
+                                      ("grpc.max_receive_message_length", settings.max_body_bytes)])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Service(state), server)
+    address = f"{settings.host}:{settings.grpc_port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"gRPC could not listen on {address}")
+    await server.start()
+    log.info("gRPC (KServe V2) on %s", address)
+    return server

@@ -1,0 +1,126 @@
+"""V2 tensors however they travel, read and checked by one set of rules: JSON `data`, the binary
+tensor extension's raw bytes after a JSON header (REST), and gRPC's raw_input_contents or typed
+contents. Our models take input_ids (INT64 [B, T], right-padded) and lengths (INT64 [B]).
+
+A binary REST body is the JSON header, whose length the Inference-Header-Content-Length header
+gives, then each input's raw little-endian row-major bytes in the order the JSON lists them, each
+sized by the input's parameters.binary_data_size. Answers are built the same way when asked for.
+"""
+import math
+from typing import NamedTuple
+
+import msgspec
+import numpy as np
+from fastapi import HTTPException
+from fastapi.responses import Response
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+json_encode = msgspec.json.Encoder().encode
+
+
+class Input(NamedTuple):
+    name: str
+    datatype: str
+    shape: list[int]
+    values: np.ndarray | list  # flat little-endian int64, or JSON data (flat or nested)
+
+
+def split(body: bytes, header_length: bytes | None) -> tuple[bytes, bytes]:
+    """(the JSON header, the binary part) of a V2 REST request body."""
+    if header_length is None:
+        return body, b""
+    if not header_length.isdigit():
+        raise HTTPException(400, f"{HEADER_LENGTH} must be a number of bytes, not {header_length[:40].decode('latin-1')!r}")
+    if int(header_length) > len(body):
+        raise HTTPException(400, f"{HEADER_LENGTH} is {int(header_length)} but the body has {len(body)} bytes")
+    return body[: int(header_length)], body[int(header_length):]
+
+
+def from_bytes(name: str, datatype: str, shape: list[int], data: bytes) -> np.ndarray:
+    """One input's raw bytes as a flat int64 array, if they are exactly shape x datatype."""
+    if datatype != "INT64":
+        raise HTTPException(400, f"input {name}: datatype must be INT64, not {datatype}")
+    if any(d < 0 for d in shape):
+        raise HTTPException(400, f"input {name}: shape {shape} has a negative dimension")
+    if len(data) != math.prod(shape) * 8:
+        raise HTTPException(400, f"input {name}: {len(data)} bytes, but shape {shape} of INT64 is {math.prod(shape) * 8}")
+    return np.frombuffer(data, "<i8")
+
+
+def inputs_of(tensors: list, binary: bytes) -> list[Input]:
+    """The inputs of a REST request (schemas.TensorInput): each takes the next binary_data_size
+    bytes of the binary part, or its JSON data; the sizes must account for every byte."""
+    inputs, offset = [], 0
+    for t in tensors:
+        size = (t.parameters or {}).get("binary_data_size")
+        if size is None:
+            if t.data is None:
+                raise HTTPException(400, f"input {t.name} has neither data nor parameters.binary_data_size")
+            inputs.append(Input(t.name, t.datatype, t.shape, t.data))
+            continue
+        if type(size) is not int or size < 0:
+            raise HTTPException(400, f"input {t.name}: binary_data_size must be a whole number of bytes, not {size!r}")
+        if offset + size > len(binary):
+            raise HTTPException(400, f"input {t.name}: binary_data_size {size} runs past the body "
+                                     f"({len(binary) - offset} bytes left after the JSON header)")
+        inputs.append(Input(t.name, t.datatype, t.shape, from_bytes(t.name, t.datatype, t.shape, binary[offset: offset + size])))
+        offset += size
+    if offset != len(binary):
+        raise HTTPException(400, f"the body has {len(binary)} bytes after the JSON header but the inputs' "
+                                 f"binary_data_size add up to {offset}")
+    return inputs
+
+
+def flat(data: list) -> list:
+    while data and isinstance(data[0], list):
+        data = [x for row in data for x in row]
+    return data
+
+
+def rows_from(inputs: list[Input], vocab_size: int, max_instances: int) -> list[list[int]]:
+    """Check input_ids and lengths and cut input_ids into unpadded rows of token ids."""
+    tensors = {t.name: t for t in inputs}
+    if sorted(tensors) != ["input_ids", "lengths"] or len(inputs) != 2:
+        raise HTTPException(400, f"expected inputs input_ids and lengths, got {[t.name for t in inputs]}")
+    for t in inputs:
+        if t.datatype != "INT64":
+            raise HTTPException(400, f"input {t.name}: datatype must be INT64, not {t.datatype}")
+    ids_t, len_t = tensors["input_ids"], tensors["lengths"]
+    if len(ids_t.shape) != 2 or len(len_t.shape) != 1 or ids_t.shape[0] != len_t.shape[0]:
+        raise HTTPException(400, f"shapes must be input_ids [B, T] and lengths [B], got {ids_t.shape} and {len_t.shape}")
+    batch, seq = ids_t.shape
+    if batch < 1 or seq < 1:
+        raise HTTPException(400, f"empty input_ids shape {ids_t.shape}")
+    if batch > max_instances:
+        raise HTTPException(413, f"{batch} rows; at most {max_instances} per request")
+    try:
+        ids, lengths = (np.asarray(flat(t.values) if isinstance(t.values, list) else t.values, np.int64)
+                        for t in (ids_t, len_t))
+    except (TypeError, ValueError, OverflowError):
+        raise HTTPException(400, "tensor data must be integers") from None
+    if ids.ndim != 1 or ids.size != batch * seq or lengths.ndim != 1 or lengths.size != batch:
+        raise HTTPException(400, f"data lengths {ids.size} and {lengths.size} do not match shapes {ids_t.shape} and {len_t.shape}")
+    if lengths.min() < 1 or lengths.max() > seq:
+        raise HTTPException(400, f"lengths must be within 1..{seq}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise HTTPException(400, f"token ids must be within 0..{vocab_size - 1}")
+    ids = ids.reshape(batch, seq)
+    return [ids[i, :n].tolist() for i, n in enumerate(lengths.tolist())]
+
+
+def wants_binary(request) -> bool:
+    """Whether a REST request (schemas.InferRequest) asks for its output as raw bytes: the output's
+    own parameters.binary_data, else the request's binary_data_output."""
+    asked = next((o.parameters for o in request.outputs or [] if o.parameters and "binary_data" in o.parameters), None)
+    return bool(asked["binary_data"] if asked else (request.parameters or {}).get("binary_data_output", False))
+
+
+def answer(header: dict, name: str, values: np.ndarray, binary: bool) -> Response:
+    """A V2 REST answer with one FP32 output: JSON data, or its raw bytes after the JSON header."""
+    output = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
+    if not binary:
+        return Response(json_encode(header | {"outputs": [output | {"data": values.ravel().tolist()}]}),
+                        media_type="application/json")
+    raw = values.astype("<f4", copy=False).tobytes()
+    head = json_encode(header | {"outputs": [output | {"parameters": {"binary_data_size": len(raw)}}]})
+    return Response(head + raw, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(head))})

@@ -1,0 +1,148 @@
+"""OpenTelemetry traces: python -m serving with RNNSERVE_TRACING=otlp exports, over OTLP gRPC to a
+receiver on 127.0.0.1, a trace per request under the caller's traceparent: the request span, its
+tokenize, its time queued (linked to the batch it ran in) and a generation's stream."""
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from loadtest.otlp import Receiver
+from loadtest.servers import free_port
+from tests.serving_fixtures import serve, tiny_repository
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+
+
+def traceparent(n: int) -> tuple[str, str]:
+    """A caller's span id and its W3C traceparent (one trace, a caller span per request)."""
+    span_id = f"{n:016x}"
+    return span_id, f"00-{TRACE}-{span_id}-01"
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """(receiver, url, grpc port) of a traced server exporting every 100 ms."""
+    repository = tiny_repository(tmp_path_factory.mktemp("tracing"))
+    receiver, grpc_port = Receiver(free_port()), free_port()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.port}")
+        env.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        process, url = serve(repository, tracing="otlp", grpc_port=grpc_port, max_queue_delay_ms=2)
+    yield receiver, url, grpc_port
+    process.terminate()
+    process.wait(30)
+    receiver.stop()
+
+
+def spans_under(receiver: Receiver, caller: str, names: set, timeout_s: float = 10) -> dict:
+    """name -> (role, span) of the request span whose parent is `caller` and of everything under
+    it, once every name in `names` has arrived."""
+    deadline = time.time() + timeout_s
+    while True:
+        with receiver.lock:
+            spans = list(receiver.spans)
+        found, parents = {}, {bytes.fromhex(caller)}
+        for _ in range(3):  # request -> tokenize, queued, generation
+            for role, span in spans:
+                if span.trace_id.hex() == TRACE and span.parent_span_id in parents:
+                    found[span.name] = (role, span)
+                    parents.add(span.span_id)
+        if names <= found.keys() or time.time() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def batch_of(receiver: Receiver, queued) -> object:
+    """The batch span the queued span links to."""
+    (link,) = queued.links
+    with receiver.lock:
+        return next(s for _, s in receiver.spans if s.name == "batch" and s.span_id == link.span_id)
+
+
+def attributes(span) -> dict:
+    return {a.key: a.value.int_value or a.value.string_value for a in span.attributes}
+
+
+def check_request(receiver, caller: str, request_name: str, names=frozenset({"tokenize", "queued"})) -> dict:
+    found = spans_under(receiver, caller, {request_name, *names})
+    assert {request_name, *names} <= found.keys(), f"spans under the caller: {sorted(found)}"
+    role, request = found[request_name]
+    assert role == "frontend" and request.kind == request.SPAN_KIND_SERVER
+    assert request.parent_span_id.hex() == caller
+    if "queued" in names:
+        role, queued = found["queued"]
+        assert role == "engine" and queued.parent_span_id == request.span_id
+        batch = batch_of(receiver, queued)
+        assert batch.parent_span_id == b"" and request.span_id in [link.span_id for link in batch.links]
+        assert attributes(batch)["rnnserve.rows"] >= 1 and attributes(batch)["rnnserve.padded_tokens"] >= 1
+    return found
+
+
+def test_a_predict_is_traced_from_the_callers_span_to_its_batch(traced):
+    receiver, url, _ = traced
+    caller, header = traceparent(1)
+    r = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ["a fine film"]}, headers={"traceparent": header})
+    assert r.status_code == 200
+    found = check_request(receiver, caller, "POST /v1/models/{name}:predict")
+    assert found["tokenize"][1].parent_span_id == found["POST /v1/models/{name}:predict"][1].span_id
+
+
+def test_a_v2_infer_over_rest_and_over_grpc_is_traced(traced):
+    receiver, url, grpc_port = traced
+    caller, header = traceparent(2)
+    body = {"inputs": [{"name": "input_ids", "shape": [1, 3], "datatype": "INT64", "data": [2, 3, 4]},
+                       {"name": "lengths", "shape": [1], "datatype": "INT64", "data": [3]}]}
+    assert httpx.post(f"{url}/v2/models/clf/infer", json=body, headers={"traceparent": header}).status_code == 200
+    check_request(receiver, caller, "POST /v2/models/{name}/infer", names={"queued"})
+
+    caller, header = traceparent(3)
+    inputs = [triton.InferInput("input_ids", [1, 3], "INT64"), triton.InferInput("lengths", [1], "INT64")]
+    inputs[0].set_data_from_numpy(np.array([[2, 3, 4]], np.int64))
+    inputs[1].set_data_from_numpy(np.array([3], np.int64))
+    triton.InferenceServerClient(f"127.0.0.1:{grpc_port}").infer("clf", inputs, headers={"traceparent": header})
+    check_request(receiver, caller, "inference.GRPCInferenceService/ModelInfer", names={"queued"})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_generation_is_traced_with_its_stream(traced, stream):
+    receiver, url, _ = traced
+    caller, header = traceparent(4 + stream)
+    r = httpx.post(f"{url}/v1/models/lm:generate", headers={"traceparent": header},
+                   json={"prompt": "the time", "max_new_tokens": 12, "stream": stream, "seed": 1})
+    assert r.status_code == 200
+    found = check_request(receiver, caller, "POST /v1/models/{name}:generate", names={"tokenize", "generation"})
+    request, generation = found["POST /v1/models/{name}:generate"][1], found["generation"][1]
+    assert generation.parent_span_id == request.span_id
+    assert attributes(generation)["rnnserve.tokens"] >= 1
+
+
+def test_without_a_traceparent_a_request_starts_its_own_trace(traced):
+    receiver, url, _ = traced
+    r = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ["plain"]}, headers={"x-request-id": "untraced-1"})
+    assert r.status_code == 200
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        with receiver.lock:
+            mine = [s for _, s in receiver.spans if attributes(s).get("rnnserve.request_id") == "untraced-1"]
+        if mine:
+            break
+        time.sleep(0.1)
+    assert mine and mine[0].parent_span_id == b"" and mine[0].trace_id.hex() != TRACE
+
+
+def test_a_caller_that_does_not_sample_its_trace_gets_no_spans(traced):
+    """The standard parent-based sampler: flags 00 in the traceparent, nothing recorded anywhere."""
+    receiver, url, _ = traced
+    unsampled = "1f" * 16
+    r = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ["not sampled"]},
+                   headers={"traceparent": f"00-{unsampled}-00000000000000aa-00", "x-request-id": "unsampled-1"})
+    assert r.status_code == 200
+    marker, header = traceparent(9)  # a sampled request after it: once its spans are in, so would the other's be
+    assert httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ["sampled"]},
+                      headers={"traceparent": header}).status_code == 200
+    check_request(receiver, marker, "POST /v1/models/{name}:predict")
+    with receiver.lock:
+        assert not [s for _, s in receiver.spans if s.trace_id.hex() == unsampled]
