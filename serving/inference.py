@@ -98,7 +98,7 @@ async def infer(state: State, name: str, encode, version: str | None = None, tas
     encoded again with the new one, once. Returns the version, the encoded rows and the outputs.
     receive: an HTTP request's, to watch its client (reply_of); timeout_s: a gRPC client's deadline
     when it is sooner than the server's own."""
-    timeout = min(state.settings.request_timeout_s, timeout_s or float("inf"))
+    timeout = min(state.settings.request_timeout_s, float("inf") if timeout_s is None else timeout_s)
     client = state.engines
     for attempt in range(2):
         link, served_version = served(state, name, version, task)

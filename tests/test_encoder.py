@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from export.repository import export_run
 from models.checkpoint import load_run
 from models.encoder import encode, load_pretrained
+from models.features import Features
 from core.tokenize import Tokenizer, Vocab
 from models.train import main as train_main
 from tests.serving_fixtures import Server, alone
@@ -60,9 +61,15 @@ def runs(data):
     encoder = tiny_encoder(data / "tiny-bert")
     common = ["classifier", "--data", str(data / "reviews.csv"), "--arch", "bilstm", "--encoder", str(encoder),
               "--hidden-size", "8", "--epochs", "2", "--batch-size", "32", "--max-len", "24"]
-    frozen = train_main(common + ["--freeze-encoder", "--out", str(data / "runs" / "frozen")])
+    cache = ["--feature-cache", str(data / "features")]
+    frozen = train_main(common + ["--freeze-encoder", "--out", str(data / "runs" / "frozen"), *cache])
     tuned = train_main(common + ["--encoder-lr", "1e-3", "--out", str(data / "runs" / "tuned")])
-    return data / "runs", frozen, tuned
+    written = {p: p.stat().st_mtime_ns for p in (data / "features").rglob("*.npy")}
+    elman = train_main([*common[:4], "elman", *common[5:], "--epochs", "10", "--batch-size", "8", "--hidden-size", "16",
+                        "--lr", "1e-2", "--freeze-encoder", "--check-features",
+                        "--out", str(data / "runs" / "elman"), *cache])
+    assert {p: p.stat().st_mtime_ns for p in (data / "features").rglob("*.npy")} == written  # read, not made again
+    return data / "runs", frozen, tuned, elman
 
 
 def test_the_encoder_tokenizes_with_its_own_wordpiece_and_masks_padding(tmp_path):
@@ -84,8 +91,8 @@ def test_the_encoder_tokenizes_with_its_own_wordpiece_and_masks_padding(tmp_path
 
 
 def test_frozen_and_fine_tuned_runs_learn_and_keep_the_tokenizer(runs):
-    folder, frozen, tuned = runs
-    assert frozen["test_accuracy"] > 0.8 and tuned["test_accuracy"] > 0.8, (frozen, tuned)
+    folder, frozen, tuned, elman = runs
+    assert frozen["test_accuracy"] > 0.8 and tuned["test_accuracy"] > 0.8 and elman["test_accuracy"] > 0.8, (frozen, tuned, elman)
     model, config, tokenizer, vocab = load_run(folder / "frozen")
     assert config["tokenizer"] == {"kind": "wordpiece", "lower": True, "file": "tokenizer.json"}
     assert (folder / "frozen" / "tokenizer.json").exists() and model.cfg.encoder["hidden_size"] == 16
@@ -97,9 +104,35 @@ def test_frozen_and_fine_tuned_runs_learn_and_keep_the_tokenizer(runs):
     assert kept and moved  # frozen: the encoder's weights as loaded; fine-tuned: changed
 
 
-def test_encoder_model_exports_as_one_graph_with_parity_and_is_served(runs, tmp_path):
-    folder, _, _ = runs
-    version = export_run(folder / "tuned", tmp_path / "repo", name="clf", cases=20)
+def test_the_feature_cache_holds_what_the_encoder_gives_for_each_split(runs, data):
+    """One cache folder per split (train, valid, test: 3), each text's vectors those of the
+    encoder run on it alone, to float16's precision; the head on them scores as through the encoder."""
+    folder, _, _, elman = runs
+    caches = sorted(p.parent for p in (data / "features").rglob("offsets.npy"))
+    assert len(caches) == 3
+    encoder, _, tokenizer_file = load_pretrained(str(data / "tiny-bert"))
+    tokenizer = Tokenizer("wordpiece", file=tokenizer_file.name, folder=str(tokenizer_file.parent))
+    vocab, texts = Vocab.of_wordpiece(tokenizer), [line.rsplit(",", 1)[0] for line in
+                                                   (data / "reviews.csv").read_text().splitlines()[1:]]
+    encoded = {tuple(vocab.encode(tokenizer(t))[:24]) for t in texts}
+    checked = 0
+    for cache in caches:
+        features = Features(cache)
+        assert features.vectors.dtype == np.float16 and features.vectors.shape[1] == 16
+        for i in range(0, len(features.lengths), 37):
+            vectors = features.batch([i])[0]
+            matches = [ids for ids in encoded if len(ids) == features.lengths[i] and torch.allclose(
+                encode(encoder.eval(), torch.tensor([ids]), torch.tensor([len(ids)]))[0].detach(), vectors, atol=2e-2)]
+            assert matches, f"text {i} of {cache.name}: no text's vectors match"
+            checked += 1
+    assert checked > 10
+    assert abs(elman["valid_accuracy_through_the_encoder"] - elman["valid_accuracy"]) <= 0.02
+
+
+@pytest.mark.parametrize("run", ["tuned", "elman"])
+def test_encoder_model_exports_as_one_graph_with_parity_and_is_served(runs, tmp_path, run):
+    folder = runs[0]
+    version = export_run(folder / run, tmp_path / "repo", name="clf", cases=20)
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["graphs"]["fp32"]["parity"]["within_tolerance"] and manifest["tokenizer"]["kind"] == "wordpiece"
     assert (version / "tokenizer.json").exists()
