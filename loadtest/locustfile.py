@@ -23,7 +23,8 @@ import grpc.experimental.gevent
 from locust import FastHttpUser, User, constant, task
 from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
 
-from loadtest.workloads import PROMPTS, padded, predict_body, texts, v2_binary_body, v2_body
+from core.codec import pad
+from loadtest.workloads import PROMPTS, predict_body, texts, v2_binary_body, v2_body
 
 grpc.experimental.gevent.init_gevent()  # gRPC calls yield to Locust's other users
 
@@ -102,7 +103,7 @@ class GrpcUser(User):
 
     @task
     def infer(self):
-        ids, lengths = padded(random_rows(self.rng, self.vocab_size))
+        ids, lengths = pad(random_rows(self.rng, self.vocab_size))
         request = pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[ids.tobytes(), lengths.tobytes()],
                                        inputs=[pb.ModelInferRequest.InferInputTensor(name="input_ids", datatype="INT64", shape=ids.shape),
                                                pb.ModelInferRequest.InferInputTensor(name="lengths", datatype="INT64", shape=lengths.shape)])

@@ -20,11 +20,12 @@ import subprocess
 import sys
 import time
 
+from core.codec import pad
 from core.repository import latest
 from loadtest.bench import measure, median_point
 from loadtest.client import LoadResult, load_in_processes, timed
 from loadtest.servers import cpu_name, free_port, start
-from loadtest.workloads import padded, predict_body, texts, token_rows, v2_binary_body, v2_body
+from loadtest.workloads import predict_body, texts, token_rows, v2_binary_body, v2_body
 
 
 async def grpc_users(port: int, requests: list[bytes], users: int, duration_s: float) -> LoadResult:
@@ -68,7 +69,7 @@ def grpc_load(host: str, port: int, requests: list[bytes], users: int, duration_
 
 def grpc_request(model: str, rows: list[list[int]]) -> bytes:
     from tritonclient.grpc import service_pb2 as pb
-    ids, lengths = padded(rows)
+    ids, lengths = pad(rows)
     tensor = pb.ModelInferRequest.InferInputTensor
     return pb.ModelInferRequest(model_name=model, raw_input_contents=[ids.tobytes(), lengths.tobytes()],
                                 inputs=[tensor(name="input_ids", datatype="INT64", shape=ids.shape),

@@ -8,8 +8,7 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
-
+from core.codec import pad
 from core.repository import read_version
 from models.data import CACHE, locate, read_aclimdb
 
@@ -56,17 +55,9 @@ def predict_body(*texts_: str) -> bytes:
     return json.dumps({"instances": list(texts_)}).encode()
 
 
-def padded(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token rows as V2 tensors: input_ids [rows, longest] (0 past each row's end) and lengths [rows]."""
-    ids = np.zeros((len(rows), max(map(len, rows))), np.int64)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = row
-    return ids, np.array([len(row) for row in rows], np.int64)
-
-
 def v2_body(*rows: list[int]) -> bytes:
     """A V2 infer request with JSON tensors."""
-    ids, lengths = padded(list(rows))
+    ids, lengths = pad(list(rows))
     return json.dumps({"inputs": [{"name": "input_ids", "shape": list(ids.shape), "datatype": "INT64", "data": ids.ravel().tolist()},
                                   {"name": "lengths", "shape": list(lengths.shape), "datatype": "INT64", "data": lengths.tolist()}]}).encode()
 
@@ -74,7 +65,7 @@ def v2_body(*rows: list[int]) -> bytes:
 def v2_binary_body(*rows: list[int]) -> tuple[bytes, int]:
     """A V2 infer request with binary tensors in and out, as tritonclient.http sends it by default:
     (body, its JSON header's length, for Inference-Header-Content-Length)."""
-    ids, lengths = padded(list(rows))
+    ids, lengths = pad(list(rows))
     header = json.dumps({"inputs": [{"name": "input_ids", "shape": list(ids.shape), "datatype": "INT64",
                                      "parameters": {"binary_data_size": ids.nbytes}},
                                     {"name": "lengths", "shape": list(lengths.shape), "datatype": "INT64",

@@ -88,13 +88,20 @@ class LanguageModel:
         return None
 
     def end(self, key: tuple[bytes, int]):
+        """A generation cancelled or failed between steps: it leaves the next one too."""
+        slot = self.release(key)
+        if slot is not None:
+            self.decoding = self.decoding[self.decoding != slot]
+
+    def release(self, key: tuple[bytes, int]) -> int | None:
+        """Free a generation's slot (the step that ends it sets self.decoding itself)."""
         slot = self.streams.pop(key, None)
         if slot is None:
-            return
+            return None
         self.prompts.pop(slot, None)
-        self.decoding = self.decoding[self.decoding != slot]
         self.free.append(slot)
         metrics.of(metrics.ACTIVE_GENERATIONS, self.name).dec()
+        return slot
 
     def open(self) -> str | None:
         self.expire()
@@ -194,7 +201,7 @@ class LanguageModel:
         replies = [(self.senders[f], Tokens(ids[mine].tolist(), tokens[mine].tolist(), last[mine].tolist()))
                    for f in np.unique(frontends) for mine in [frontends == f]]
         for f, rid in zip(frontends[last].tolist(), ids[last].tolist()):
-            self.end((self.senders[f], rid))
+            self.release((self.senders[f], rid))
         metrics.of(metrics.TOKENS_GENERATED, self.name).inc(len(slots))
         return replies, last
 

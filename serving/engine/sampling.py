@@ -21,9 +21,10 @@ def next_tokens(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, 
     z = (rows - rows.max(axis=1, keepdims=True)) / temperature[sampled, None]  # max 0: no overflow at tiny temperatures
     k = top_k[sampled].astype(np.int64)
     vocab = z.shape[1]
-    if ((k > 0) & (k < vocab)).any():
+    cut = (k > 0) & (k < vocab)  # rows whose top-k keeps less than the vocabulary
+    if cut.any():
         kth = -np.sort(-z, axis=1)[np.arange(len(z)), np.clip(k, 1, vocab) - 1]  # each row's k-th largest
-        z[((k > 0) & (k < vocab))[:, None] & (z < kth[:, None])] = -np.inf
+        z[cut[:, None] & (z < kth[:, None])] = -np.inf
     p = np.exp(z)  # z's max is 0 already (the largest survives any top-k)
     p /= p.sum(axis=1, keepdims=True)
     nucleus = np.flatnonzero(top_p[sampled] < 1)
