@@ -6,17 +6,20 @@
     python -m loadtest soak [--model imdb-gru --minutes 10 --users 32 --reload-every-s 60]
     python -m loadtest ipc [--messages 20000]
     python -m loadtest protocols [--model imdb-gru --rows 32 --users 64]
+    python -m loadtest gpu [--quick] [--model imdb-gru --lm timemachine-gru --encoder NAME]
 
 `run` drives Locust headless against any host and writes its CSV and HTML reports plus a
 summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py;
 `soak`: loadtest/soak.py; `ipc`: what the front-end <-> engine transport costs (loadtest/ipc.py);
-`protocols`: V2 JSON vs binary vs gRPC, and tracing off vs on (loadtest/protocols.py).
+`protocols`: V2 JSON vs binary vs gRPC, and tracing off vs on (loadtest/protocols.py); `gpu`: the
+CUDA tests and the GPU goals' operating points in one command (loadtest/gpu.py).
 """
 import argparse
 import sys
 from pathlib import Path
 
 from loadtest.bench import bench as run_bench
+from loadtest.gpu import gpu as run_gpu
 from loadtest.headless import SCENARIOS, run_locust
 from loadtest.ipc import ipc as run_ipc
 from loadtest.protocols import protocols as run_protocols
@@ -71,7 +74,19 @@ def main(argv=None):
     wire.add_argument("--repeats", type=int, default=3)
     wire.add_argument("--tracing", action=argparse.BooleanOptionalAction, default=True, help="measure part 2")
     wire.add_argument("--out", type=Path, default=Path("results/protocols"))
+    device = commands.add_parser("gpu", help="the CUDA tests and the GPU goals, one table (loadtest/gpu.py)")
+    device.add_argument("--repository", type=Path, default=Path("model_repository"))
+    device.add_argument("--model", default="imdb-gru", help="classifier for the text points and the ceiling")
+    device.add_argument("--lm", default="timemachine-gru", help="language model for generation")
+    device.add_argument("--encoder", help="the encoder model (default: the repository's first WordPiece classifier)")
+    device.add_argument("--provider", choices=["cuda", "cpu"], default="cuda", help="cpu: a rehearsal on the CPU")
+    device.add_argument("--quick", action="store_true", help="fewer points, 3 s each: about 2 minutes")
+    device.add_argument("--seconds", type=float, help="per measured point (default 8, --quick 3)")
+    device.add_argument("--tests", action=argparse.BooleanOptionalAction, default=True, help="run tests/test_cuda.py first")
+    device.add_argument("--out", type=Path, default=Path("results/gpu"))
     args = p.parse_args(argv)
+    if args.command == "gpu":
+        return run_gpu(args)
     if args.command == "protocols":
         return run_protocols(args)
     if args.command == "ipc":

@@ -32,11 +32,14 @@ import numpy as np
 import onnxruntime as ort
 
 from core.codec import pad
-from core.repository import latest, read_version
+from core.repository import ServingConfig, latest, read_version
 from loadtest.client import load_in_processes
 from loadtest.headless import run_locust
 from loadtest.servers import cpu_by_role, cpu_name, free_port, machine_busy_s, start
 from loadtest.workloads import PROMPTS, predict_body, texts, token_rows
+from serving.engine import devices
+from serving.engine.runner import open_session
+from serving.settings import Settings
 
 WORKLOADS = ("short", "long")
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -46,15 +49,20 @@ def numbers(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def engine_session(graph: bytes, provider: str, threads: int) -> ort.InferenceSession:
+    """A session opened as an engine opens it (options, provider options and their defaults), on
+    the provider asked for, with `threads` intra-op threads."""
+    if provider == "cuda":
+        devices.prepare_cuda()
+    settings = Settings(providers=PROVIDERS[provider], intra_op_threads=threads, provider_options={}, spin_wait=False)
+    return open_session(graph, settings, ServingConfig(), 0)
+
+
 def ceiling(graph: bytes, rows: list[list[int]], provider: str, batches: list[int], seconds: float,
             threads: int) -> dict:
     """In-process ONNX Runtime: sequences/s and ms per call at each batch size, with session.run
     and with I/O binding (inputs bound from the host, logits copied back once)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in PROVIDERS[provider]]
-    session = ort.InferenceSession(graph, options, providers=providers)
+    session = engine_session(graph, provider, threads)
 
     def bound(feeds):
         binding = session.io_binding()
@@ -83,10 +91,7 @@ def ceiling(graph: bytes, rows: list[list[int]], provider: str, batches: list[in
 def generation_ceiling(graph: bytes, state: dict, provider: str, batches: list[int], seconds: float) -> dict:
     """In-process greedy decoding with one ONNX Runtime thread, the state copied through the host
     each step (what the engine's loop does, without HTTP or sampling): tokens/s per batch."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(graph, options, providers=PROVIDERS[provider])
+    session = engine_session(graph, provider, 1)
     out = {}
     for batch in batches:
         tokens = np.full((batch, 1), 2, np.int64)

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-from pathlib import Path
 
 import uvicorn
 
@@ -32,7 +31,6 @@ from serving.logs import configure_logging
 from serving.settings import Settings
 
 log = logging.getLogger("serving")
-CUDA = "CUDAExecutionProvider"
 
 
 class Engines:
@@ -82,15 +80,12 @@ def mark_dead(pid: int):
 
 
 def cuda_devices(settings: Settings) -> int:
-    """CUDA devices this process may use (0 without the CUDA execution provider)."""
-    import onnxruntime as ort
-    if CUDA not in settings.providers or CUDA not in ort.get_available_providers():
+    """GPUs to start an engine on: those visible, where CUDA is asked for and this ONNX Runtime has
+    it (whether its libraries load, each engine checks: serving/engine/devices.py)."""
+    from serving.engine import devices  # ONNX Runtime: in this process, not in the front-ends
+    if devices.CUDA not in settings.providers or not devices.cuda_built():
         return 0
-    devices = len(list(Path("/dev").glob("nvidia[0-9]*")))  # what the driver (or the container runtime) exposes
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and devices:
-        return min(devices, len([d for d in visible.split(",") if d.strip()]))
-    return devices
+    return devices.visible_gpus()
 
 
 def main(argv=None):

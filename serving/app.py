@@ -25,6 +25,7 @@ from serving.schemas import ErrorResponse
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
+ENGINES_TIMEOUT_S = 900.0  # the longest a front-end waits for the engines' first word (their models load first)
 
 
 def drain_on_sigterm(app: FastAPI):
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
         tracing.configure(settings.tracing, "frontend")
         app.state.engines = EngineClient(settings.engine_addresses, settings.repository)
         await app.state.engines.start()
+        await app.state.engines.wait_for_engines(ENGINES_TIMEOUT_S)
         grpc_server = None
         if settings.grpc_port:
             from serving import grpc_v2  # grpcio only where it is asked for

@@ -88,6 +88,7 @@ class EngineClient:
         self.ids = itertools.count(1)
         self.versions: dict[tuple[str, int], Version] = {}
         self.tasks: list[asyncio.Task] = []
+        self.heard = asyncio.Event()  # every engine has sent its catalog once
 
     async def start(self):
         for link in self.links:
@@ -100,6 +101,15 @@ class EngineClient:
             self.tasks += [asyncio.create_task(self.read(link), name=f"engine-{link.index}-replies"),
                            asyncio.create_task(self.watch(link, monitor), name=f"engine-{link.index}-watch")]
 
+    async def wait_for_engines(self, timeout_s: float):
+        """Until every engine has said what it serves (each has loaded and warmed up its models):
+        a front-end takes connections only then, so that no request meets one that knows nothing."""
+        try:
+            await asyncio.wait_for(self.heard.wait(), timeout_s)
+        except TimeoutError:
+            log.error("engines %s have not answered within %gs: taking requests without them",
+                      [link.index for link in self.links if link.catalog is None], timeout_s)
+
     async def close(self):
         for task in self.tasks:
             task.cancel()
@@ -109,8 +119,15 @@ class EngineClient:
             link.socket.close()
 
     @property
-    def ready(self) -> bool:
+    def connected(self) -> bool:
+        """Every engine has said what it serves (model control needs each of them)."""
         return all(link.catalog is not None for link in self.links)
+
+    @property
+    def ready(self) -> bool:
+        """Every engine has said what it serves, and serves something: an engine with no model (none
+        could be loaded, or all were unloaded) keeps the server unready, and its index says why."""
+        return all(link.catalog for link in self.links)
 
     # --- what is served where ---
 
@@ -209,6 +226,8 @@ class EngineClient:
                     link.queued = reply.queued
                 elif isinstance(reply, Catalog):
                     link.catalog = {d.name: d for d in reply.models}
+                    if self.connected:
+                        self.heard.set()
                 elif (future := link.waiting.pop(reply.id, None)) is not None:
                     if not future.done():
                         future.set_result(reply)

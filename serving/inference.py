@@ -22,9 +22,10 @@ WATCH_AFTER_S = 0.05  # a request not answered by then also watches its client (
 json_encode = msgspec.json.Encoder().encode
 
 
-def engines(state: State) -> EngineClient:
-    """The front-end's engines (app.state.engines), or 503 while starting, draining or restarting one."""
-    if not state.ready or not state.engines.ready:
+def engines(state: State, every: bool = False) -> EngineClient:
+    """The front-end's engines (app.state.engines), or 503 while it starts or drains; every: also
+    while an engine has not said what it serves (starting or restarting)."""
+    if not state.ready or (every and not state.engines.connected):
         raise HTTPException(503, "the server is not ready (starting, shutting down, or an engine is restarting)",
                             headers=BUSY)
     return state.engines
@@ -37,6 +38,9 @@ def served(state: State, name: str, version: str | None = None, task: str | None
     together: the one engine every front-end sends this model's generations to."""
     client = engines(state)
     picked = client.pick(name, together)
+    if picked is None and not client.connected:  # it may be served by the engine that is (re)starting
+        raise HTTPException(503, f"model {name!r} is not served now: an engine is starting or restarting",
+                            headers=BUSY)
     if picked is None:
         raise HTTPException(404, f"unknown model {name!r}")
     link, deployed = picked

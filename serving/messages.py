@@ -75,6 +75,7 @@ class Deployed(msgspec.Struct, array_like=True):
     task: str
     provider: str
     variant: str
+    device: str  # "cuda:N" or "cpu"
 
 
 class Catalog(Message):

@@ -21,11 +21,15 @@ QUEUE_TIME = Histogram("rnnserve_queue_time_seconds", "Time a request waited bef
 INFERENCE_TIME = Histogram("rnnserve_inference_time_seconds", "Time of one batch's ONNX Runtime calls",
                            ["model"], buckets=LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("rnnserve_batch_size", "Rows per ONNX Runtime call", ["model"],
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+                       buckets=tuple(2 ** i for i in range(12)))  # 1 .. 2048: calls on a GPU reach 1,024 rows and more
 PADDING_RATIO = Histogram("rnnserve_padding_ratio", "Padded tokens / real tokens per ONNX Runtime call",
                           ["model"], buckets=(0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4))
-QUEUE_DEPTH = Gauge("rnnserve_queue_depth", "Requests waiting in the model's queue", ["model"],
+QUEUE_DEPTH = Gauge("rnnserve_queue_depth", "Rows waiting in the model's queues, counted as they arrive and "
+                    "as batches are taken: it rises under load before latency does", ["model"],
                     multiprocess_mode="livesum")
+MODEL_INFO = Gauge("rnnserve_model_info", "1 for each model version an engine serves, with its execution provider, "
+                   "device and graph variant", ["model", "version", "provider", "device", "variant"],
+                   multiprocess_mode="livemax")
 IN_FLIGHT = Gauge("rnnserve_requests_in_flight", "Requests taken and not yet answered (generations included)",
                   ["model"], multiprocess_mode="livesum")
 ACTIVE_GENERATIONS = Gauge("rnnserve_active_generations", "Generations in progress", ["model"],

@@ -75,6 +75,8 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    parameters: dict[str, str] = Field(description='where it runs: {"provider": "CUDAExecutionProvider", '
+                                                   '"device": "cuda:0"} (or CPUExecutionProvider, cpu)')
 
 
 class ServerMetadata(BaseModel):

@@ -47,11 +47,12 @@ class Settings(BaseSettings):
 
     # ONNX Runtime
     providers: list[str] = Field(["CUDAExecutionProvider", "CPUExecutionProvider"],
-                                 description="the first available one is used, and shown in /v1/models")
+                                 description="the first available one is used, and shown in each model's metadata; "
+                                             "with CUDA first and a GPU visible, a model that cannot run on it is "
+                                             "not served (set [\"CPUExecutionProvider\"] to serve on the CPU)")
     provider_options: dict[str, dict[str, str]] = Field(
-        {"CUDAExecutionProvider": {"use_tf32": "0"}},
-        description="options per execution provider; use_tf32 0 keeps CUDA rows exact to 1e-5 (a model's "
-                    "config.json may opt in)")
+        {}, description="options per execution provider, merged option by option over the defaults "
+                        "(CUDA: use_tf32 0, which keeps rows exact to 1e-5) and under a model's config.json")
     intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads per model (on 2 cores one thread "
                                                        "leaves the other to the event loop)")
     spin_wait: bool = Field(False, description="spinning intra-op threads (they compete with the event loop)")

@@ -1,6 +1,7 @@
 """A real server on 127.0.0.1 over a repository of tiny exported models: in this process (an
 engine in a thread and a uvicorn front-end in another, talking over a ZeroMQ ipc socket as the
 processes of python -m serving do), or python -m serving itself where its processes are tested."""
+import functools
 import os
 import shutil
 import subprocess
@@ -20,9 +21,16 @@ from core.repository import read_version
 from export.repository import export_run
 from loadtest.servers import free_port
 from serving.app import create_app
+from serving.engine import devices
 from serving.engine.engine import Engine
 from serving.settings import Settings
 from tests.test_export import make_run
+
+
+def device_here() -> tuple[str, str]:
+    """(execution provider, device) a server with the default settings runs its models on here."""
+    gpu = devices.cuda_built() and devices.visible_gpus() > 0
+    return ("CUDAExecutionProvider", "cuda:0") if gpu else ("CPUExecutionProvider", "cpu")
 
 
 def tiny_repository(folder: Path) -> Path:
@@ -41,10 +49,15 @@ def alone(repository: Path, text: str, name: str = "clf", version: int = 1) -> n
     return softmax(sess.run(None, {"input_ids": np.array([ids]), "lengths": np.array([len(ids)])})[0][0])
 
 
-def graph_logits(repository, name: str, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The exported graph alone on these padded rows (a language model from its zero state, zero
-    past each row's length as the server answers)."""
-    sess = ort.InferenceSession(str(repository / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+@functools.lru_cache(maxsize=32)
+def cpu_session(graph: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+
+
+def graph_logits(repository, name: str, ids: np.ndarray, lengths: np.ndarray, version: int = 1) -> np.ndarray:
+    """The exported graph alone on these padded rows, on the CPU (a language model from its zero
+    state, zero past each row's length as the server answers)."""
+    sess = cpu_session(Path(repository) / name / str(version) / "model.onnx")
     feed = {"input_ids": ids, "lengths": lengths}
     for state in sess.get_inputs()[2:]:  # h0 [layers, batch, hidden]
         feed[state.name] = np.zeros([len(ids) if isinstance(d, str) else d for d in state.shape], np.float32)
@@ -70,9 +83,9 @@ def slowed(server, model: str, seconds: float) -> list[int]:
 
 
 class Server:
-    """.url, .engine and .app to look inside, and stop()."""
+    """.url, .engine and .app to look inside, and stop(). Returns once wait_for answers 200."""
 
-    def __init__(self, repository: Path, **settings):
+    def __init__(self, repository: Path, wait_for: str = "/v2/health/ready", **settings):
         self.runtime = tempfile.mkdtemp(prefix="rnnserve-test-")
         address = f"ipc://{self.runtime}/engine-0"
         self.settings = Settings(repository=repository, engine_addresses=[address], **settings)
@@ -88,13 +101,13 @@ class Server:
         deadline = time.time() + 30
         while time.time() < deadline and self.engine_thread.is_alive():
             try:
-                if httpx.get(self.url + "/v2/health/ready").status_code == 200:
+                if httpx.get(self.url + wait_for).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError("server did not become ready")
+        raise RuntimeError(f"server never answered {wait_for} with 200")
 
     def deployment(self, name: str):
         """The engine's deployment now serving `name`."""

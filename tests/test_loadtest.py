@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from loadtest.client import load
+from loadtest.gpu import gpu_here
 from loadtest.servers import free_port
 from loadtest.workloads import predict_body
 from tests.serving_fixtures import Server, tiny_repository
@@ -87,3 +88,24 @@ def test_the_protocol_benchmark_measures_every_protocol_and_tracing_mode_without
         assert point["requests"] > 0 and point["errors"] == 0, point
     assert results["protocols"]["gRPC"]["sequences_per_s"] == pytest.approx(4 * results["protocols"]["gRPC"]["requests_per_s"])
     assert results["spans_received"] > 0
+
+
+def test_the_gpu_check_says_why_it_cannot_run_and_rehearses_on_the_cpu(tmp_path):
+    """python -m loadtest gpu: where no GPU is usable it refuses, saying why; --provider cpu runs
+    the same points on tiny models and 0.3 s points (plumbing, not speed)."""
+    tiny_repository(tmp_path)
+    command = [sys.executable, "-m", "loadtest", "gpu", "--model", "clf", "--lm", "lm", "--repository",
+               str(tmp_path / "repo"), "--seconds", "0.3", "--out", str(tmp_path / "out")]
+    if (why := gpu_here()) is not None:  # no usable GPU here (on a GPU machine the check itself is the test)
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and why in refused.stderr and "`--provider cpu` rehearses it" in refused.stderr
+    done = subprocess.run([*command, "--provider", "cpu", "--quick", "--no-tests"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["points"]) == {"1 text, 256 users", "32 texts, 256 users", "generation, 256 streams"}
+    for label, point in results["points"].items():
+        assert point["requests"] > 0 and point["errors"] == 0, (label, point)
+    assert set(results["ceiling"]) == {"256", "1024"} and set(results["generation_ceiling"]) == {"256", "1024"}
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| 32 texts, 256 users | clf |" in table and "| generation, 256 streams | lm |" in table

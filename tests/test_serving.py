@@ -15,7 +15,7 @@ from core.repository import ServingConfig
 from serving.engine.batching import plan_calls
 from serving.engine.runner import ModelLoadError, Runner
 from serving.settings import Settings
-from tests.serving_fixtures import Server, alone, graph_logits, slowed, tiny_repository
+from tests.serving_fixtures import Server, alone, device_here, graph_logits, slowed, tiny_repository
 
 TEXTS = ["good film", "the plot was awful awful awful", "a", "great great good film the plot " * 3,
          "bad", "unknownword film", "the a the a good bad great awful plot film"]
@@ -132,7 +132,8 @@ def test_v2_endpoints_return_the_documented_shapes(server, repository):
     assert meta == {"name": "clf", "versions": ["1"], "platform": "onnxruntime_onnx",
                     "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
                                {"name": "lengths", "datatype": "INT64", "shape": [-1]}],
-                    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}]}
+                    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}],
+                    "parameters": dict(zip(("provider", "device"), device_here()))}
     assert get("/v2/models/clf/versions/1").json() == meta
     assert get("/v2/models/clf/ready").status_code == 200 and get("/v2/models/clf/versions/1/ready").status_code == 200
     assert get("/v2/models/clf/versions/2/ready").status_code == 404
@@ -154,7 +155,7 @@ def test_v2_endpoints_return_the_documented_shapes(server, repository):
 def test_v1_model_listing_shows_versions_task_labels_and_provider(server):
     models = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models").json()["models"]}
     assert models["clf"]["labels"] == ["neg", "pos"] and models["clf"]["task"] == "classifier"
-    assert models["lm"]["task"] == "lm" and models["clf"]["provider"] == "CPUExecutionProvider"
+    assert models["lm"]["task"] == "lm" and (models["clf"]["provider"], models["clf"]["device"]) == device_here()
     assert httpx.get(f"{server.url}/v1/models/clf").json()["version"] == "1"
     assert httpx.get(f"{server.url}/v1/models/nope").status_code == 404
 
@@ -167,6 +168,48 @@ def test_metrics_are_prometheus_text(server):
                  "rnnserve_queue_depth"):
         assert name in text
     assert re.search(r'rnnserve_requests_total\{endpoint="v1_predict",model="clf",status="200"\} [1-9]', text)
+
+
+def sample(text: str, series: str) -> float:
+    """One sample's value in Prometheus text (0 when absent)."""
+    found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_the_queue_depth_rises_under_load_before_latency_does(repository):
+    """Twelve requests at once to a slow model (one row per call, each call 0.2 s longer): /metrics
+    counts ten rows waiting while at most the first request has been answered, at the bare
+    service time; the later ones then answer slower and slower. Once all are answered the gauge
+    is back to zero."""
+    s = Server(repository, max_batch_size=1)
+    slowed(s, "clf", 0.2)
+    depth = 'rnnserve_queue_depth{model="clf"}'
+    try:
+        async def timed(client):
+            started = time.perf_counter()
+            r = await client.post("/v1/models/clf:predict", json={"instances": ["good film"]})
+            return r.status_code, time.perf_counter() - started
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+                posts = [asyncio.create_task(timed(client)) for _ in range(12)]
+                seen = []  # (rows waiting, requests answered) while they run
+                while not all(p.done() for p in posts):
+                    seen.append((sample((await client.get("/metrics")).text, depth), sum(p.done() for p in posts)))
+                    await asyncio.sleep(0.02)
+                return seen, sorted([await p for p in posts], key=lambda a: a[1]), sample(
+                    (await client.get("/metrics")).text, depth)
+
+        seen, answers, after = asyncio.run(scenario())
+        latencies = [round(t, 2) for _, t in answers]
+        print("(rows waiting, answered):", seen[::5], "latencies:", latencies)
+        assert [status for status, _ in answers] == [200] * 12
+        risen = next(i for i, (rows, _) in enumerate(seen) if rows >= 10)
+        assert seen[risen][1] <= 1 and latencies[0] < 1.0  # up while only the first, quick answer is out
+        assert latencies[-1] > 5 * latencies[0]  # then latency follows
+        assert after == 0
+    finally:
+        s.stop()
 
 
 def test_overload_gets_503_at_once_and_the_server_recovers(repository):

@@ -9,6 +9,8 @@ only to its own longest row.
 from collections import deque
 from dataclasses import dataclass, field
 
+from prometheus_client import Gauge
+
 from serving.engine.runner import Limits
 
 
@@ -27,6 +29,7 @@ class Pending:
 @dataclass
 class Queue:
     limits: Limits
+    depth: Gauge  # rows waiting, in /metrics (several queues of one model, old and new version, add up)
     waiting: deque = field(default_factory=deque)
     rows: int = 0
 
@@ -39,6 +42,7 @@ class Queue:
     def put(self, request: Pending):
         self.waiting.append(request)
         self.rows += len(request.rows)
+        self.depth.inc(len(request.rows))
 
     def due_in(self, now: float) -> float | None:
         """Seconds until a batch is due (0: now), None when nothing waits."""
@@ -49,6 +53,7 @@ class Queue:
         return max(0.0, self.waiting[0].arrived + self.limits.max_queue_delay_s - now)
 
     def take_all(self) -> list[Pending]:
+        self.depth.dec(self.rows)
         waiting, self.waiting, self.rows = list(self.waiting), deque(), 0
         return waiting
 
@@ -61,6 +66,7 @@ class Queue:
             batch.append(request)
             rows += len(request.rows)
         self.rows -= rows
+        self.depth.dec(rows)
         return batch
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.repository import ManifestError, UnknownModel, model_dir, model_names, read_config, versions
+from serving import metrics
 from serving.engine.batching import Queue
 from serving.engine.generation import LanguageModel
 from serving.engine.runner import ModelLoadError, Runner
@@ -70,21 +71,23 @@ class Deployments:
         s = self.settings
         lm = (LanguageModel(runner, s.max_generations, s.max_sessions, s.session_idle_s, s.max_new_tokens)
               if runner.task == "lm" else None)
-        return Deployment(runner, Queue(runner.limits), lm)
+        return Deployment(runner, Queue(runner.limits, metrics.of(metrics.QUEUE_DEPTH, runner.name)), lm)
 
     def start(self):
         """Deploy every model in the repository (its pinned version, else its latest), now. One
-        that fails stays out, with the reason in the index; none at all is an error."""
+        that fails stays out, with the reason in the index and the log; with none served the engine
+        still runs, not ready, so that the index can say why (and a load can mend it)."""
         names = model_names(self.root)
-        if not names:
-            raise RuntimeError(f"no models in {self.root}: run `make models` or python -m export")
         for name in names:
             try:
                 self.swap(self.load(name, self.pinned.get(name), pin=name in self.pinned).result())
-            except (ModelLoadError, UnknownModel) as e:
+            except ModelLoadError:
+                pass  # the load logged why
+            except UnknownModel as e:
                 log.error("%s is not served: %s", name, e)
         if not self.current:
-            raise RuntimeError(f"no model in {self.root} could be loaded (see the errors above)")
+            log.error("no model in %s is served (%s): not ready until a load succeeds",
+                      self.root, "see the errors above" if names else "run `make models` or python -m export")
 
     def find(self, name: str, version: int) -> Deployment | None:
         """The deployment of that version, serving or retiring (not yet released)."""
@@ -129,6 +132,7 @@ class Deployments:
             self.pinned.pop(runner.name, None)
         if old:
             self.retire(old)
+        info(runner).set(1)
         log.info("serving %s version %s%s", runner.name, runner.version, f" (was {old.version})" if old else "")
         return self.current[runner.name]
 
@@ -142,6 +146,7 @@ class Deployments:
 
     def retire(self, deployment: Deployment):
         deployment.retired_at = time.monotonic()
+        info(deployment.runner).set(0)
         if deployment.lm:
             deployment.lm.expire(everything=True)  # sessions belong to their version
         self.retiring.append(deployment)
@@ -204,6 +209,12 @@ class Deployments:
             self.release(d)
         self.current, self.retiring = {}, []
         self.loads.shutdown(wait=False, cancel_futures=True)
+
+
+def info(runner: Runner):
+    """The version's rnnserve_model_info sample: where it runs."""
+    return metrics.of(metrics.MODEL_INFO, runner.name, str(runner.version), runner.provider, runner.device,
+                      runner.variant)
 
 
 def return_freed_memory():

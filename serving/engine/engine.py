@@ -20,6 +20,7 @@ import zmq
 
 from core.repository import UnknownModel
 from serving import metrics, tracing
+from serving.engine import devices
 from serving.engine.batching import Pending, plan_calls
 from serving.engine.deployments import Deployment, Deployments
 from serving.engine.runner import ModelLoadError
@@ -49,6 +50,8 @@ class Engine:
 
     def run(self):
         """Load every model, bind, then serve until stop()."""
+        devices.prepare_cuda()
+        log.info("engine %d: %s", self.index, self.placement())
         self.deployments.start()
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -82,6 +85,15 @@ class Engine:
 
     def stop(self):
         self.stopping.set()
+
+    def placement(self) -> str:
+        """Which device this engine owns, as its start-up log line says."""
+        if devices.CUDA not in self.settings.providers or not devices.cuda_built():
+            return "on the CPU (RNNSERVE_PROVIDERS or this ONNX Runtime build asks for no CUDA)"
+        if not (gpus := devices.visible_gpus()):
+            return "on the CPU: no GPU is visible to this process"
+        name = devices.gpu_name(self.deployments.device)
+        return f"owns CUDA device {self.deployments.device} of the {gpus} visible{f' ({name})' if name else ''}"
 
     def wait_s(self) -> float:
         """How long the next poll may sleep: 0 when work is due."""
@@ -196,7 +208,8 @@ class Engine:
 
     def catalog(self) -> Catalog:
         return Catalog(self.index, os.getpid(), [Deployed(d.name, d.version, d.runner.task, d.runner.provider,
-                                                          d.runner.variant) for d in self.deployments.current.values()])
+                                                          d.runner.variant, d.runner.device)
+                                                 for d in self.deployments.current.values()])
 
     def broadcast_catalog(self):
         for frontend in self.frontends:
@@ -213,7 +226,6 @@ class Engine:
                 self.waiting.pop((request.sender, request.id), None)
                 if request.deadline >= now:  # past it, the front-end has answered 504 already
                     batch.append(request)
-        metrics.of(metrics.QUEUE_DEPTH, deployment.name).set(len(deployment.queue))
         if not batch:
             return
         queue_time = metrics.of(metrics.QUEUE_TIME, deployment.name)

@@ -15,10 +15,11 @@ import onnxruntime as ort
 
 from core.codec import pad
 from core.repository import Manifest, ManifestError, ServingConfig, read_version
+from serving.engine import devices
+from serving.engine.devices import CPU, CUDA
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
-CUDA = "CUDAExecutionProvider"
 
 
 class ModelLoadError(RuntimeError):
@@ -26,6 +27,17 @@ class ModelLoadError(RuntimeError):
 
 
 DEVICE_BATCH = {"CPU": (16, 4096), "CUDA": (1024, 262144)}  # (rows, padded tokens) per call by default
+# TF32 breaks the 1e-5 contract: with ONNX Runtime's default (1) a row's logits moved by up to 3.9e-3 on an H100
+DEFAULT_PROVIDER_OPTIONS = {CUDA: {"use_tf32": "0"}}
+
+
+def provider_options(provider: str, *overrides: dict[str, dict[str, str]]) -> dict[str, str]:
+    """A provider's options: the defaults, then each override in turn (the server's settings, a
+    model's config.json), option by option, so that setting one keeps the others."""
+    merged = dict(DEFAULT_PROVIDER_OPTIONS.get(provider, {}))
+    for options in overrides:
+        merged |= options.get(provider, {})
+    return merged
 
 
 @dataclass(frozen=True)
@@ -51,7 +63,7 @@ class Limits:
 
 def open_session(graph: bytes, settings: Settings, config: ServingConfig, device: int) -> ort.InferenceSession:
     """An ONNX Runtime session on the first available provider of the model's (else the server's)
-    list, with the server's provider options under the model's."""
+    list, with its options merged: the defaults, the server's, the model's."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = config.intra_op_threads or settings.intra_op_threads
@@ -59,16 +71,28 @@ def open_session(graph: bytes, settings: Settings, config: ServingConfig, device
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spin_wait else "0")
     wanted = config.providers or settings.providers
     available = ort.get_available_providers()
-    providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    providers = [p for p in wanted if p in available] or [CPU]
     chosen = []
     for provider in providers:
-        given = settings.provider_options.get(provider, {}) | config.provider_options.get(provider, {})
+        given = provider_options(provider, settings.provider_options, config.provider_options)
         chosen.append((provider, given | {"device_id": str(device)} if provider == CUDA else given))
-    session = ort.InferenceSession(graph, options, providers=chosen)
-    if session.get_providers()[0] != wanted[0]:  # not in this build, or its libraries or device are missing
-        log.warning("%s is not available here (ONNX Runtime offers %s): running on %s", wanted[0], available,
-                    session.get_providers()[0])
-    return session
+    return ort.InferenceSession(graph, options, providers=chosen)
+
+
+def check_placement(session: ort.InferenceSession, wanted: list[str], where: str) -> str:
+    """The device the session runs on ("cuda:N" or "cpu"). Asked for CUDA first, a session that
+    landed on the CPU is refused where a GPU is visible (never served there as if nothing had
+    happened) and allowed, with a warning, where none is."""
+    provider = session.get_providers()[0]
+    if provider == CUDA:
+        return f"cuda:{session.get_provider_options()[CUDA].get('device_id', '0')}"
+    if wanted[0] == CUDA:
+        why, gpus = devices.why_not_cuda(), devices.visible_gpus()
+        if gpus:
+            raise ModelLoadError(f"{where}: asked to run on CUDA with {gpus} GPU(s) visible, but {why}; not served "
+                                 f"on the CPU instead (RNNSERVE_PROVIDERS='[\"{CPU}\"]' asks for the CPU)")
+        log.warning("%s: no GPU visible (%s): running on the CPU", where, why)
+    return "cpu"
 
 
 @dataclass(eq=False)
@@ -79,6 +103,7 @@ class Runner:
     variant: str
     session: ort.InferenceSession
     limits: Limits
+    device: str  # "cuda:N" or "cpu"
 
     @classmethod
     def load(cls, version_dir: Path, settings: Settings, config: ServingConfig, device: int = 0) -> "Runner":
@@ -93,13 +118,15 @@ class Runner:
             session = open_session(graph, settings, config, device)
         except Exception as e:  # ONNX Runtime raises its own exception types
             raise ModelLoadError(f"{version_dir}: ONNX Runtime cannot load the graph: {e}") from e
+        placed = check_placement(session, config.providers or settings.providers, str(version_dir))
         runner = cls(version.name, version.number, version.manifest, config.variant, session,
-                     Limits.of(settings, config, session.get_providers()[0]))
+                     Limits.of(settings, config, session.get_providers()[0]), placed)
         try:
             runner.warm_up()
         except Exception as e:  # a graph that loads but does not run on its own inputs
             raise ModelLoadError(f"{version_dir}: the graph fails on warm-up: {type(e).__name__}: {e}") from e
-        log.info("loaded %s version %s (%s) on %s", runner.name, runner.version, runner.variant, runner.provider)
+        log.info("loaded %s version %s (%s) on %s, %s", runner.name, runner.version, runner.variant, runner.provider,
+                 runner.device)
         return runner
 
     @property

@@ -28,7 +28,7 @@ router = APIRouter(prefix="/v2/repository", tags=["model control"], dependencies
 
 async def every_engine(state: State, verb: str, name: str = "", version: int | None = None) -> list:
     """The verb on every engine; the first refusal, if any, is the answer."""
-    client = engines(state)
+    client = engines(state, every=True)
     replies = await asyncio.gather(*(client.request(link, Control(client.next_id(), verb, name, version), LOAD_TIMEOUT_S)
                                      for link in client.links))
     if failed := next((r for r in replies if isinstance(r, Failed)), None):

@@ -13,14 +13,14 @@ def metadata(request: Request, name: str) -> dict:
     m, deployed = version.manifest, link.catalog[name]
     return {"name": name, "version": str(version.number), "task": m.task, "arch": m.arch, "labels": m.labels,
             "max_len": m.max_len, "vocab_size": len(version.codec.vocab), "provider": deployed.provider,
-            "variant": deployed.variant, "inputs": [t.model_dump() for t in m.inputs],
+            "device": deployed.device, "variant": deployed.variant, "inputs": [t.model_dump() for t in m.inputs],
             "outputs": [t.model_dump() for t in m.outputs]}
 
 
 @router.get("")
 async def list_models(request: Request) -> dict:
     """Every loaded model with its version, task, labels and execution provider."""
-    names = sorted({name for link in engines(request.app.state).links for name in link.catalog})
+    names = sorted({name for link in engines(request.app.state).links for name in link.catalog or {}})
     return {"models": [metadata(request, name) for name in names]}
 
 

@@ -45,11 +45,12 @@ def tensor_metadata(tensor: Tensor) -> dict:
 
 
 def metadata(state: State, name: str, version: str | None = None) -> dict:
-    _, served_version = served(state, name, version)
-    manifest = served_version.manifest
+    link, served_version = served(state, name, version)
+    manifest, deployed = served_version.manifest, link.catalog[name]
     return {"name": name, "versions": [str(served_version.number)], "platform": "onnxruntime_onnx",
             "inputs": [tensor_metadata(t) for t in manifest.inputs[:2]],
-            "outputs": [tensor_metadata(t) for t in manifest.outputs[:1]]}
+            "outputs": [tensor_metadata(t) for t in manifest.outputs[:1]],
+            "parameters": {"provider": deployed.provider, "device": deployed.device}}
 
 
 @router.get("/models/{name}", response_model=ModelMetadata)

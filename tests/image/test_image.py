@@ -1,16 +1,22 @@
 """The serving image, built and run for real with podman (make image-test; CI runs it too).
 
-Builds the Dockerfile on the local Debian base (../shared/tools/container-engine.sh) with the
-GPU wheel of ONNX Runtime but without its CUDA libraries, so the container takes the CPU
-fallback here; runs it over a small exported model repository; and checks its answers against
-the same models outside the container, under a short Locust load, then stops it by id.
+Builds the Dockerfile as it ships (its own ORT_PACKAGE: ONNX Runtime's GPU wheel with the CUDA 13
+and cuDNN 9 wheels) on the local Debian base (../shared/tools/container-engine.sh); checks that,
+after the server's own CUDA preparation, the CUDA provider resolves every library but the driver
+(which only the NVIDIA container runtime brings); runs the container over a small exported model
+repository, where no GPU is visible, so the CPU fallback serves and says so; runs it again with a
+device node standing in for a GPU (no driver), where it must refuse the CPU and say why; checks
+its answers against the same models outside the container, under a short Locust load, then stops
+each container by id.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -46,33 +52,62 @@ def image():
     tiny_repository(ROOT / ".image-test")  # writes .image-test/runs and .image-test/repo
     started = time.time()
     sh(*PODMAN, "build", "--network", "host", "--build-arg", "BASE_IMAGE=localhost/debian:bookworm",
-       "--build-arg", "ORT_PACKAGE=onnxruntime-gpu==1.31.1", "--build-arg", "MODEL_REPOSITORY=.image-test/repo",
-       *ca_secret(), "-t", TAG, str(ROOT), timeout=1800)
+       "--build-arg", "MODEL_REPOSITORY=.image-test/repo", *ca_secret(), "-t", TAG, str(ROOT), timeout=3600)
     size = int(sh(*PODMAN, "image", "inspect", TAG, "--format", "{{.Size}}"))
-    print(f"\nbuilt {TAG} in {time.time() - started:.0f}s: {size / 1e6:.0f} MB")
+    print(f"\nbuilt {TAG} with {shipped_package()} in {time.time() - started:.0f}s: {size / 1e6:.0f} MB")
     yield context_repo
 
 
-@pytest.fixture(scope="module")
-def container(image):
+def shipped_package() -> str:
+    """The Dockerfile's ORT_PACKAGE: what the image is built with here too."""
+    return re.search(r'^ARG ORT_PACKAGE="([^"]+)"', (ROOT / "Dockerfile").read_text(), re.M).group(1)
+
+
+@contextmanager
+def running(*options: str, wait_for: str = "/v2/health/ready"):
+    """A container of the image, answering 200 on wait_for: (url, id, gRPC port); stopped by id."""
     port, grpc_port = free_port(), free_port()
     cid = sh(*PODMAN, "run", "-d", "--network", "host", "-e", f"RNNSERVE_PORT={port}", "-e",
-             f"RNNSERVE_GRPC_PORT={grpc_port}", TAG)
+             f"RNNSERVE_GRPC_PORT={grpc_port}", *options, TAG)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # the HEALTHCHECK's endpoint
             try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{url}{wait_for}", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         else:
-            pytest.fail("container never became ready:\n" + sh(*PODMAN, "logs", cid))
+            pytest.fail(f"container never answered {wait_for}:\n" + logs(cid))
         yield url, cid, grpc_port
     finally:
         subprocess.run([*PODMAN, "stop", "-t", "10", cid], capture_output=True)
         subprocess.run([*PODMAN, "rm", "-f", cid], capture_output=True)
+
+
+def logs(cid: str) -> str:
+    done = subprocess.run([*PODMAN, "logs", cid], capture_output=True, text=True)
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def container(image):
+    with running() as started:
+        yield started
+
+
+def test_after_the_servers_cuda_preparation_only_the_driver_is_missing(container):
+    """What `docker run --gpus all` needs: every CUDA and cuDNN library the provider links against
+    resolves inside the image, from the nvidia-* wheels, once the server has prepared them; the
+    driver's libcuda.so.1 is the one left, which the NVIDIA container runtime mounts."""
+    _, cid, _ = container
+    report = json.loads(sh(*PODMAN, "exec", cid, "python3", "-m", "serving.engine.devices"))
+    print(report)
+    assert report["cuda_built"] and "CUDAExecutionProvider" in report["providers"]
+    assert report["missing_libraries"] == ["libcuda.so.1"]
+    assert report["visible_gpus"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +155,35 @@ def close(a, b) -> bool:
     return a == b
 
 
-def test_the_container_uses_the_cpu_fallback_and_says_so(container):
+def test_without_a_gpu_the_container_serves_on_the_cpu_and_says_so(container):
     url, cid, _ = container
-    assert httpx.get(f"{url}/v1/models/clf").json()["provider"] == "CPUExecutionProvider"
-    logs = subprocess.run([*PODMAN, "logs", cid], capture_output=True, text=True)
-    assert "CUDAExecutionProvider is not available here" in logs.stderr, logs.stderr[-2000:]
+    info = httpx.get(f"{url}/v1/models/clf").json()
+    assert (info["provider"], info["device"]) == ("CPUExecutionProvider", "cpu")
+    assert httpx.get(f"{url}/v2/models/clf").json()["parameters"] == {"provider": "CPUExecutionProvider", "device": "cpu"}
+    assert 'rnnserve_model_info{device="cpu",model="clf",provider="CPUExecutionProvider"' in httpx.get(f"{url}/metrics").text
+    text = logs(cid)
+    assert "no GPU visible (the CUDA execution provider cannot load libcuda.so.1): running on the CPU" in text, text[-3000:]
+    assert "engine 0: on the CPU: no GPU is visible to this process" in text
     assert sh(*PODMAN, "exec", cid, "python3", "-c",
               "import importlib.util as u; print(u.find_spec('torch') is None)") == "True"  # no PyTorch inside
     assert sh(*PODMAN, "exec", cid, "id", "-u") == "10001"
+
+
+def test_with_a_gpu_visible_but_unusable_the_container_refuses_the_cpu_and_says_why(image):
+    """A device node stands in for a GPU (/dev/null as /dev/nvidia0: no GPU exists here, and no
+    driver comes with it): CUDA is asked for by default and a GPU is visible, so no model may
+    quietly run on the CPU. The server stays up and unready; the index and the log name the
+    library that is missing."""
+    with running("--device", "/dev/null:/dev/nvidia0", "-e", "RNNSERVE_CONTROL_TOKEN=t0ken",
+                 wait_for="/v2/health/live") as (url, cid, _):
+        time.sleep(3)  # the engine has tried its models (it logs each refusal)
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 503
+        index = httpx.post(f"{url}/v2/repository/index", headers={"Authorization": "Bearer t0ken"})
+        assert index.status_code == 200, index.text
+        assert all(r["state"] == "UNAVAILABLE" and "libcuda.so.1" in r["reason"] and "1 GPU(s) visible" in r["reason"]
+                   for r in index.json()), index.json()
+        text = logs(cid)
+        assert "engine 0: owns CUDA device 0 of the 1 visible" in text and "not served on the CPU instead" in text, text[-3000:]
 
 
 PROCESSES = """
