@@ -19,8 +19,9 @@ class TextCodec:
     max_len: int
 
     def encode(self, text: str) -> tuple[list[int], bool]:
-        """(token ids, whether the text was cut): a classifier's input."""
-        return self.cut(self.tokenizer(text))
+        """(token ids, whether the text was cut): a classifier's input. Only the first max_len + 1
+        tokens are looked for: however long the text, no more work than that."""
+        return self.cut(self.tokenizer(text, self.max_len + 1))
 
     def cut(self, tokens: list[str]) -> tuple[list[int], bool]:
         """The rule: ids of the first max_len tokens; an empty text is one unknown token."""

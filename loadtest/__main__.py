@@ -7,12 +7,14 @@
     python -m loadtest ipc [--messages 20000]
     python -m loadtest protocols [--model imdb-gru --rows 32 --users 64]
     python -m loadtest gpu [--quick] [--model imdb-gru --lm timemachine-gru --encoder NAME]
+    python -m loadtest loop [--model imdb-gru]
 
 `run` drives Locust headless against any host and writes its CSV and HTML reports plus a
 summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py;
 `soak`: loadtest/soak.py; `ipc`: what the front-end <-> engine transport costs (loadtest/ipc.py);
 `protocols`: V2 JSON vs binary vs gRPC, and tracing off vs on (loadtest/protocols.py); `gpu`: the
-CUDA tests and the GPU goals' operating points in one command (loadtest/gpu.py).
+CUDA tests and the GPU goals' operating points in one command (loadtest/gpu.py); `loop`: what the
+largest bodies cost a front-end's event loop (loadtest/loop.py).
 """
 import argparse
 import sys
@@ -22,6 +24,7 @@ from loadtest.bench import bench as run_bench
 from loadtest.gpu import gpu as run_gpu
 from loadtest.headless import SCENARIOS, run_locust
 from loadtest.ipc import ipc as run_ipc
+from loadtest.loop import loop as run_loop
 from loadtest.protocols import protocols as run_protocols
 from loadtest.soak import soak as run_soak
 
@@ -84,7 +87,13 @@ def main(argv=None):
     device.add_argument("--seconds", type=float, help="per measured point (default 8, --quick 3)")
     device.add_argument("--tests", action=argparse.BooleanOptionalAction, default=True, help="run tests/test_cuda.py first")
     device.add_argument("--out", type=Path, default=Path("results/gpu"))
+    bodies = commands.add_parser("loop", help="what the largest bodies cost the event loop (loadtest/loop.py)")
+    bodies.add_argument("--model", default="imdb-gru")
+    bodies.add_argument("--repository", type=Path, default=Path("model_repository"))
+    bodies.add_argument("--out", type=Path, default=Path("results/loop"))
     args = p.parse_args(argv)
+    if args.command == "loop":
+        return run_loop(args)
     if args.command == "gpu":
         return run_gpu(args)
     if args.command == "protocols":

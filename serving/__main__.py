@@ -26,6 +26,7 @@ import tempfile
 import threading
 
 import uvicorn
+from pydantic import ValidationError
 
 from serving.logs import configure_logging
 from serving.settings import Settings
@@ -100,13 +101,17 @@ def main(argv=None):
     for name, value in vars(args).items():  # the front-ends and engines read their settings from the environment
         if value is not None:
             os.environ[f"RNNSERVE_{name.upper()}"] = str(value)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as e:  # refuse to start, saying which setting and why
+        sys.exit(f"python -m serving: {e}")
     configure_logging()
     gpus, cores = cuda_devices(settings), len(os.sched_getaffinity(0))
     engines = settings.engines or gpus or cores  # on the CPU, one per core: their ONNX Runtime calls run side by side
     workers = settings.workers or (max(1, cores - engines) if gpus else cores)
     runtime = tempfile.mkdtemp(prefix="rnnserve-")  # the engines' sockets and the metrics files; removed at exit
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", runtime)
+    os.environ["RNNSERVE_RUNTIME_DIR"] = runtime
     addresses = [f"ipc://{runtime}/engine-{i}" for i in range(engines)]
     os.environ["RNNSERVE_ENGINE_ADDRESSES"] = json.dumps(addresses)
     log.info("%d engine(s)%s, %d HTTP front-end(s)", engines, f" on {gpus} CUDA device(s)" if gpus else "", workers)

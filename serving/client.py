@@ -152,10 +152,13 @@ class EngineClient:
             self.versions[key] = read_version(self.repository / name / str(number))
         return self.versions[key]
 
-    def full(self, name: str, limit: int) -> bool:
-        """Every engine serving `name` last said its queue is at `limit` or more."""
+    def full(self, name: str) -> int | None:
+        """The model's queue limit if every engine serving `name` last said its queue has reached
+        it (a request would be shed there), else None."""
         serving = self.deployed(name)
-        return bool(serving) and all(link.queued.get(name, 0) >= limit for link, _ in serving)
+        if serving and all(link.queued.get(name, 0) >= d.max_queue_size for link, d in serving):
+            return serving[0][1].max_queue_size
+        return None
 
     # --- requests ---
 

@@ -10,6 +10,7 @@ same way.
 """
 import asyncio
 import logging
+import os
 import time
 
 from fastapi import FastAPI, HTTPException
@@ -46,6 +47,7 @@ def invalid(error: ValidationError) -> JSONResponse:
 class FrontDoor:
     def __init__(self, app: FastAPI, settings: Settings):
         self.app, self.state, self.settings = app, app.state, settings
+        self.served_by = (b"x-rnnserve-frontend", str(os.getpid()).encode())  # which front-end answered: they share a port
         self.token = token_of(settings)
         self.guarded = ("/v2/repository", "/v1/models", "/v2/models") if settings.token_for_inference else ("/v2/repository",)
 
@@ -61,7 +63,7 @@ class FrontDoor:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode()), self.served_by]
             await send(message)
 
         if found is None:
@@ -86,8 +88,8 @@ class FrontDoor:
             if not bearer_matches(self.token, headers.get(b"authorization", b"")):
                 return await refuse(401, NEEDS_TOKEN, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
         client = getattr(self.state, "engines", None)
-        if found and found[0] in QUEUED and client and client.full(found[1]["name"], self.settings.max_queue_size):
-            error = f"model {found[1]['name']!r} has {self.settings.max_queue_size} or more requests waiting; retry shortly"
+        if found and found[0] in QUEUED and client and (limit := client.full(found[1]["name"])):
+            error = f"model {found[1]['name']!r} has {limit} or more requests waiting; retry shortly"
             return await refuse(503, error, {"Retry-After": "1"})(scope, receive, send)
         body = await self.body(scope, receive, send, headers)
         if body is None:

@@ -116,14 +116,14 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         in_flight = metrics.of(metrics.IN_FLIGHT, model)
         in_flight.inc()
         try:
-            if engines(self.state).full(name, self.settings.max_queue_size):
-                raise HTTPException(503, f"model {name!r} has {self.settings.max_queue_size} or more requests "
-                                         "waiting; retry shortly")
+            if limit := engines(self.state).full(name):
+                raise HTTPException(503, f"model {name!r} has {limit} or more requests waiting; retry shortly")
             if request.outputs and [o.name for o in request.outputs] != ["logits"]:
                 raise HTTPException(400, f"unknown outputs {[o.name for o in request.outputs]}; this model gives logits")
-            inputs, limit = inputs_of(request), self.settings.max_instances
+            inputs, settings = inputs_of(request), self.settings
             version, _, logits = await infer(
-                self.state, name, lambda v: [(row, False) for row in tensors.rows_from(inputs, len(v.codec.vocab), limit)],
+                self.state, name, lambda v: [(row, False) for row in tensors.rows_within(
+                    inputs, v, settings.max_instances, settings.max_response_bytes)],
                 request.model_version or None, timeout_s=context.time_remaining())
             status = grpc.StatusCode.OK
             return pb.ModelInferResponse(

@@ -76,6 +76,7 @@ class Deployed(msgspec.Struct, array_like=True):
     provider: str
     variant: str
     device: str  # "cuda:N" or "cpu"
+    max_queue_size: int  # the model's own limit: front-ends shed by it
 
 
 class Catalog(Message):

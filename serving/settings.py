@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     engines: int = Field(0, ge=0, description="inference engine processes, each owning the sessions on its device; "
                                               "0: one per CUDA device, else one per CPU core")
     engine_addresses: list[str] = Field([], description="the engines' ZeroMQ addresses (python -m serving sets them)")
+    runtime_dir: Path | None = Field(None, description="the server's own folder for what its processes share: sockets, "
+                                                       "metrics, what model control asked of each engine (python -m "
+                                                       "serving sets it)")
     repository: Path = Field(Path("model_repository"), description="every model folder in it is loaded at start-up")
     model_versions: dict[str, int] = Field({}, description='pinned versions, e.g. {"imdb-gru": 1}; otherwise the latest')
 
@@ -32,6 +35,15 @@ class Settings(BaseSettings):
                               "reaches the port may load and unload (trusted networks only)")
     control_token: SecretStr | None = Field(None, description="bearer token for /v2/repository/*; set, it opens model "
                                                               "control to its holders")
+    @field_validator("control_token")
+    @classmethod
+    def not_blank(cls, token: SecretStr | None) -> SecretStr | None:
+        """An empty token (a Kubernetes secret marked optional can give one) would ask for none."""
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("RNNSERVE_CONTROL_TOKEN is empty: it would open model control to anyone; give it a "
+                             "token, or unset it (model control then stays closed)")
+        return token
+
     token_for_inference: bool = Field(False, description="also require the token on /v1/models* and /v2/models* "
                                                          "(health, /v2 and /metrics stay open)")
     repository_poll_s: float = Field(0.0, ge=0, description="look for new model versions this often and deploy them; "
@@ -80,6 +92,8 @@ class Settings(BaseSettings):
     max_instances: int = Field(256, ge=1, description="texts (or V2 rows) per request; beyond it 413")
     max_text_chars: int = Field(100_000, ge=1, description="characters per text, prompt or session step; "
                                                            "beyond it 413")
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1, description="a language model's V2 answer (rows x length "
+                                                                      "x vocabulary floats); beyond it 413")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="request body, counted as it arrives (chunked "
                                                                    "too); beyond it 413")
     body_timeout_s: float = Field(10.0, gt=0, description="the whole body must arrive within this; else 408")

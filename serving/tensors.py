@@ -14,6 +14,8 @@ import numpy as np
 from fastapi import HTTPException
 from fastapi.responses import Response
 
+from core.repository import Version
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 json_encode = msgspec.json.Encoder().encode
 
@@ -77,6 +79,34 @@ def flat(data: list) -> list:
     return data
 
 
+def integers(t: Input) -> np.ndarray:
+    """A tensor's values as flat int64: raw bytes are; JSON data must hold integers and nothing
+    else (a float or a boolean is refused, never truncated)."""
+    if not isinstance(t.values, list):
+        return t.values
+    try:
+        return np.asarray(msgspec.convert(flat(t.values), list[int]), np.int64)
+    except (msgspec.ValidationError, OverflowError) as e:
+        raise HTTPException(400, f"input {t.name}: INT64 data must be integers: {e}") from None
+
+
+def rows_within(inputs: list[Input], version: Version, max_instances: int, max_response_bytes: int) -> list[list[int]]:
+    """The rows of a V2 request, checked, within the model's rules, the same for every transport:
+    a classifier reads at most max_len tokens of a row, and a longer row is refused (V1 cuts a
+    text there, but a tensor is never changed); a language model's answer, rows x length x
+    vocabulary floats, must fit in max_response_bytes."""
+    manifest, vocab = version.manifest, len(version.codec.vocab)
+    rows = rows_from(inputs, vocab, max_instances)
+    longest = max(map(len, rows))
+    if manifest.task == "classifier" and longest > manifest.max_len:
+        raise HTTPException(400, f"input_ids: a row of {longest} tokens; this model reads at most max_len "
+                                 f"{manifest.max_len} (cut rows to it, as V1 cuts texts)")
+    if manifest.task == "lm" and (size := len(rows) * longest * vocab * 4) > max_response_bytes:
+        raise HTTPException(413, f"the answer would be {size} bytes ({len(rows)} rows x {longest} tokens x {vocab} "
+                                 f"logits); at most {max_response_bytes} (RNNSERVE_MAX_RESPONSE_BYTES)")
+    return rows
+
+
 def rows_from(inputs: list[Input], vocab_size: int, max_instances: int) -> list[list[int]]:
     """Check input_ids and lengths and cut input_ids into unpadded rows of token ids."""
     tensors = {t.name: t for t in inputs}
@@ -93,11 +123,7 @@ def rows_from(inputs: list[Input], vocab_size: int, max_instances: int) -> list[
         raise HTTPException(400, f"empty input_ids shape {ids_t.shape}")
     if batch > max_instances:
         raise HTTPException(413, f"{batch} rows; at most {max_instances} per request")
-    try:
-        ids, lengths = (np.asarray(flat(t.values) if isinstance(t.values, list) else t.values, np.int64)
-                        for t in (ids_t, len_t))
-    except (TypeError, ValueError, OverflowError):
-        raise HTTPException(400, "tensor data must be integers") from None
+    ids, lengths = integers(ids_t), integers(len_t)
     if ids.ndim != 1 or ids.size != batch * seq or lengths.ndim != 1 or lengths.size != batch:
         raise HTTPException(400, f"data lengths {ids.size} and {lengths.size} do not match shapes {ids_t.shape} and {len_t.shape}")
     if lengths.min() < 1 or lengths.max() > seq:

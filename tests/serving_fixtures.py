@@ -121,25 +121,26 @@ class Server:
         shutil.rmtree(self.runtime, ignore_errors=True)
 
 
-def serve(repository: Path, *args: str, log=subprocess.DEVNULL, **settings) -> tuple[subprocess.Popen, str]:
+def serve(repository: Path, *args: str, log=subprocess.DEVNULL, wait_for: str = "/v2/health/ready",
+          **settings) -> tuple[subprocess.Popen, str]:
     """python -m serving over `repository` on a free port, with command-line `args` and
-    RNNSERVE_<NAME> settings; returns once it is ready."""
+    RNNSERVE_<NAME> settings; returns once wait_for answers 200."""
     port = free_port()
     env = os.environ | {f"RNNSERVE_{k.upper()}": str(v) for k, v in settings.items()}
     process = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
                                 "--port", str(port), *args], env=env, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
+    wait_ready(url, path=wait_for)
     return process, url
 
 
-def wait_ready(url: str, timeout_s: float = 60):
+def wait_ready(url: str, timeout_s: float = 60, path: str = "/v2/health/ready"):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
-            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
+            if httpx.get(f"{url}{path}").status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"{url} did not become ready")
+    raise RuntimeError(f"{url} never answered {path} with 200")

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -102,3 +103,72 @@ def test_a_model_is_served_as_its_config_says(repository, tmp_path):
         assert "config.json: max_batch_size: Input should be greater than 0" in index["q"]["reason"]
     finally:
         s.stop()
+
+
+def engine_pids(server) -> dict[int, int]:
+    """Engine index -> pid, among the server's children."""
+    return {int(command.split("--index ")[1].split()[0]): pid for pid, command in children(server.pid)
+            if "serving.engine" in command}
+
+
+def two_versions(folder) -> Path:
+    """The tiny repository with a second version of clf (other weights)."""
+    repository = tiny_repository(folder)
+    export_run(make_run(folder / "runs" / "clf2", "classifier", "bilstm", seed=1), repository, name="clf", cases=5)
+    return repository
+
+
+def test_a_restarted_engine_serves_what_it_served_and_the_others_answer_meanwhile(tmp_path):
+    """clf serves version 1, pinned by a load call, and a version that cannot load appears beside
+    it. Engine 0 is killed: while it restarts every request is answered by engine 1 (before: all
+    503, "not ready"); restarted, it serves version 1 again (before: it tried the newest, refused
+    it and served no clf, so predict answered 404)."""
+    repository = two_versions(tmp_path)
+    log = open(tmp_path / "server.log", "w+")
+    server, url = serve(repository, "--workers", "1", "--engines", "2", log=log, control="open")
+    try:
+        assert httpx.post(f"{url}/v2/repository/models/clf/load", json={"parameters": {"version": "1"}}).status_code == 200
+        shutil.copytree(repository / "clf" / "1", repository / "clf" / "3")
+        (repository / "clf" / "3" / "manifest.json").write_text("{not json")
+        before = engine_pids(server)
+        os.kill(before[0], signal.SIGKILL)
+        statuses = [httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ["good film"]}).status_code
+                    for _ in range(8)]  # at once, while engine 0 is gone or loading
+        deadline = time.time() + 60
+        while httpx.get(f"{url}/v2/health/ready").status_code != 200 and time.time() < deadline:
+            time.sleep(0.1)
+        assert engine_pids(server)[0] != before[0]
+        assert statuses == [200] * 8, statuses
+        index = {(r["name"], r["version"]): r["state"] for r in httpx.post(f"{url}/v2/repository/index").json()}
+        assert index["clf", "1"] == "READY" and index["clf", "3"] == "UNAVAILABLE", index
+        served = {httpx.get(f"{url}/v1/models/clf").json()["version"] for _ in range(20)}
+        assert served == {"1"}
+        answer = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ["good film"]} ).json()["predictions"][0]
+        assert np.abs(np.array(list(answer["probabilities"].values())) - alone(repository, "good film", version=1)).max() < 1e-5
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+
+
+def test_with_no_model_loadable_the_server_stays_up_unready_and_says_why(repository, tmp_path):
+    """Every version broken: no engine exits (before: "no model ... could be loaded", and 23
+    restarts in 10 s), the server is live and unready, and the index names each model's problem."""
+    broken = tmp_path / "repo"
+    shutil.copytree(repository, broken)
+    for name in ("clf", "lm"):
+        (broken / name / "1" / "manifest.json").write_text("{not json")
+    log = open(tmp_path / "server.log", "w+")
+    server, url = serve(broken, "--workers", "1", "--engines", "2", log=log, wait_for="/v2/health/live", control="open")
+    try:
+        index = httpx.post(f"{url}/v2/repository/index")
+        assert index.status_code == 200, index.text
+        assert {r["name"]: r["state"] for r in index.json()} == {"clf": "UNAVAILABLE", "lm": "UNAVAILABLE"}
+        assert all("manifest.json" in r["reason"] for r in index.json()), index.json()
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 503
+        time.sleep(1)  # an engine that exits is restarted within 0.2 s: it would show by now
+        log.seek(0)
+        assert "exited with" not in log.read()
+        assert len(engine_pids(server)) == 2
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)

@@ -78,6 +78,8 @@ BAD = {
     "length past the row": ("clf", {"inputs": tensors(lengths=np.array([3, 4]))}, "StatusCode.INVALID_ARGUMENT"),
     "unknown output": ("clf", {"outputs": [triton.InferRequestedOutput("probs")]}, "StatusCode.INVALID_ARGUMENT"),
     "too many rows": ("clf", {"inputs": tensors(np.ones((300, 2), np.int64), np.full(300, 2))}, "StatusCode.RESOURCE_EXHAUSTED"),
+    "a row past max_len": ("clf", {"inputs": tensors(np.full((1, 13), 3, np.int64), np.array([13]))},
+                           "StatusCode.INVALID_ARGUMENT"),  # the length rule of REST: never cut, refused
 }
 
 

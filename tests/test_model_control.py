@@ -2,17 +2,24 @@
 bearer token, paths that try to leave the repository, and several workers following one call."""
 import asyncio
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from pydantic import ValidationError
 
 from export.repository import export_run
+from loadtest.servers import free_port
+from serving.settings import Settings
 from tests.serving_fixtures import Server, alone, serve, tiny_repository
 from tests.test_export import make_run
 
@@ -243,7 +250,8 @@ class Planted:
 
 def test_a_model_folder_cannot_make_the_server_run_code(two_versions, tmp_path):
     """A version whose graph is a pickle (checksum right) and that carries Python files: the load
-    is refused as not ONNX, and nothing in the folder ran."""
+    is refused as not ONNX, and nothing in the folder ran. A model.pkl beside a good graph is
+    never opened: that version serves, and nothing ran."""
     import hashlib
     import pickle
     repository = copy_of(two_versions, tmp_path)
@@ -262,6 +270,11 @@ def test_a_model_folder_cannot_make_the_server_run_code(two_versions, tmp_path):
         assert r.status_code == 400 and "ONNX Runtime cannot load" in r.json()["error"], r.text
         assert not marker.exists()
         assert "evil" not in s.engine.deployments.current
+        shutil.copytree(repository / "clf" / "1", repository / "pickled" / "1")
+        (repository / "pickled" / "1" / "model.pkl").write_bytes(pickle.dumps(Planted(marker)))
+        assert httpx.post(f"{s.url}/v2/repository/models/pickled/load").status_code == 200
+        assert httpx.post(f"{s.url}/v1/models/pickled:predict", json={"instances": ["good"]}).status_code == 200
+        assert not marker.exists()
     finally:
         s.stop()
 
@@ -308,5 +321,73 @@ def test_a_swapped_out_version_is_released(two_versions):
             gc.collect()
             time.sleep(0.05)
         assert [ref() is None for ref in gone] == [True, True, True]
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("token", ["", "   "], ids=["empty", "blank"])
+def test_an_empty_control_token_refuses_to_start(two_versions, token):
+    """An empty RNNSERVE_CONTROL_TOKEN (a Kubernetes secret marked optional can give one) asked for
+    no token and did not close control either: model control was open to anyone. Now the server
+    refuses to start, saying why."""
+    with pytest.raises(ValidationError, match="RNNSERVE_CONTROL_TOKEN is empty"):
+        Settings(control_token=token)
+    done = subprocess.run([sys.executable, "-m", "serving", "--repository", str(two_versions), "--host", "127.0.0.1",
+                           "--port", str(free_port())], env=os.environ | {"RNNSERVE_CONTROL_TOKEN": token},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "RNNSERVE_CONTROL_TOKEN is empty" in done.stderr, done.stderr[-2000:]
+
+
+def linked_repository(two_versions, tmp_path) -> Path:
+    """A repository holding lm, with clf kept elsewhere (as on a mounted volume)."""
+    elsewhere, repository = tmp_path / "mnt", tmp_path / "repo"
+    shutil.copytree(two_versions / "clf", elsewhere / "clf")
+    shutil.copytree(two_versions / "lm", repository / "lm")
+    return repository
+
+
+def test_a_model_folder_linked_into_the_repository_is_served(two_versions, tmp_path):
+    """Operators link models in (model_repository/imdb -> /mnt/models/imdb): served like any other.
+    Before, every engine raised UnknownModel for the link and the server never became ready."""
+    repository = linked_repository(two_versions, tmp_path)
+    (repository / "clf").symlink_to(tmp_path / "mnt" / "clf")
+    s = Server(repository, control="open")
+    try:
+        answer = httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": TEXTS})
+        assert answer.status_code == 200, answer.text
+        assert np.abs(probabilities(answer) - [alone(two_versions, t, version=2) for t in TEXTS]).max() < 1e-5
+        assert httpx.post(f"{s.url}/v2/repository/models/clf/load", json={"parameters": {"version": "1"}}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_a_link_added_while_polling_is_deployed_once_and_the_engine_goes_on(two_versions, tmp_path, caplog):
+    """A link that appears while the engine polls is loaded once (never a second load while the
+    first is in flight), and a model folder that fails is logged once and leaves the rest serving."""
+    repository = linked_repository(two_versions, tmp_path)
+    s = Server(repository, repository_poll_s=0.05, control_sync_s=0.05, control="open")
+    loads = []
+    load = s.engine.deployments.load
+
+    def counted(name, version, pin):
+        loads.append((name, version))
+        return load(name, version, pin)
+
+    s.engine.deployments.load = counted
+    try:
+        (repository / "broken").mkdir()
+        (repository / "broken" / "1").mkdir()  # a version folder without its files
+        (repository / "clf").symlink_to(tmp_path / "mnt" / "clf")
+        deadline = time.time() + 20
+        while time.time() < deadline and httpx.post(f"{s.url}/v1/models/clf:predict",
+                                                    json={"instances": ["good"]}).status_code != 200:
+            time.sleep(0.05)
+        time.sleep(0.5)  # ten more polls
+        assert s.engine_thread.is_alive()
+        assert httpx.get(f"{s.url}/v1/models/clf").json()["version"] == "2"
+        assert loads.count(("clf", 2)) == 1 and loads.count(("broken", 1)) == 1, loads
+        assert caplog.text.count("broken/1") == 1, caplog.text[-3000:]
+        index = {(r["name"], r["version"]): r for r in httpx.post(f"{s.url}/v2/repository/index").json()}
+        assert index["broken", "1"]["state"] == "UNAVAILABLE" and "manifest.json" in index["broken", "1"]["reason"]
     finally:
         s.stop()

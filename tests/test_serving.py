@@ -1,6 +1,8 @@
 import asyncio
 import json
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -381,3 +383,100 @@ def test_binary_output_is_given_when_asked_and_json_otherwise(server, repository
             assert "Inference-Header-Content-Length" not in r.headers
             got = np.array(r.json()["outputs"][0]["data"]).reshape(2, 2)
         assert np.abs(got - expected).max() < 1e-5, asked
+
+
+def raw_request(url: str, head: bytes, timeout_s: float = 10) -> tuple[bytes, float]:
+    """Send bytes as they are (headers whose body never comes, say); the answer and its wait."""
+    host, port = url.removeprefix("http://").split(":")
+    started = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as s:
+        s.sendall(head)
+        answer = s.recv(65536)
+    return answer, time.perf_counter() - started
+
+
+def test_a_models_own_queue_limit_sheds_at_the_front_door_before_the_body(repository, tmp_path):
+    """clf's config.json caps its queue at 2 (the server's default is 1024). Once the engine has
+    said the queue is full, the front door answers 503 before reading the body (before, it shed
+    by the server-wide limit, so a request whose body never came waited for the 2 s body timeout:
+    408)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    (repo / "clf" / "config.json").write_text(json.dumps({"max_queue_size": 2, "max_batch_size": 1}))
+    s = Server(repo, body_timeout_s=2)
+    slowed(s, "clf", 1.0)
+    try:
+        async def fill():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+                posts = [asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ["good"]}))
+                         for _ in range(6)]
+                while sum(p.done() for p in posts) < 4:  # the engine holds two, refuses four, says its queue is full
+                    await asyncio.sleep(0.01)
+                answer, waited = await asyncio.to_thread(raw_request, s.url, b"POST /v1/models/clf:predict HTTP/1.1\r\n"
+                                                         b"Host: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+                return answer, waited, [(await p).status_code for p in posts]
+
+        answer, waited, statuses = asyncio.run(fill())
+        print(f"answered {answer.split(b' ', 2)[1].decode()} in {waited:.3f}s; the six: {statuses}")
+        assert answer.startswith(b"HTTP/1.1 503") and b"2 or more requests waiting" in answer, answer[:300]
+        assert waited < 1.5  # well before the body timeout
+        assert statuses.count(200) >= 2 and set(statuses) <= {200, 503}
+    finally:
+        s.stop()
+
+
+CHANGED_BEFORE = {  # V2 inputs that were silently changed before: [2.9, true] became [2, 1], a length of 3.99 became 3
+    "a float id": (v2_body(ids__data=[[2.9, 3, 4], [5, 6, 0]]), "input_ids"),
+    "a boolean id": (v2_body(ids__data=[[True, 3, 4], [5, 6, 0]]), "input_ids"),
+    "a float length": (v2_body(lengths__data=[2.99, 2]), "lengths"),
+    "a boolean length": (v2_body(lengths__data=[True, 2]), "lengths"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANGED_BEFORE))
+def test_v2_integers_are_integers_or_a_400_names_the_tensor(server, case):
+    body, tensor = CHANGED_BEFORE[case]
+    r = httpx.post(f"{server.url}/v2/models/clf/infer", content=body)
+    assert r.status_code == 400 and tensor in r.json()["error"] and "integer" in r.json()["error"], r.text
+
+
+def long_row(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((1, n), 3, np.int64), np.array([n], np.int64)
+
+
+def test_a_v2_row_longer_than_max_len_is_refused_over_json_and_binary(server):
+    """The length rule of every transport: a classifier reads at most max_len (12) tokens of a row.
+    V1 texts are cut there; a V2 tensor is never changed, so a longer row is a 400 (before, V2 ran
+    it whole)."""
+    ids, lengths = long_row(13)
+    for body, headers in ((json.dumps({"inputs": [
+            {"name": "input_ids", "shape": [1, 13], "datatype": "INT64", "data": ids.ravel().tolist()},
+            {"name": "lengths", "shape": [1], "datatype": "INT64", "data": [13]}]}).encode(), {}),
+            binary_body(ids, lengths)):
+        r = httpx.post(f"{server.url}/v2/models/clf/infer", content=body, headers=headers)
+        assert r.status_code == 400 and "max_len 12" in r.json()["error"], r.text
+    ids, lengths = long_row(12)
+    assert httpx.post(f"{server.url}/v2/models/clf/infer", content=binary_body(ids, lengths)[0],
+                      headers=binary_body(ids, lengths)[1]).status_code == 200
+
+
+def binary_body(ids: np.ndarray, lengths: np.ndarray) -> tuple[bytes, dict]:
+    header = json.dumps({"inputs": [
+        {"name": "input_ids", "shape": list(ids.shape), "datatype": "INT64", "parameters": {"binary_data_size": ids.nbytes}},
+        {"name": "lengths", "shape": list(lengths.shape), "datatype": "INT64",
+         "parameters": {"binary_data_size": lengths.nbytes}}]}).encode()
+    return header + ids.tobytes() + lengths.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def test_a_language_models_v2_answer_is_bounded(repository):
+    """A language model answers rows x length x vocabulary floats: past max_response_bytes the
+    request is refused with 413 before it runs (before, nothing bounded it)."""
+    s = Server(repository, max_response_bytes=1000)
+    try:
+        small, big = long_row(4), long_row(40)  # 4 tokens x 12 logits x 4 bytes fit in 1000; 40 tokens do not
+        assert httpx.post(f"{s.url}/v2/models/lm/infer", content=binary_body(*small)[0],
+                          headers=binary_body(*small)[1]).status_code == 200
+        r = httpx.post(f"{s.url}/v2/models/lm/infer", content=binary_body(*big)[0], headers=binary_body(*big)[1])
+        assert r.status_code == 413 and "RNNSERVE_MAX_RESPONSE_BYTES" in r.json()["error"], r.text
+    finally:
+        s.stop()

@@ -11,6 +11,7 @@ models pinned to a version or unloaded by a call.
 """
 import ctypes
 import gc
+import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,14 +58,22 @@ class Deployment:
 
 
 class Deployments:
-    def __init__(self, settings: Settings, device: int = 0):
-        self.settings, self.device = settings, device
+    def __init__(self, settings: Settings, device: int = 0, asked: Path | None = None):
+        """asked: where this engine keeps what model control asked of it (pins, unloads), so that
+        it serves the same after a restart."""
+        self.settings, self.device, self.asked = settings, device, asked
         self.root = Path(settings.repository).resolve()
         self.current: dict[str, Deployment] = {}
         self.retiring: list[Deployment] = []
         self.pinned: dict[str, int] = dict(settings.model_versions)  # from the settings or a load call
         self.unloaded: set[str] = set()  # unloaded by a call: polling leaves them alone
+        if asked and asked.exists():
+            before = json.loads(asked.read_text())
+            self.pinned |= {name: int(v) for name, v in before["pinned"].items()}
+            self.unloaded = set(before["unloaded"])
         self.failed: dict[tuple[str, int], str] = {}  # (name, version) -> why it did not load
+        self.pending: dict[str, Future] = {}  # loads not yet settled by the engine's loop: polling waits for them
+        self.said: dict[str, str] = {}  # what was last logged of each model that polling could not read
         self.loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")  # one load at a time
 
     def deployment(self, runner: Runner) -> Deployment:
@@ -74,20 +83,34 @@ class Deployments:
         return Deployment(runner, Queue(runner.limits, metrics.of(metrics.QUEUE_DEPTH, runner.name)), lm)
 
     def start(self):
-        """Deploy every model in the repository (its pinned version, else its latest), now. One
-        that fails stays out, with the reason in the index and the log; with none served the engine
-        still runs, not ready, so that the index can say why (and a load can mend it)."""
+        """Deploy every model in the repository now, except those a call unloaded: its pinned
+        version, else the newest that loads (an older one where a newer fails). One that fails
+        stays out, with the reason in the index and the log; with none served the engine still
+        runs, not ready, so that the index can say why (and a load can mend it)."""
         names = model_names(self.root)
         for name in names:
-            try:
-                self.swap(self.load(name, self.pinned.get(name), pin=name in self.pinned).result())
-            except ModelLoadError:
-                pass  # the load logged why
-            except UnknownModel as e:
-                log.error("%s is not served: %s", name, e)
+            if name not in self.unloaded:
+                self.deploy_first_good(name)
         if not self.current:
             log.error("no model in %s is served (%s): not ready until a load succeeds",
                       self.root, "see the errors above" if names else "run `make models` or python -m export")
+
+    def deploy_first_good(self, name: str):
+        try:
+            candidates = [self.pinned[name]] if name in self.pinned else versions(model_dir(self.root, name))[::-1]
+        except UnknownModel as e:
+            return log.error("%s is not served: %s", name, e)
+        for version in candidates:
+            try:
+                load = self.load(name, version, pin=name in self.pinned)
+            except UnknownModel as e:
+                return log.error("%s is not served: %s", name, e)
+            try:
+                return self.swap(load.result())
+            except ModelLoadError:
+                continue  # the load logged why; an older version may do
+            finally:
+                self.settle(load)
 
     def find(self, name: str, version: int) -> Deployment | None:
         """The deployment of that version, serving or retiring (not yet released)."""
@@ -119,7 +142,12 @@ class Deployments:
             self.failed.pop((name, version), None)
             return runner, pin
 
-        return self.loads.submit(load)
+        self.pending[name] = future = self.loads.submit(load)
+        return future
+
+    def settle(self, load: Future):
+        """The engine's loop has swapped in (or refused) what this load brought."""
+        self.pending = {name: f for name, f in self.pending.items() if f is not load}
 
     def swap(self, loaded: tuple[Runner, bool]) -> Deployment:
         """In the engine's loop: the loaded version takes new requests; the old one retires."""
@@ -133,6 +161,7 @@ class Deployments:
         if old:
             self.retire(old)
         info(runner).set(1)
+        self.remember()
         log.info("serving %s version %s%s", runner.name, runner.version, f" (was {old.version})" if old else "")
         return self.current[runner.name]
 
@@ -143,6 +172,14 @@ class Deployments:
             raise UnknownModel(f"model {name!r} is not loaded")
         self.unloaded.add(name)
         self.retire(old)
+        self.remember()
+
+    def remember(self):
+        """Write down what model control asked of this engine (atomically), for its next start."""
+        if self.asked:
+            staged = self.asked.with_suffix(".partial")
+            staged.write_text(json.dumps({"pinned": self.pinned, "unloaded": sorted(self.unloaded)}))
+            staged.replace(self.asked)
 
     def retire(self, deployment: Deployment):
         deployment.retired_at = time.monotonic()
@@ -183,16 +220,30 @@ class Deployments:
         return rows
 
     def poll(self) -> list[Future]:
-        """Loads of new models and new versions found on disk (failed versions are not retried)."""
+        """Loads of new models and new versions found on disk: one at a time per model, failed
+        versions not retried; a folder that cannot be read is logged once and passed over."""
         started = []
-        for name in model_names(self.root):
-            if name in self.unloaded or name in self.pinned:
+        try:
+            names = model_names(self.root)
+        except OSError as e:
+            self.say("", f"the repository {self.root} cannot be read: {e}")
+            return started
+        for name in names:
+            if name in self.unloaded or name in self.pinned or name in self.pending:
                 continue
-            latest = versions(self.root / name)[-1]
-            current = self.current.get(name)
-            if (current is None or latest > current.version) and (name, latest) not in self.failed:
-                started.append(self.load(name, latest, pin=False))
+            try:
+                latest = versions(self.root / name)[-1]
+                current = self.current.get(name)
+                if (current is None or latest > current.version) and (name, latest) not in self.failed:
+                    started.append(self.load(name, latest, pin=False))
+            except (OSError, UnknownModel) as e:  # changed or removed while we looked
+                self.say(name, f"{name} cannot be read: {e}")
         return started
+
+    def say(self, name: str, problem: str):
+        if self.said.get(name) != problem:
+            self.said[name] = problem
+            log.error("%s", problem)
 
     def all(self) -> list[Deployment]:
         return [*self.current.values(), *self.retiring]

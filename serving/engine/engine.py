@@ -4,8 +4,8 @@ queue and every generation, fed by the HTTP front-ends over a ZeroMQ ROUTER sock
     python -m serving.engine --address ipc:///tmp/rnnserve/engine-0 [--index 0] [--device 0]
 
 The loop, top to bottom: take what arrived (requests join their model's queue, cancels mark
-them, control verbs start loads), swap in versions that finished loading, run every batch that
-is due and one step of every language model with work, hand back the results (one frame per
+them, control verbs start loads), swap in versions that finished loading, send the refusals at
+once (with each queue's length, which front-ends shed by), run every batch that is due and one step of every language model with work, hand back the results (one frame per
 front-end), and now and then expire sessions, poll the repository and release retired versions.
 It sleeps only when nothing is due.
 """
@@ -36,7 +36,8 @@ TOKENS_EVERY_S = 0.002  # how long generation tokens may wait to go out with the
 class Engine:
     def __init__(self, settings: Settings, address: str, index: int = 0, device: int = 0):
         self.settings, self.address, self.index = settings, address, index
-        self.deployments = Deployments(settings, device)
+        asked = settings.runtime_dir / f"engine-{index}-control.json" if settings.runtime_dir else None
+        self.deployments = Deployments(settings, device, asked)
         self.frontends: set[bytes] = set()
         self.waiting: dict[tuple[bytes, int], Pending] = {}  # queued requests, for Cancel
         self.loading: list[tuple[Future, bytes | None, int | None]] = []  # (load, who asked, their request id)
@@ -67,6 +68,7 @@ class Engine:
             while not self.stopping.is_set():
                 self.take(self.wait_s())
                 self.finish_loads()
+                self.flush()  # refusals and answers to control go out now, with the queues as full as they are
                 now = time.monotonic()
                 for deployment in self.deployments.all():
                     if deployment.queue.due_in(now) == 0:
@@ -196,6 +198,7 @@ class Engine:
     def finish_loads(self):
         for load, sender, rid in [entry for entry in self.loading if entry[0].done()]:
             self.loading.remove((load, sender, rid))
+            self.deployments.settle(load)
             try:
                 deployment = self.deployments.swap(load.result())
             except ModelLoadError as e:
@@ -208,7 +211,7 @@ class Engine:
 
     def catalog(self) -> Catalog:
         return Catalog(self.index, os.getpid(), [Deployed(d.name, d.version, d.runner.task, d.runner.provider,
-                                                          d.runner.variant, d.runner.device)
+                                                          d.runner.variant, d.runner.device, d.runner.limits.max_queue_size)
                                                  for d in self.deployments.current.values()])
 
     def broadcast_catalog(self):

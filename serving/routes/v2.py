@@ -97,10 +97,10 @@ async def infer_tensors(request: Request, name: str, body: InferRequest, version
     with answered(name, "v2_infer"):
         if body.outputs and [o.name for o in body.outputs] != ["logits"]:
             raise HTTPException(400, f"unknown outputs {[o.name for o in body.outputs]}; this model gives logits")
-        inputs, limit = tensors.inputs_of(body.inputs, binary), request.app.state.settings.max_instances
+        inputs, settings = tensors.inputs_of(body.inputs, binary), request.app.state.settings
         served_version, _, logits = await infer(
-            request.app.state, name, lambda v: [(row, False) for row in tensors.rows_from(inputs, len(v.codec.vocab), limit)],
-            version, receive=request.receive)
+            request.app.state, name, lambda v: [(row, False) for row in tensors.rows_within(
+                inputs, v, settings.max_instances, settings.max_response_bytes)], version, receive=request.receive)
         header = {"model_name": name, "model_version": str(served_version.number)}
         return tensors.answer(header if body.id is None else header | {"id": body.id}, "logits", logits,
                               tensors.wants_binary(body))
