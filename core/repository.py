@@ -15,6 +15,7 @@ folder and renames it into place, so a version folder is always complete). Every
 manifest names is a plain name inside its version folder, and each graph carries its sha256.
 """
 import hashlib
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -93,13 +94,6 @@ class Manifest(BaseModel):
     versions: dict[str, str] = Field(description="torch, onnx and onnxruntime versions that wrote it")
     source_run: str
     exported_at: str
-
-    @field_validator("format_version")
-    @classmethod
-    def current_format(cls, value: int) -> int:
-        if value != FORMAT_VERSION:
-            raise ValueError(f"format {value} is not {FORMAT_VERSION}: export the run again")
-        return value
 
     @field_validator("tokenizer")
     @classmethod
@@ -182,7 +176,16 @@ def model_dir(repository: Path, name: str) -> Path:
 
 
 def read_manifest(version_dir: Path) -> Manifest:
-    return validated(Manifest, Path(version_dir) / MANIFEST)
+    """The manifest; one written by an export of another format is named as such, before its fields."""
+    path = Path(version_dir) / MANIFEST
+    try:
+        written = json.loads(path.read_bytes()).get("format_version")
+    except (OSError, ValueError, AttributeError):
+        written = FORMAT_VERSION  # unreadable or not JSON: validated() says which
+    if written != FORMAT_VERSION:
+        raise ManifestError(f"{path}: format {written} is not {FORMAT_VERSION} (written by another export): "
+                            "export the run again")
+    return validated(Manifest, path)
 
 
 def write_manifest(version_dir: Path, manifest: Manifest):

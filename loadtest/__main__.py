@@ -3,7 +3,7 @@
     python -m loadtest run --host http://127.0.0.1:8000 --users 64 --spawn-rate 64 --duration 60s \\
         [--scenario predict|v2|generate|all] [--out results/run]
     python -m loadtest bench [--model imdb-bilstm --lm timemachine-gru --repository model_repository --runs runs]
-    python -m loadtest soak [--model imdb-gru --minutes 10 --users 32 --reload-every-s 60]
+    python -m loadtest soak [--model imdb-gru --lm timemachine-gru --minutes 10 --users 32 --reload-every-s 60]
     python -m loadtest ipc [--messages 20000]
     python -m loadtest protocols [--model imdb-gru --rows 32 --users 64]
     python -m loadtest gpu [--quick] [--model imdb-gru --lm timemachine-gru --encoder NAME]
@@ -58,8 +58,11 @@ def main(argv=None):
     bench.add_argument("--out", type=Path, default=Path("results/bench"))
     bench.add_argument("--server-env", nargs="*", default=[], metavar="RNNSERVE_X=VALUE",
                        help="settings for the rnnserve server under test")
-    soak = commands.add_parser("soak", help="steady load for minutes, memory sampled (loadtest/soak.py)")
+    soak = commands.add_parser("soak", help="mixed load for minutes, swaps, a killed engine, memory (loadtest/soak.py)")
     soak.add_argument("--model", default="imdb-gru")
+    soak.add_argument("--lm", default="timemachine-gru", help="language model for generations and sessions")
+    soak.add_argument("--kill-engine-at", type=float, default=0.5, help="when to SIGKILL engine 0, as a fraction "
+                      "of the run; 0: never")
     soak.add_argument("--repository", type=Path, default=Path("model_repository"))
     soak.add_argument("--minutes", type=float, default=10.0)
     soak.add_argument("--users", type=int, default=32)

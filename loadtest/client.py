@@ -17,16 +17,19 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     first_byte_s: list[float] = field(default_factory=list)  # time to the first body chunk (streams)
     errors: int = 0
+    lost: int = 0  # requests that got no HTTP answer at all (a reset or refused connection)
     statuses: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
     cpu_s: float = 0.0  # the load generator's own CPU time
 
 
-async def read_response(reader: asyncio.StreamReader, sent_at: float, result: LoadResult) -> tuple[int, bytes]:
+async def read_response(reader: asyncio.StreamReader, sent_at: float, result: LoadResult) -> tuple[int, bytes, bool]:
+    """(status, body, whether the server closes the connection after it)."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     headers = {k.strip().lower(): v.strip() for k, _, v in
                (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)}
+    closes = headers.get(b"connection", b"").lower() == b"close"
     if headers.get(b"transfer-encoding") == b"chunked":
         body = b""
         while True:
@@ -37,27 +40,43 @@ async def read_response(reader: asyncio.StreamReader, sent_at: float, result: Lo
             if not body:
                 result.first_byte_s.append(time.perf_counter() - sent_at)
             body += chunk[:-2]
-        return status, body
-    return status, await reader.readexactly(int(headers.get(b"content-length", b"0")))
+        return status, body, closes
+    return status, await reader.readexactly(int(headers.get(b"content-length", b"0"))), closes
 
 
 async def user(host: str, port: int, requests, duration_s: float, result: LoadResult, offset: int, users: int):
-    reader, writer = await asyncio.open_connection(host, port)
+    """One keep-alive connection sending requests in turn; a request that gets no answer (the
+    connection reset or refused) is counted lost and the user connects again, after a pause."""
     deadline = time.perf_counter() + duration_s
-    i = offset
+    i, connection = offset, None
     try:
         while time.perf_counter() < deadline:
             path, body, *headers = requests[i % len(requests)]
             i += users
             sent_at = time.perf_counter()
-            writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
-                path.encode(), host.encode(), headers[0] if headers else JSON, len(body), body))
-            status, _ = await read_response(reader, sent_at, result)
+            try:
+                connection = connection or await asyncio.open_connection(host, port)
+                reader, writer = connection
+                writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
+                    path.encode(), host.encode(), headers[0] if headers else JSON, len(body), body))
+                status, _, closes = await read_response(reader, sent_at, result)
+            except (OSError, asyncio.IncompleteReadError):
+                result.lost += 1
+                connection = close(connection)
+                await asyncio.sleep(0.05)
+                continue
             result.latencies_s.append(time.perf_counter() - sent_at)
             result.statuses[status] = result.statuses.get(status, 0) + 1
             result.errors += status != 200
+            if closes:
+                connection = close(connection)
     finally:
-        writer.close()
+        close(connection)
+
+
+def close(connection) -> None:
+    if connection:
+        connection[1].close()
 
 
 async def load(host: str, port: int, requests: list[tuple], users: int, duration_s: float) -> LoadResult:
@@ -97,6 +116,7 @@ def load_in_processes(host: str, port: int, requests: list[tuple], users: int, d
         merged.latencies_s += r.latencies_s
         merged.first_byte_s += r.first_byte_s
         merged.errors += r.errors
+        merged.lost += r.lost
         for status, n in r.statuses.items():
             merged.statuses[status] = merged.statuses.get(status, 0) + n
     return merged

@@ -1,7 +1,7 @@
 """A local OTLP trace receiver (gRPC, 127.0.0.1): keeps the spans a traced server exports, for the
 tracing test and benchmark; no collector or external service needed.
 
-    python -m loadtest.otlp --port 4317    # prints the spans received every few seconds
+    python -m loadtest.otlp --port 4317    # prints each span as it arrives: role, name, ids, duration
 """
 import argparse
 import threading
@@ -38,15 +38,27 @@ def main():
     p = argparse.ArgumentParser(prog="python -m loadtest.otlp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, default=4317)
-    p.add_argument("--every", type=float, default=5.0, help="seconds between counts")
     args = p.parse_args()
     receiver = Receiver(args.port)
+    print(f"receiving OTLP traces on 127.0.0.1:{args.port}", flush=True)
+    shown = 0
     try:
         while True:
-            time.sleep(args.every)
-            print(f"{len(receiver.spans)} spans", flush=True)
+            time.sleep(0.5)
+            with receiver.lock:
+                new, shown = receiver.spans[shown:], len(receiver.spans)
+            for role, span in new:
+                print(line(role, span), flush=True)
     except KeyboardInterrupt:
         receiver.stop()
+
+
+def line(role: str, span) -> str:
+    """One span: role, name, trace and span ids, its parent, duration and attributes."""
+    attributes = " ".join(f"{a.key}={getattr(a.value, a.value.WhichOneof('value'))}" for a in span.attributes)
+    parent = span.parent_span_id.hex() or "-"
+    return (f"{role:8s} {span.name:40s} trace {span.trace_id.hex()[:16]} span {span.span_id.hex()} parent {parent} "
+            f"{(span.end_time_unix_nano - span.start_time_unix_nano) / 1e6:.2f} ms {attributes}")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,25 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def processes(pid: int) -> dict[int, dict]:
+    """A server and its children, each with its role (supervisor, engine N, front-end, other) and
+    resident memory in MB."""
+    found = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            command = (status.parent / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        me = int(status.parent.name)
+        if me != pid and fields.get("PPid", "").strip() != str(pid):
+            continue
+        role = ("supervisor" if me == pid else f"engine {command[command.index('--index') + 1]}"
+                if "serving.engine" in command else "front-end" if any("spawn_main" in c for c in command) else "other")
+        found[me] = {"role": role, "rss_mb": int(fields.get("VmRSS", "0 kB").split()[0]) / 1024}
+    return found
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):

@@ -1,10 +1,15 @@
 """Request and response models of the APIs (they are the OpenAPI schema at /docs)."""
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
-class PredictRequest(BaseModel):
+class Request(BaseModel):
+    """What a client sends: a field this API does not have is a 400, never ignored."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictRequest(Request):
     instances: list[str] = Field(min_length=1, description="texts to classify")
 
     @field_validator("instances")
@@ -27,7 +32,7 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
-class TensorInput(BaseModel):
+class TensorInput(Request):
     name: str
     shape: list[int]
     datatype: str
@@ -36,12 +41,12 @@ class TensorInput(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
-class RequestedOutput(BaseModel):
+class RequestedOutput(Request):
     name: str
     parameters: dict[str, Any] | None = None
 
 
-class InferRequest(BaseModel):
+class InferRequest(Request):
     id: str | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[TensorInput]
@@ -85,7 +90,7 @@ class ServerMetadata(BaseModel):
     extensions: list[str]
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(Request):
     prompt: str = Field(min_length=1, description="an empty prompt is refused: the model needs a first token")
     max_new_tokens: int = Field(100, ge=1)
     temperature: float = Field(1.0, ge=0, description="0 is greedy")
@@ -109,7 +114,7 @@ class SessionCreated(BaseModel):
     idle_expiry_s: float
 
 
-class StepRequest(BaseModel):
+class StepRequest(Request):
     text: str = Field(min_length=1)
     top_k: int = Field(5, ge=1, le=100)
 
@@ -132,7 +137,7 @@ class ErrorResponse(BaseModel):
     request_id: str = Field(description="also in the X-Request-ID header and the server's log lines")
 
 
-class IndexRequest(BaseModel):
+class IndexRequest(Request):
     ready: bool = Field(False, description="only the versions that are serving")
 
 
@@ -143,7 +148,7 @@ class ModelVersionState(BaseModel):
     reason: str
 
 
-class LoadRequest(BaseModel):
+class LoadRequest(Request):
     parameters: dict[str, Any] = Field({}, description='{"version": "2"} loads (and pins) that version; '
                                                        "without it, the latest, which polling then follows")
 

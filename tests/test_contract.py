@@ -55,8 +55,8 @@ def spoiled(exported, tmp_path, name, change) -> ManifestError:
 @pytest.mark.parametrize("name,change,says", [
     ("clf", lambda m: m.pop("max_len"), "max_len: Field required"),
     ("clf", lambda m: m.update(max_len="long"), "max_len: Input should be a valid integer"),
-    ("clf", lambda m: m.pop("format_version"), "format_version: Field required"),
-    ("clf", lambda m: m.update(format_version=0), "format 0 is not 1: export the run again"),
+    ("clf", lambda m: m.pop("format_version"), "format None is not 1 (written by another export): export the run again"),
+    ("clf", lambda m: m.update(format_version=0), "format 0 is not 1 (written by another export): export the run again"),
     ("clf", lambda m: m.update(task="regression"), "task: Input should be 'classifier' or 'lm'"),
     ("clf", lambda m: m.update(surprise=1), "surprise: Extra inputs are not permitted"),
     ("clf", lambda m: m["graphs"]["fp32"].update(file="../../elsewhere.onnx"), "is not a plain .onnx file name"),

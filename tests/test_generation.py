@@ -177,6 +177,10 @@ def test_an_error_while_streaming_ends_the_stream_with_an_error_event(folder):
 def test_unknown_session_is_404_and_unknown_characters_are_reported(server):
     assert httpx.post(f"{server.url}/v1/models/lm/sessions/nope:step", json={"text": "t"}).status_code == 404
     assert httpx.delete(f"{server.url}/v1/models/lm/sessions/nope").status_code == 404
+    sid = httpx.post(f"{server.url}/v1/models/lm/sessions").json()["session_id"]
+    assert httpx.delete(f"{server.url}/v1/models/lm/sessions/{sid}").status_code == 200
+    gone = httpx.post(f"{server.url}/v1/models/lm/sessions/{sid}:step", json={"text": "t"})
+    assert gone.status_code == 404 and f"no session '{sid}'" in gone.json()["error"], gone.text  # the id it was given
     r = gen(server, prompt="the ZQ time", max_new_tokens=2).json()
     assert r["unknown_prompt_tokens"] == 2 and r["prompt_tokens"] == 11
 

@@ -109,3 +109,20 @@ def test_the_gpu_check_says_why_it_cannot_run_and_rehearses_on_the_cpu(tmp_path)
     assert set(results["ceiling"]) == {"256", "1024"} and set(results["generation_ceiling"]) == {"256", "1024"}
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| 32 texts, 256 users | clf |" in table and "| generation, 256 streams | lm |" in table
+
+
+def test_a_short_soak_loses_nothing_through_swaps_and_a_killed_engine(tmp_path):
+    """python -m loadtest soak on tiny models for 30 s: predicts, streams and sessions at once,
+    both models swapped under load, engine 0 killed halfway: every request gets an answer."""
+    tiny_repository(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "loadtest", "soak", "--model", "clf", "--lm", "lm", "--repository",
+                           str(tmp_path / "repo"), "--minutes", "0.5", "--window-s", "5", "--users", "8",
+                           "--reload-every-s", "10", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "soak.json").read_text())
+    print(report["answered"], "answered,", report["lost"], "lost; swaps:", report["reloads"])
+    assert report["lost"] == 0 and report["killed_engine_pid"] and report["reloads"] >= 2
+    for w in report["windows"]:
+        for kind, s in w["kinds"].items():
+            assert s["answered"] > 0 and set(s["statuses"]) <= {"200", "503"}, (kind, s)

@@ -87,6 +87,8 @@ BAD_REQUESTS = [
     ("/v1/models/clf:predict", json.dumps({"instances": ["x"] * 257}).encode(), 413),
     ("/v1/models/nope:predict", b'{"instances": ["x"]}', 404),
     ("/v1/models/lm:predict", b'{"instances": ["x"]}', 400),
+    ("/v1/models/clf:predict", b'{"instances": ["a"], "foo": 1}', 400),  # an unknown field: refused, never ignored
+    ("/v1/models/lm:generate", b'{"prompt": "a", "max_tokens": 5}', 400),
     ("/v2/models/nope/infer", b'{"inputs": []}', 404),
     ("/v2/models/clf/versions/7/infer", b'{"inputs": []}', 404),
 ]
@@ -104,7 +106,7 @@ def v2_body(**changes) -> bytes:
 BAD_V2 = [v2_body(ids__name="tokens"), v2_body(ids__datatype="FP32"), v2_body(ids__shape=[6]),
           v2_body(ids__data=[2, 3, 4, 5]), v2_body(lengths__data=[3, 4]), v2_body(lengths__data=[0, 2]),
           v2_body(ids__data=[[2, 3, 4], [5, 6, 99]]), v2_body(ids__data=[["a", "b", "c"], [1, 2, 3]]),
-          v2_body(lengths__shape=[3], lengths__data=[1, 1, 1])]
+          v2_body(lengths__shape=[3], lengths__data=[1, 1, 1]), v2_body(ids__dtype="INT64")]
 
 
 @pytest.mark.parametrize("path,body,status", BAD_REQUESTS + [("/v2/models/clf/infer", b, 400) for b in BAD_V2])

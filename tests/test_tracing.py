@@ -1,6 +1,8 @@
 """OpenTelemetry traces: python -m serving with RNNSERVE_TRACING=otlp exports, over OTLP gRPC to a
 receiver on 127.0.0.1, a trace per request under the caller's traceparent: the request span, its
 tokenize, its time queued (linked to the batch it ran in) and a generation's stream."""
+import subprocess
+import sys
 import time
 
 import httpx
@@ -146,3 +148,25 @@ def test_a_caller_that_does_not_sample_its_trace_gets_no_spans(traced):
     check_request(receiver, marker, "POST /v1/models/{name}:predict")
     with receiver.lock:
         assert not [s for _, s in receiver.spans if s.trace_id.hex() == unsampled]
+
+
+def test_the_receiver_prints_each_span_it_gets(tmp_path):
+    """python -m loadtest.otlp prints every span as it arrives (its docstring's promise)."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-m", "loadtest.otlp", "--port", str(port)], stdout=subprocess.PIPE,
+                                text=True)
+    try:
+        assert "receiving OTLP traces" in receiver.stdout.readline()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(f"127.0.0.1:{port}", insecure=True)))
+        with provider.get_tracer("test").start_as_current_span("the span to print", attributes={"rnnserve.rows": 3}):
+            pass
+        provider.shutdown()
+        line = receiver.stdout.readline()
+        assert "the span to print" in line and "rnnserve.rows=3" in line and " ms " in line, line
+    finally:
+        receiver.terminate()
+        receiver.wait(10)

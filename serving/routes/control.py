@@ -9,7 +9,7 @@ import asyncio
 from fastapi import APIRouter, Depends, HTTPException, Request
 from starlette.datastructures import State
 
-from core.repository import MODEL_NAME
+from core.repository import MODEL_NAME, VERSION
 from serving.access import control_closed
 from serving.inference import engines, json_response, refusal
 from serving.messages import Control, Failed
@@ -50,8 +50,8 @@ async def index_of(state: State, ready_only: bool = False) -> list[dict]:
 
 async def load_model(state: State, name: str, version=None) -> dict:
     """Load `version` (pinned) or the latest on every engine."""
-    if version is not None and not (str(version).isdigit() and int(version) > 0):
-        raise HTTPException(400, f"parameters.version must be a positive integer, not {version!r}")
+    if version is not None and not VERSION.fullmatch(str(version)):  # the repository's rule: 1, 2, ... (no "01")
+        raise HTTPException(400, f"parameters.version must be a version folder's name (1, 2, ...), not {version!r}")
     if not MODEL_NAME.fullmatch(name):
         raise HTTPException(404, f"no model {name!r} in the repository")
     return (await every_engine(state, "load", name, version and int(version)))[0]

@@ -226,11 +226,14 @@ def session_of(request: Request, name: str, sid: str) -> tuple[Link, TextCodec, 
     return client.links[int(engine)], codec, session
 
 
-async def ask(request: Request, link: Link, message) -> object:
-    """A session message's reply within the request deadline; a refusal raises its status."""
+async def ask(request: Request, link: Link, message, sid: str | None = None) -> object:
+    """A session message's reply within the request deadline; a refusal raises its status (a
+    session the engine does not have: 404 naming the id the client holds, sid)."""
     client = request.app.state.engines
     future = client.request(link, message, request.app.state.settings.request_timeout_s)
     reply = await reply_of(client, link, future, message.id, request.receive)
+    if isinstance(reply, Failed) and reply.status == 404 and sid:
+        raise HTTPException(404, f"no session {sid!r} (ended, expired, or its version was replaced)")
     if isinstance(reply, Failed):
         raise refusal(reply)
     return reply
@@ -255,7 +258,7 @@ async def step_session(name: str, sid: str, body: StepRequest, request: Request)
         raise HTTPException(400, "the text has no tokens")
     with answered(name, "session_step"):
         client, timeout = engines(request.app.state), request.app.state.settings.request_timeout_s
-        stepped: Stepped = await ask(request, link, Step(client.next_id(), session, ids, client.deadline(timeout)))
+        stepped: Stepped = await ask(request, link, Step(client.next_id(), session, ids, client.deadline(timeout)), sid)
         p = softmax(np.frombuffer(stepped.data, np.float32))
         best = np.argsort(-p)[: body.top_k]
         return json_response({"session_id": sid, "tokens": len(ids), "total_tokens": stepped.total_tokens,
@@ -267,5 +270,5 @@ async def step_session(name: str, sid: str, body: StepRequest, request: Request)
 async def end_session(name: str, sid: str, request: Request) -> dict:
     """End a session and free its state."""
     link, _, session = session_of(request, name, sid)
-    done: Done = await ask(request, link, CloseSession(engines(request.app.state).next_id(), session))
+    done: Done = await ask(request, link, CloseSession(engines(request.app.state).next_id(), session), sid)
     return done.body | {"session_id": sid}
