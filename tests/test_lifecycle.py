@@ -243,8 +243,8 @@ def test_the_server_removes_the_folders_it_created_when_it_exits(repository, tmp
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "RNNSERVE_CONTROL_DIR")}
     server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "2"], env=env | {"TMPDIR": str(scratch)},
-                              stderr=subprocess.DEVNULL)
+                               "--port", str(port), "--workers", "2"], stderr=subprocess.DEVNULL,
+                              env=env | {"TMPDIR": str(scratch), "RNNSERVE_DRAIN_S": "0"})
     ours = lambda: sorted(p.name.rsplit("-", 1)[0] for p in scratch.glob("rnnserve-*"))  # (ONNX Runtime writes .ses)
     try:
         wait_ready(f"http://127.0.0.1:{port}")
