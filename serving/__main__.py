@@ -10,9 +10,10 @@ The processes on the machine:
 - HTTP front-ends (uvicorn workers sharing the port): parse, validate, tokenize and answer, and
   reach the engines over ZeroMQ ipc sockets (serving/client.py);
 - this one: it starts them, restarts an engine that dies (what was in flight there is answered
-  503 at once by the front-ends), and on SIGTERM drains the front-ends (readiness false, new
-  requests 503, the listening socket closed, everything accepted answered within
-  RNNSERVE_SHUTDOWN_GRACE_S), then stops the engines and removes its runtime folder.
+  503 at once by the front-ends), and on SIGTERM drains the front-ends (readiness false and every
+  answer closing its connection, new requests 503 for RNNSERVE_DRAIN_S, then the port closed and
+  the requests in flight answered within RNNSERVE_SHUTDOWN_GRACE_S), then stops the engines and
+  removes its runtime folder.
 """
 import argparse
 import json
@@ -27,6 +28,7 @@ import threading
 
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.supervisors import Multiprocess
 
 from serving.logs import configure_logging
 from serving.settings import Settings
@@ -71,6 +73,31 @@ class Engines:
                 process.wait(grace_s)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of several front-ends, letting go of its copy of the listening socket
+    when it stops them: the port then closes when the last front-end closes it after its drain,
+    and new connections are refused instead of waiting in the kernel's queue to be reset when this
+    process exits."""
+
+    def terminate_all(self):
+        for listener in self.sockets:
+            listener.close()
+        super().terminate_all()
+
+
+def serve_http(**options):
+    """The HTTP front-ends (uvicorn.run's options): in this process when there is one (its port
+    closes with its server), else under the supervisor. A SIGTERM outside uvicorn's own handling
+    (before it starts, or re-raised by it once it has stopped) ends this process through its
+    clean-up, not past it."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if options["workers"] == 1:
+        uvicorn.run(**options)
+    else:
+        config = uvicorn.Config(**options)
+        Supervisor(config, sockets=[config.bind_socket()]).run()
 
 
 def mark_dead(pid: int):
@@ -118,9 +145,9 @@ def main(argv=None):
     processes = Engines(addresses, [i % max(1, gpus) for i in range(engines)])
     processes.start()
     try:
-        uvicorn.run("serving.app:create_app", factory=True, host=settings.host, port=settings.port,
-                    workers=workers, log_level="info", access_log=False, limit_concurrency=settings.max_connections,
-                    timeout_graceful_shutdown=settings.shutdown_grace_s, proxy_headers=False)
+        serve_http(app="serving.app:create_app", factory=True, host=settings.host, port=settings.port, workers=workers,
+                   log_level="info", access_log=False, limit_concurrency=settings.max_connections,
+                   timeout_graceful_shutdown=settings.shutdown_grace_s, proxy_headers=False)
     finally:
         processes.stop(settings.shutdown_grace_s)
         shutil.rmtree(runtime, ignore_errors=True)

@@ -28,19 +28,23 @@ log = logging.getLogger(__name__)
 ENGINES_TIMEOUT_S = 900.0  # the longest a front-end waits for the engines' first word (their models load first)
 
 
-def drain_on_sigterm(app: FastAPI):
-    """On SIGTERM readiness turns false at once and new requests get 503; uvicorn then stops
-    accepting connections, waits for the requests in flight (at most shutdown_grace_s) and runs
-    the lifespan's shutdown. Chained in front of uvicorn's own handler (main thread only)."""
+def drain_on_sigterm(app: FastAPI, drain_s: float):
+    """On SIGTERM readiness turns false, so readiness and every request for a model get 503 with
+    Retry-After, and every answer closes its connection (serving/frontdoor.py); the port stays open
+    for drain_s. Then uvicorn's own handler: it closes the port and the idle connections, waits for
+    the requests in flight (at most shutdown_grace_s) and runs the lifespan's shutdown. Chained in
+    front of uvicorn's handler (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         return
     uvicorn_handler = signal.getsignal(signal.SIGTERM)
 
     def draining(sig, frame):
-        app.state.ready = False
-        log.info("SIGTERM: not ready, answering the requests in flight")
+        app.state.ready, app.state.draining = False, True
+        log.info("SIGTERM: not ready; answering 503 for %gs, then closing the port", drain_s)
         if callable(uvicorn_handler):
-            uvicorn_handler(sig, frame)
+            closing = threading.Timer(drain_s, uvicorn_handler, (sig, frame))
+            closing.daemon = True  # a process that stops sooner (SIGINT) does not wait for it
+            closing.start()
 
     signal.signal(signal.SIGTERM, draining)
 
@@ -61,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
             from serving import grpc_v2  # grpcio only where it is asked for
             grpc_server = await grpc_v2.start(app.state)
         app.state.ready = True
-        drain_on_sigterm(app)
+        drain_on_sigterm(app, settings.drain_s)
         yield
         app.state.ready = False
         if grpc_server:
@@ -73,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     app = FastAPI(title="rnnserve", version="0.2.0", lifespan=lifespan, strict_content_type=False,
                   description="RNN-family text models on ONNX Runtime with dynamic batching.", responses=errors)
     app.state.settings = settings
-    app.state.ready = False
+    app.state.ready = app.state.draining = False
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)

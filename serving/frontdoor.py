@@ -1,6 +1,7 @@
 """What every request meets before any route, in one ASGI layer in front of the FastAPI app:
 an id, the bearer token where one is asked for, shedding when the model's queue is full, the
-whole body read within its limits, and a count of the answer in /metrics.
+whole body read within its limits, a count of the answer in /metrics, and from SIGTERM on
+(draining) Connection: close on every answer.
 
 The hot routes (V1 predict, V2 infer, generate, a session's step) are then called directly with
 their validated body: FastAPI's routing, dependency solving and middleware stack cost more than
@@ -31,6 +32,7 @@ DIRECT = {"v1_predict": (PredictRequest, v1.predict), "v2_infer": (InferRequest,
           "generate": (GenerateRequest, lm.generate), "session_step": (StepRequest, lm.step_session)}
 QUEUED = {"v1_predict", "v2_infer"}  # the endpoints whose requests wait in the model's queue
 BINARY = {"v2_infer"}  # a JSON header, then raw tensor bytes (serving/tensors.py)
+CLOSE = [(b"connection", b"close")]  # while draining: the client opens a new connection, or learns the port closed
 WANTED = {b"x-request-id", b"content-length", b"authorization", b"inference-header-content-length",
           b"traceparent", b"tracestate"}
 
@@ -63,7 +65,8 @@ class FrontDoor:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode()), self.served_by]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode()),
+                                      self.served_by, *(CLOSE if self.state.draining else ())]
             await send(message)
 
         if found is None:

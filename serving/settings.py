@@ -50,8 +50,13 @@ class Settings(BaseSettings):
                                                             "0: only on a load call")
     control_sync_s: float = Field(1.0, gt=0, description="how often each engine expires idle sessions, checks the "
                                                          "poll and releases retired versions")
-    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM (and when a swapped-out version drains), how "
-                                                            "long accepted requests may take")
+    drain_s: float = Field(5.0, ge=0, description="on SIGTERM, how long the port stays open while every answer closes "
+                                                  "its connection and new requests get 503 with Retry-After (an "
+                                                  "answer, not a reset); 5 as uvicorn's keep-alive timeout, so that "
+                                                  "every connection idle at SIGTERM is closed by then; 0: close the "
+                                                  "port at once")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="after the drain (and when a swapped-out version drains), "
+                                                            "how long the requests in flight may take")
 
     tracing: Literal["off", "otlp"] = Field("off", description="otlp: OpenTelemetry spans from every process, "
                                                             "exported as the standard OTEL_* variables say "

@@ -124,9 +124,10 @@ class Server:
 def serve(repository: Path, *args: str, log=subprocess.DEVNULL, wait_for: str = "/v2/health/ready",
           **settings) -> tuple[subprocess.Popen, str]:
     """python -m serving over `repository` on a free port, with command-line `args` and
-    RNNSERVE_<NAME> settings; returns once wait_for answers 200."""
+    RNNSERVE_<NAME> settings; returns once wait_for answers 200. Without a drain window unless one
+    is asked for: the tests that stop it do not wait one out."""
     port = free_port()
-    env = os.environ | {f"RNNSERVE_{k.upper()}": str(v) for k, v in settings.items()}
+    env = os.environ | {f"RNNSERVE_{k.upper()}": str(v) for k, v in ({"drain_s": 0} | settings).items()}
     process = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
                                 "--port", str(port), *args], env=env, stderr=log)
     url = f"http://127.0.0.1:{port}"

@@ -18,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from loadtest.client import LoadResult, read_response
+from serving.settings import Settings
 from tests.serving_fixtures import Server, alone, serve, tiny_repository
 
 TEXTS = ["good film", "the plot was awful", "a", "great great good film the plot", "bad", "awful film the a"]
@@ -91,6 +92,96 @@ def test_sigterm_exits_within_the_grace_period_when_requests_take_longer(reposit
         assert asyncio.run(scenario()) < 1 + 2  # the grace period, plus the process's own exit
     finally:
         process.kill()
+
+
+REVIEW = " ".join(["good", "bad", "film", "plot"][i % 4] for i in range(2000))  # a long review: 2,000 words
+DRAIN_S = Settings.model_fields["drain_s"].default
+
+
+def outcome(response: httpx.Response) -> str:
+    """The status, and the headers that tell a client what to do next: e.g. '503 close retry-after'."""
+    told = [word for word, said in (("close", response.headers.get("connection") == "close"),
+                                    ("retry-after", "retry-after" in response.headers)) if said]
+    return " ".join([str(response.status_code), *told])
+
+
+def test_sigterm_under_load_answers_every_request_the_server_read(repository, tmp_path):
+    """200 long reviews over httpx's default pool of 100 connections (so half of them wait for a
+    connection, most of them to reuse one), SIGTERM to python -m serving (two front-ends) once the
+    first is answered. Every request gets an HTTP answer: 200, or 503 with Retry-After and
+    Connection: close; none is reset. The server exits within its drain window and grace period."""
+    process, url = serve(repository, "--workers", "2", log=open(tmp_path / "server.log", "w"), drain_s=DRAIN_S)
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:  # httpx's default limits
+            async def one():
+                try:
+                    return outcome(await client.post("/v1/models/clf:predict", json={"instances": [REVIEW]}))
+                except httpx.HTTPError as e:
+                    return type(e).__name__
+            requests = [asyncio.create_task(one()) for _ in range(200)]
+            await asyncio.wait(requests, return_when=asyncio.FIRST_COMPLETED)
+            process.send_signal(signal.SIGTERM)
+            signalled, waiting = time.perf_counter(), sum(not r.done() for r in requests)
+            outcomes = await asyncio.gather(*requests)
+            await asyncio.to_thread(process.wait, DRAIN_S + 30 + 10)
+            return outcomes, waiting, time.perf_counter() - signalled
+
+    try:
+        outcomes, waiting, exited_s = asyncio.run(scenario())
+    finally:
+        process.kill()
+    counts = {o: outcomes.count(o) for o in sorted(set(outcomes))}
+    print(f"SIGTERM with {waiting} of 200 unanswered: {counts}; exited {exited_s:.1f} s after it")
+    assert set(outcomes) <= {"200", "200 close", "503 close retry-after"}, counts
+    assert exited_s < DRAIN_S + 30  # the drain window, then the grace period (RNNSERVE_SHUTDOWN_GRACE_S)
+
+
+def test_after_the_drain_window_new_connections_are_refused_at_once(repository, tmp_path):
+    """A request held in its batch for 4 s outlasts a 1 s drain window. New connections, one after
+    another: answered (readiness 503, Connection: close) within the window; after it refused at
+    once, not accepted by the kernel and reset when the last process lets go of the port. One
+    opened in the instant the port closes may be closed unanswered, at once (its request unread);
+    the held request is answered."""
+    process, url = serve(repository, "--workers", "2", log=open(tmp_path / "server.log", "w"), drain_s=1,
+                         max_queue_delay_ms=4000)
+
+    async def probe(signalled: float) -> tuple[float, float, str]:
+        """A readiness request on a new connection: (sent, done) in seconds after SIGTERM, and what came back."""
+        sent = time.perf_counter() - signalled
+        async with httpx.AsyncClient(base_url=url, timeout=2) as fresh:
+            try:
+                what = outcome(await fresh.get("/v2/health/ready"))
+            except httpx.HTTPError as e:
+                what = type(e).__name__
+        return sent, time.perf_counter() - signalled, what
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            held = asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ["good"]}))
+            async with httpx.AsyncClient(base_url=url) as metrics:
+                while in_flight(await metrics.get("/metrics")) < 1:
+                    await asyncio.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            signalled, seen = time.perf_counter(), []
+            while not seen or seen[-1][2] != "ConnectError":
+                seen.append(await probe(signalled))
+                await asyncio.sleep(0.05)
+            still_held = not held.done()
+            return seen, still_held, outcome(await held)
+
+    try:
+        seen, still_held, held = asyncio.run(scenario())
+        process.wait(30)
+    finally:
+        process.kill()
+    shown = [(round(sent, 2), round(done, 2), what) for sent, done, what in seen]
+    print(f"new connections after SIGTERM (sent s, done s, outcome): {shown}; the held request: {held}")
+    answered = [what for _, _, what in seen[:-1] if what[0].isdigit()]
+    unanswered = [(sent, done, what) for sent, done, what in seen[:-1] if not what[0].isdigit()]
+    assert set(answered) <= {"200", "503 close"} and "503 close" in answered, seen  # ready, then draining
+    assert len(unanswered) <= 1 and all(done - sent < 0.5 for sent, done, _ in unanswered), seen  # as the port closed
+    assert seen[-1][1] < 1 + 2 and still_held and held == "200 close", (seen, still_held, held)  # refused at once
 
 
 def faulty_repository(repository, folder):
