@@ -20,7 +20,7 @@ from serving import tracing
 from serving.client import EngineClient
 from serving.frontdoor import FrontDoor, refuse
 from serving.logs import REQUEST_ID, configure_logging
-from serving.routes import control, lm, v1, v2
+from serving.routes import control, docs, lm, v1, v2
 from serving.schemas import ErrorResponse
 from serving.settings import Settings
 
@@ -75,13 +75,14 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
 
     errors = {"4XX": {"model": ErrorResponse}, "5XX": {"model": ErrorResponse}}  # 400, not FastAPI's 422
     app = FastAPI(title="rnnserve", version="0.2.0", lifespan=lifespan, strict_content_type=False,
-                  description="RNN-family text models on ONNX Runtime with dynamic batching.", responses=errors)
+                  description="RNN-family text models on ONNX Runtime with dynamic batching.", responses=errors,
+                  docs_url=None, redoc_url=None)  # /docs from serving/routes/docs.py, with no CDN; no /redoc
     app.state.settings = settings
     app.state.ready = app.state.draining = False
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)
-    for routes in (v1, v2, lm, control):
+    for routes in (v1, v2, lm, control, docs):
         app.include_router(routes.router)
 
     @app.get("/metrics", include_in_schema=False)

@@ -172,10 +172,21 @@ for _name in set(vars(service_pb2_grpc.GRPCInferenceServiceServicer)) - set(vars
 
 
 async def start(state: State) -> grpc.aio.Server:
-    """This front-end's gRPC server on settings.grpc_port; messages up to max_body_bytes."""
+    """This front-end's gRPC server on settings.grpc_port: messages up to max_body_bytes, calls up to
+    grpc_max_concurrent_rpcs, and its connections kept as the grpc_* settings say (docs/api.md)."""
     settings = state.settings
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1),
-                                      ("grpc.max_receive_message_length", settings.max_body_bytes)])
+    server = grpc.aio.server(maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs, options=[
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", settings.max_body_bytes),
+        ("grpc.keepalive_time_ms", settings.grpc_keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.grpc_keepalive_timeout_ms),
+        # ... and as the ping timeout, without which grpcio 1.85 drops a peer that leaves a keepalive ping
+        # unanswered only after a minute (measured: tests/test_grpc.py)
+        ("grpc.http2.ping_timeout_ms", settings.grpc_keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),  # pings on idle connections: ours, and clients' as below
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.grpc_min_client_ping_interval_ms),
+        ("grpc.max_connection_age_ms", settings.grpc_max_connection_age_ms),
+        ("grpc.max_connection_age_grace_ms", settings.grpc_max_connection_age_grace_ms)])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Service(state), server)
     address = f"{settings.host}:{settings.grpc_port}"
     if server.add_insecure_port(address) == 0:

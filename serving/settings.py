@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+INT32_MAX = 2**31 - 1  # gRPC's channel arguments are C ints
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RNNSERVE_")
@@ -104,6 +106,25 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(10.0, gt=0, description="the whole body must arrive within this; else 408")
     max_connections: int = Field(1024, ge=1, description="per worker, open connections and requests; beyond them "
                                                          "uvicorn answers 503")
+
+    # gRPC connections (docs/api.md#connections-and-limits)
+    grpc_max_concurrent_rpcs: int = Field(1024, ge=1, description="per front-end, gRPC calls in progress; beyond "
+                                                                  "them RESOURCE_EXHAUSTED at once (max_connections "
+                                                                  "is HTTP's)")
+    grpc_keepalive_time_ms: int = Field(60_000, ge=1, le=INT32_MAX, description=(
+        "ping a connection that has been quiet this long, busy or idle; one that does not answer within "
+        "grpc_keepalive_timeout_ms is closed (gRPC's own 2 h keeps a vanished client's connection that long)"))
+    grpc_keepalive_timeout_ms: int = Field(20_000, ge=1, le=INT32_MAX, description="how long a keepalive ping waits "
+                                                                                   "for its answer (gRPC's default)")
+    grpc_min_client_ping_interval_ms: int = Field(10_000, ge=0, le=INT32_MAX, description=(
+        "clients may ping this often, with calls in flight or none (grpc-go's never ping more often); "
+        "a client that pings faster is sent GOAWAY (gRPC's own: every 5 min, never without a call)"))
+    grpc_max_connection_age_ms: int = Field(300_000, ge=1, le=INT32_MAX, description=(
+        "a connection this old (±10%) is sent GOAWAY and its client reconnects, through the load balancer, "
+        "perhaps to another replica or front-end; without it a client stays on the replica it first reached"))
+    grpc_max_connection_age_grace_ms: int = Field(30_000, ge=0, le=INT32_MAX, description=(
+        "calls in flight on a connection past its age may take this long (request_timeout_s's default); then "
+        "it is closed"))
 
 
 def reference() -> str:

@@ -1,6 +1,7 @@
 """KServe V2 over gRPC, spoken by Triton's own client (tritonclient.grpc) unchanged: the same
 answers as the graph alone, the same errors as status codes, the client's deadline, the token."""
 import asyncio
+import socket
 import time
 
 import grpc
@@ -12,6 +13,7 @@ from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from loadtest.servers import free_port
+from serving import grpc_v2
 from tests.serving_fixtures import Server, graph_logits, serve, slowed, tiny_repository
 
 IDS, LENGTHS = np.array([[2, 3, 4], [5, 6, 0]], np.int64), np.array([3, 2], np.int64)
@@ -181,3 +183,180 @@ def test_front_end_processes_share_the_grpc_port(repository):
     finally:
         process.terminate()
         assert process.wait(30) == 0
+
+
+# Connections and limits: what a gRPC client's transport meets under its calls.
+
+SETTINGS, PING, GOAWAY, ACK = 4, 6, 7, 1  # HTTP/2 frame types, and the ACK flag (RFC 9113)
+ENHANCE_YOUR_CALM = 0xB
+
+
+def frame(kind: int, flags: int, payload: bytes = b"") -> bytes:
+    """An HTTP/2 frame on stream 0."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + bytes(4) + payload
+
+
+class Http2Peer:
+    """A bare HTTP/2 (h2c) connection that speaks in frames and answers only the server's SETTINGS:
+    what lies under a gRPC client's calls, so that the server's pings and GOAWAY can be seen, and a
+    peer that stops answering can be played."""
+
+    def __init__(self, port: int):
+        self.sock, self.buffer = socket.create_connection(("127.0.0.1", port), timeout=5), b""
+        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        self.send(SETTINGS, 0)
+
+    def send(self, kind: int, flags: int, payload: bytes = b""):
+        self.sock.sendall(frame(kind, flags, payload))
+
+    def next(self, within_s: float) -> tuple[int, int, bytes] | None:
+        """The next PING or GOAWAY frame (kind, flags, payload); None once the server closed the
+        connection; TimeoutError if neither came within `within_s`."""
+        deadline = time.monotonic() + within_s
+        while True:
+            while len(self.buffer) < 9 or len(self.buffer) < 9 + int.from_bytes(self.buffer[:3], "big"):
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                try:
+                    chunk = self.sock.recv(65536)
+                except socket.timeout:
+                    raise TimeoutError(f"no PING or GOAWAY within {within_s}s") from None
+                except ConnectionResetError:
+                    chunk = b""
+                if not chunk:
+                    return None
+                self.buffer += chunk
+            length = int.from_bytes(self.buffer[:3], "big")
+            kind, flags, payload = self.buffer[3], self.buffer[4], self.buffer[9:9 + length]
+            self.buffer = self.buffer[9 + length:]
+            if kind == SETTINGS and not flags & ACK:
+                self.send(SETTINGS, ACK)
+            elif kind in (PING, GOAWAY):
+                return kind, flags, payload
+
+    def close(self):
+        self.sock.close()
+
+
+def infer_request(ids=IDS, lengths=LENGTHS) -> pb.ModelInferRequest:
+    tensor = pb.ModelInferRequest.InferInputTensor
+    return pb.ModelInferRequest(model_name="clf", raw_input_contents=[ids.tobytes(), lengths.tobytes()],
+                                inputs=[tensor(name="input_ids", datatype="INT64", shape=list(ids.shape)),
+                                        tensor(name="lengths", datatype="INT64", shape=list(lengths.shape))])
+
+
+def test_calls_beyond_the_cap_get_resource_exhausted_at_once_and_the_server_goes_on(repository):
+    """grpc_max_concurrent_rpcs: with two calls taking a second each at the model, the others sent
+    with them are refused at once; the next call after them is served."""
+    s = Server(repository, grpc_port=free_port(), grpc_max_concurrent_rpcs=2, max_batch_size=1)
+    slowed(s, "clf", 0.5)
+    try:
+        async def scenario():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{s.settings.grpc_port}") as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+                async def call():
+                    started = time.perf_counter()
+                    try:
+                        await stub.ModelInfer(infer_request(), timeout=30)
+                        return grpc.StatusCode.OK, "", time.perf_counter() - started
+                    except grpc.aio.AioRpcError as e:
+                        return e.code(), e.details(), time.perf_counter() - started
+
+                answers = await asyncio.gather(*(call() for _ in range(6)))
+                return answers, await call()
+
+        answers, after = asyncio.run(scenario())
+        print("6 calls at once, cap 2:", [(code.name, details, f"{took:.2f}s") for code, details, took in answers])
+        codes = [code for code, _, _ in answers]
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, answers
+        assert codes.count(grpc.StatusCode.OK) >= 2 and codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 2, answers
+        refused = [took for code, _, took in answers if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        served = [took for code, _, took in answers if code == grpc.StatusCode.OK]
+        assert max(refused) < min(served)  # refused at once, not when a model call ended
+        assert after[0] == grpc.StatusCode.OK, after
+    finally:
+        s.stop()
+
+
+def test_a_quiet_connection_is_pinged_and_dropped_when_the_peer_stops_answering(repository):
+    """Keepalive from the server, on a connection with no call on it: a peer that answers its pings
+    keeps the connection; one that does not is dropped after grpc_keepalive_timeout_ms."""
+    s = Server(repository, grpc_port=free_port(), grpc_keepalive_time_ms=300, grpc_keepalive_timeout_ms=500)
+    try:
+        answering, pings, started = Http2Peer(s.settings.grpc_port), 0, time.monotonic()
+        while time.monotonic() - started < 2:
+            kind, flags, payload = answering.next(within_s=5)
+            assert kind == PING and not flags & ACK, (kind, flags, payload)
+            answering.send(PING, ACK, payload)
+            pings += 1
+        print(f"an answering peer was pinged {pings} times in {time.monotonic() - started:.2f}s and kept")
+        assert pings >= 2
+        answering.close()
+        silent, started = Http2Peer(s.settings.grpc_port), time.monotonic()
+        assert silent.next(within_s=5)[0] == PING
+        pinged = time.monotonic() - started
+        while silent.next(within_s=10) is not None:  # frames until the server closes it
+            pass
+        closed = time.monotonic() - started
+        print(f"a silent peer was pinged after {pinged:.2f}s and closed after {closed:.2f}s")
+        assert closed - pinged >= 0.4  # not before the ping's timeout (500 ms)
+    finally:
+        s.stop()
+
+
+def test_a_clients_keepalive_pings_are_answered_and_a_ping_flood_is_sent_away(repository):
+    """A client behind a load balancer keeps its idle connection open with pings: each is answered,
+    with no call on the connection; pings faster than grpc_min_client_ping_interval_ms get GOAWAY."""
+    s = Server(repository, grpc_port=free_port(), grpc_min_client_ping_interval_ms=200)
+    try:
+        client = Http2Peer(s.settings.grpc_port)
+        for i in range(6):
+            time.sleep(0.3)
+            client.send(PING, 0, i.to_bytes(8, "big"))
+            assert client.next(within_s=5) == (PING, ACK, i.to_bytes(8, "big")), f"ping {i}"
+        flood, frames = Http2Peer(s.settings.grpc_port), []
+        flood.sock.sendall(b"".join(frame(PING, 0, i.to_bytes(8, "big")) for i in range(10)))  # at once
+        while (last := flood.next(within_s=5)) is not None and last[0] != GOAWAY:
+            frames.append(last)
+        print(f"a flood of 10 pings: {len(frames)} answered, then {last}")
+        assert last is not None and last[0] == GOAWAY, frames
+        assert int.from_bytes(last[2][4:8], "big") == ENHANCE_YOUR_CALM and b"too_many_pings" in last[2][8:]
+    finally:
+        s.stop()
+
+
+def test_a_connection_past_its_age_gets_goaway_and_the_client_reconnects_unharmed(repository, monkeypatch):
+    """grpc_max_connection_age_ms: GOAWAY (NO_ERROR, max_age) once a connection is that old; its
+    client's next calls go on a new connection and the call in flight is answered on the old one
+    (grpc_max_connection_age_grace_ms). The server tells the connections apart by their peers."""
+    peers, live = [], grpc_v2.Service.ServerLive
+
+    async def recording(self, request, context):
+        peers.append(context.peer())
+        return await live(self, request, context)
+
+    monkeypatch.setattr(grpc_v2.Service, "ServerLive", recording)
+    s = Server(repository, grpc_port=free_port(), grpc_max_connection_age_ms=500,
+               grpc_max_connection_age_grace_ms=5000)
+    slowed(s, "clf", 1.0)
+    try:
+        raw, started = Http2Peer(s.settings.grpc_port), time.monotonic()
+        goaway = raw.next(within_s=10)
+        aged = time.monotonic() - started
+        print(f"a bare connection got {goaway} after {aged:.2f}s")
+        assert goaway is not None and goaway[0] == GOAWAY and aged >= 0.4
+        assert int.from_bytes(goaway[2][4:8], "big") == 0 and b"max_age" in goaway[2][8:]
+        with grpc.insecure_channel(f"127.0.0.1:{s.settings.grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            started, lives = time.monotonic(), 0
+            slow = stub.ModelInfer.future(infer_request(), timeout=30)  # 1 s on a connection that ages at 0.5 s
+            while time.monotonic() - started < 3:
+                assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+                lives += 1
+                time.sleep(0.05)
+            answer = slow.result()
+        print(f"{lives} calls in 3 s over {len(set(peers))} connections; the slow call answered")
+        assert np.frombuffer(answer.raw_output_contents[0], "<f4").shape == (4,)
+        assert len(set(peers)) >= 3, peers
+    finally:
+        s.stop()

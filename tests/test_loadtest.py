@@ -19,18 +19,60 @@ def server(tmp_path_factory):
     s.stop()
 
 
-def test_a_short_locust_run_of_every_scenario_ends_with_zero_failures(server, tmp_path):
-    env = os.environ | {"RNNSERVE_LOADTEST_MODEL": "clf", "RNNSERVE_LOADTEST_LM": "lm", "RNNSERVE_LOADTEST_ROWS": "3",
-                        "RNNSERVE_LOADTEST_GRPC": f"127.0.0.1:{server.settings.grpc_port}"}
-    done = subprocess.run([sys.executable, "-m", "loadtest", "run", "--host", server.url, "--users", "6",
-                           "--spawn-rate", "6", "--duration", "5s", "--scenario", "all", "--out", str(tmp_path)],
+def locust(host: str, scenario: str, out, users=6, duration="5s", **env) -> tuple[subprocess.CompletedProcess, dict]:
+    """python -m loadtest run on the tiny models; (the finished process, its summary.json)."""
+    env = os.environ | {"RNNSERVE_LOADTEST_MODEL": "clf", "RNNSERVE_LOADTEST_LM": "lm", "RNNSERVE_LOADTEST_ROWS": "3", **env}
+    done = subprocess.run([sys.executable, "-m", "loadtest", "run", "--host", host, "--users", str(users),
+                           "--spawn-rate", str(users), "--duration", duration, "--scenario", scenario, "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=120)
+    return done, json.loads((out / "summary.json").read_text())
+
+
+def test_a_short_locust_run_of_every_scenario_ends_with_zero_failures(server, tmp_path):
+    """Generation's rates are fields of the summary, not request entries with a rate in their
+    millisecond columns."""
+    done, summary = locust(server.url, "all", tmp_path, RNNSERVE_LOADTEST_GRPC=f"127.0.0.1:{server.settings.grpc_port}")
     assert done.returncode == 0, done.stdout + done.stderr
-    endpoints = json.loads((tmp_path / "summary.json").read_text())["endpoints"]
-    for name in ("v1 predict", "v2 infer", "v2 infer (binary)", "ModelInfer", "generate (stream)", "time to first token",
-                 "Aggregated"):
-        assert endpoints[name]["requests"] > 0 and endpoints[name]["failures"] == 0, (name, endpoints)
-    assert (tmp_path / "report.html").exists() and (tmp_path / "summary.md").exists()
+    endpoints = summary["endpoints"]
+    assert set(endpoints) == {"v1 predict", "v1 model", "v2 infer", "v2 infer (binary)", "ModelInfer", "generate (stream)",
+                              "Aggregated"}
+    for name, endpoint in endpoints.items():
+        assert endpoint["requests"] > 0 and endpoint["failures"] == 0, (name, endpoints)
+    generation = summary["generation"]
+    print("generation:", generation)
+    assert generation["streams"] > 0 and generation["tokens"] >= 100 * generation["streams"] // 2
+    assert generation["tokens_per_s"] > 0 and generation["stream_tokens_per_s_p50"] > 0
+    assert 0 < generation["time_to_first_token_p50_ms"] <= generation["time_to_first_token_p95_ms"]
+    assert summary["left_out"] == {} and summary["exceptions"] == 0
+    assert "| tokens/s |" in (tmp_path / "summary.md").read_text() and (tmp_path / "report.html").exists()
+
+
+def test_all_leaves_out_the_grpc_user_where_no_grpc_server_answers(server, tmp_path):
+    """As against `make serve`, which opens no gRPC port: the run says so and has no failures."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    done, summary = locust(server.url, "all", tmp_path, duration="4s", RNNSERVE_LOADTEST_GRPC=nowhere)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ModelInfer" not in summary["endpoints"] and summary["endpoints"]["Aggregated"]["failures"] == 0
+    assert summary["exceptions"] == 0
+    assert "no gRPC server answers" in summary["left_out"]["GrpcUser"]
+    said = "the gRPC user is left out: no gRPC server answers at " + nowhere
+    assert said in done.stdout and said in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("scenario", ["predict", "grpc"])
+def test_a_user_whose_connection_is_refused_backs_off_instead_of_spinning(server, tmp_path, scenario):
+    """REST to a port nothing listens on, or gRPC where the server has none: in 4 s two users try a
+    handful of times, not thousands."""
+    closed = free_port()
+    if scenario == "predict":
+        _, summary = locust(f"http://127.0.0.1:{closed}", scenario, tmp_path, users=2, duration="4s")
+    else:
+        nowhere = {"RNNSERVE_LOADTEST_GRPC": f"127.0.0.1:{closed}"}
+        _, summary = locust(server.url, scenario, tmp_path, users=2, duration="4s", **nowhere)
+    tries = summary["endpoints"]["Aggregated"]
+    print(f"{scenario} against a closed port: {tries['requests']} tries, {tries['failures']} failed, in 4 s")
+    assert tries["requests"] == tries["failures"] and 2 <= tries["requests"] <= 2 * 10
+    assert summary["exceptions"] == 0  # each try is a failure counted, not a crash in the user's code
 
 
 def test_the_asyncio_client_counts_every_answer(server):

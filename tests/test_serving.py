@@ -6,6 +6,9 @@ import socket
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 import numpy as np
@@ -482,3 +485,49 @@ def test_a_language_models_v2_answer_is_bounded(repository):
         assert r.status_code == 413 and "RNNSERVE_MAX_RESPONSE_BYTES" in r.json()["error"], r.text
     finally:
         s.stop()
+
+
+class References(HTMLParser):
+    """Every src and href of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def handle_starttag(self, tag, attrs):
+        self.found += [value for name, value in attrs if name in ("src", "href") and value]
+
+
+TYPES = {".js": "javascript", ".css": "text/css", ".png": "image/png", ".json": "application/json"}
+
+
+def test_the_docs_page_loads_everything_it_asks_for_from_rnnserve(server):
+    """/docs where the machine cannot reach a CDN: the page, its script, styles and icon, and the
+    schema it renders all come from the server itself."""
+    page = httpx.get(f"{server.url}/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    parser = References()
+    parser.feed(page.text)
+    asked = parser.found + re.findall(r"url: '([^']+)'", page.text)  # the schema, in the page's script
+    print("/docs asks for", asked)
+    assert len(asked) >= 4
+    for reference in asked:
+        url = urljoin(f"{server.url}/docs", reference)
+        assert url.startswith(server.url + "/"), f"{reference}: not served by rnnserve"
+        r = httpx.get(url)
+        kind = TYPES[Path(urlsplit(url).path).suffix]
+        assert r.status_code == 200 and kind in r.headers["content-type"], (url, r.status_code, r.headers)
+    assert httpx.get(f"{server.url}/redoc").status_code == 404  # off: it would load its script from a CDN
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless Chromium here (apt-get install chromium)")
+def test_the_docs_page_lists_the_operations_in_a_browser_that_reaches_nothing_else(server, tmp_path):
+    """Headless Chromium, every host but 127.0.0.1 unresolvable, renders /docs: the operations are
+    on the page (Swagger UI draws nothing at all when its script does not load)."""
+    done = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+                           "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--virtual-time-budget=20000",
+                           "--dump-dom", f"{server.url}/docs"], capture_output=True, text=True, timeout=120)
+    page = done.stdout.replace("\u200b", "")  # Swagger UI breaks paths after each / with a zero-width space
+    print(f"Chromium's DOM of /docs: {len(page)} characters")
+    for path in ("/v1/models/{name}:predict", "/v2/models/{name}/infer", "/v1/models/{name}:generate"):
+        assert path in page, (path, done.stderr[-2000:])
