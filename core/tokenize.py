@@ -45,7 +45,7 @@ class Tokenizer:
         try): a 100k-character text costs what its first few hundred tokens cost."""
         if limit is None:
             return self.tokens(text)
-        size = 16 * (limit + 2)
+        size = 8 * (limit + 2)  # characters: English words average five with their space
         while True:
             cut = self.boundary(text, size)
             tokens = self.tokens(text[:cut])
