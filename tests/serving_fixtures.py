@@ -3,12 +3,15 @@ engine in a thread and a uvicorn front-end in another, talking over a ZeroMQ ipc
 processes of python -m serving do), or python -m serving itself where its processes are tested."""
 import functools
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -65,6 +68,12 @@ def graph_logits(repository, name: str, ids: np.ndarray, lengths: np.ndarray, ve
     if logits.ndim == 3:
         logits[np.arange(logits.shape[1]) >= lengths[:, None]] = 0
     return logits
+
+
+def sample(text: str, series: str) -> float:
+    """One sample's value in Prometheus text (0 when absent)."""
+    found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def slowed(server, model: str, seconds: float) -> list[int]:
@@ -145,3 +154,48 @@ def wait_ready(url: str, timeout_s: float = 60, path: str = "/v2/health/ready"):
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} never answered {path} with 200")
+
+
+def raw_http(url: str, method: str, target: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """One request sent byte for byte as given (httpx would normalise `..` and encodings away):
+    (status, body) of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                  b"Connection: close\r\n\r\n%s" % (method.encode(), target, len(body), body))
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), rest
+
+
+FRONT_END = "x-rnnserve-frontend"  # the pid of the front-end process that answered
+
+
+def by_front_end(url: str, path: str, front_ends: int = 2, answers_each: int = 10,
+                 timeout_s: float = 60) -> dict[str, list[httpx.Response]]:
+    """GET path on a new connection each time (the kernel spreads them over the front-ends that
+    share the port) until each of `front_ends` processes has answered `answers_each` times:
+    their answers by pid."""
+    answers, deadline = {}, time.time() + timeout_s
+    while len(answers) < front_ends or min(map(len, answers.values())) < answers_each:
+        if time.time() > deadline:
+            raise RuntimeError(f"{timeout_s}s of new connections reached only {sorted(answers)} "
+                               f"({ {pid: len(a) for pid, a in answers.items()} } answers)")
+        r = httpx.get(url + path, headers={"Connection": "close"})
+        answers.setdefault(r.headers[FRONT_END], []).append(r)
+    return answers
+
+
+@contextmanager
+def client_of(url: str, pid: str, timeout_s: float = 60):
+    """A client whose one kept-alive connection is to the front-end process `pid` (check each
+    answer's FRONT_END header: a connection the server closed is reopened wherever the kernel says)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=1)) as client:
+            if client.get("/v2/health/live").headers[FRONT_END] == pid:
+                yield client
+                return
+    raise RuntimeError(f"no connection reached front-end {pid} in {timeout_s}s")

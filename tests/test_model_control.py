@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -20,7 +21,9 @@ from pydantic import ValidationError
 from export.repository import export_run
 from loadtest.servers import free_port
 from serving.settings import Settings
-from tests.serving_fixtures import Server, alone, serve, tiny_repository
+from tests.serving_fixtures import (FRONT_END, Server, alone, by_front_end, client_of, raw_http, serve,
+                                    tiny_repository)
+from tests.test_lifecycle import children
 from tests.test_export import make_run
 
 TEXTS = ["good film", "the plot was awful", "a", "great great good film the plot", "bad", "awful film the a"]
@@ -162,18 +165,101 @@ def test_a_bad_version_is_refused_and_the_old_one_keeps_serving(two_versions, tm
         s.stop()
 
 
-@pytest.mark.parametrize("name", ["..", "...", "%2e%2e", "..%2Fruns%2Fclf", "%2e%2e%2fruns%2fclf2", "%2Fetc",
-                                  "clf%2F..%2F..%2Fruns%2Fclf", ".hidden", "clf%00", "runs"])
-def test_model_names_cannot_leave_the_repository(two_versions, name):
-    """The repository's folder sits beside runs/ (whose run folders are not models): none loads."""
-    s = Server(two_versions, control="open")
+@pytest.fixture(scope="module")
+def guarded(two_versions, tmp_path_factory):
+    """A server over a repository (clf, lm) whose parent folder would load as a model (it holds a
+    version folder) and holds a good model (outside/) and the run folders: what a path that left
+    the repository would reach. In the repository, links to what is not a model (NOT_MODELS)."""
+    folder = tmp_path_factory.mktemp("guarded")
+    shutil.copytree(two_versions, folder / "repo")
+    shutil.copytree(two_versions / "clf" / "1", folder / "1")
+    shutil.copytree(two_versions / "clf", folder / "outside")
+    shutil.copytree(two_versions.parent / "runs", folder / "runs")
+    for link, target in NOT_MODELS.items():
+        (folder / "repo" / link).symlink_to(target)
+    s = Server(folder / "repo", control="open")
+    yield s
+    s.stop()
+
+
+# link in the repository -> its target (relative to the repository)
+NOT_MODELS = {"root": "/", "run-folders": "../runs", "run": "../runs/clf", "version": "clf/2",
+              "manifest": "clf/2/manifest.json", "loop": "loop", "gone": "../nowhere"}
+LOAD, ERROR = "/v2/repository/models/{}/load", 404
+LEAVING = [  # request targets sent byte for byte, and the status each gets
+    *[(LOAD.format(name), ERROR) for name in [
+        "..", "...", "%2e%2e", "%2E%2E", "..%2Foutside", "%2e%2e%2foutside", "%2e%2e/outside", "..%5Coutside",
+        "%252e%252e%252foutside", "%C0%AE%C0%AE%2Foutside", "%2Fetc", "clf%2F..%2F..%2Foutside",
+        "clf%2F..%2F..%2Fruns%2Fclf", ".hidden", "clf%00", "..%00", "runs", "outside"]],
+    ("/v2/repository/models/../outside/load", ERROR), ("/v2/repository/models/./../outside/load", ERROR),
+    ("/v2/repository/models/clf/../../outside/load", ERROR), ("/v2/repository/models//etc/load", ERROR),
+    ("/v2/repository/models/..%2Fclf/unload", ERROR), ("/v1/models/..%2F..%2Fetc:predict", ERROR),
+    ("/v1/models/..%2Foutside:predict", ERROR), ("/v1/models/../outside:predict", ERROR),
+    ("/v2/models/..%2Foutside/infer", ERROR), ("/v2/models/../outside/infer", ERROR),
+    ("/v2/models/%2e%2e%2foutside", ERROR),
+    # refused by the HTTP parser before the app: a NUL or a space in the request line
+    ("/v2/repository/models/clf\x00/load", 400), ("/v2/repository/models/../outside\x00/load", 400),
+    ("/v2/repository/models/.. /outside/load", 400)]
+
+
+@pytest.mark.parametrize("target,status", LEAVING, ids=[repr(t)[1:-1] for t, _ in LEAVING])
+def test_request_paths_cannot_leave_the_repository(guarded, target, status):
+    """Raw request lines (httpx would normalise `..` and send none of these as written): each is
+    refused, with a JSON error where the app answered, and nothing is loaded, though one folder up
+    sits a good model and that parent folder would itself load as one."""
+    got, body = raw_http(guarded.url, "POST", target.encode("latin-1"))
+    assert got == status, (got, body)
+    if status == ERROR:
+        assert json.loads(body)["error"], body
+    assert set(guarded.engine.deployments.current) == {"clf", "lm"}
+    assert {r["name"] for r in httpx.post(f"{guarded.url}/v2/repository/index").json()} == {"clf", "lm"}
+
+
+@pytest.mark.parametrize("version", ["../1", "01", "1.0", "0"])
+def test_a_version_cannot_leave_its_model_and_follows_the_repositorys_rule(guarded, version):
+    """A version is a folder's name as the repository contract has it (1, 2, ...: no "01", which
+    was loaded as 1 while GET .../versions/01 answered 404)."""
+    body = json.dumps({"parameters": {"version": version}}).encode()
+    got, answer = raw_http(guarded.url, "POST", LOAD.format("clf").encode(), body)
+    assert got == 400 and "version folder's name" in json.loads(answer)["error"], answer
+    assert guarded.deployment("clf").version == 2
+
+
+@pytest.mark.parametrize("link", NOT_MODELS)
+def test_a_link_to_what_is_not_a_model_is_not_served(guarded, link):
+    """Links in the repository to /, to the run folders, to one run, to a version folder, to a
+    file, to themselves and to nothing: not listed, and a load answers 404 with nothing loaded
+    (before, a folder without versions failed the load with a 500: IndexError)."""
+    got, body = raw_http(guarded.url, "POST", LOAD.format(link).encode())
+    assert got == 404 and link in json.loads(body)["error"], (got, body)
+    assert set(guarded.engine.deployments.current) == {"clf", "lm"}
+    assert {r["name"] for r in httpx.post(f"{guarded.url}/v2/repository/index").json()} == {"clf", "lm"}
+
+
+BADLY_NAMED = [".outside", "-outside", "out side", "outsid\u00e9", "outside~"]
+
+
+def test_a_link_whose_name_is_not_a_model_name_is_ignored(two_versions, tmp_path):
+    """Links to a good model under names no model has (hidden, a leading dash, a space, a letter
+    outside [A-Za-z0-9], a tilde): never deployed, at start or by polling, nor listed, nor
+    loadable; the same model linked in under a good name meanwhile is deployed by the next poll."""
+    repository = copy_of(two_versions, tmp_path)
+    shutil.copytree(two_versions / "clf", tmp_path / "outside")
+    for name in BADLY_NAMED:
+        (repository / name).symlink_to(tmp_path / "outside")
+    s = Server(repository, control="open", repository_poll_s=0.05, control_sync_s=0.05)
     try:
-        r = httpx.post(f"{s.url}/v2/repository/models/{name}/load")
-        assert r.status_code == 404 and r.json()["error"], (r.status_code, r.text)
         assert set(s.engine.deployments.current) == {"clf", "lm"}
-        for version in ("../1", "01", "1.0", "0"):  # the repository's version rule, as everywhere: 1, 2, ...
-            assert httpx.post(f"{s.url}/v2/repository/models/clf/load",
-                              json={"parameters": {"version": version}}).status_code == 400, version
+        (repository / "fresh").symlink_to(tmp_path / "outside")
+        deadline = time.time() + 30
+        while "fresh" not in s.engine.deployments.current and time.time() < deadline:  # the polls have run
+            time.sleep(0.05)
+        assert set(s.engine.deployments.current) == {"clf", "lm", "fresh"}
+        assert {r["name"] for r in httpx.post(f"{s.url}/v2/repository/index").json()} == {"clf", "lm", "fresh"}
+        for name in BADLY_NAMED:
+            got, body = raw_http(s.url, "POST", LOAD.format(quote(name)).encode())
+            assert got == 404 and json.loads(body)["error"], (name, got, body)
+        assert set(s.engine.deployments.current) == {"clf", "lm", "fresh"}
     finally:
         s.stop()
 
@@ -220,20 +306,28 @@ def test_polling_deploys_a_new_version_when_it_appears(two_versions, tmp_path):
 
 def test_every_front_end_and_engine_follows_a_load_call(two_versions, tmp_path):
     """python -m serving --workers 2 --engines 2: the call reaches one front-end; both engines
-    swap, and every front-end serves version 1 after it."""
+    swap (their pids in the log), and each front-end (its pid in X-Rnnserve-Frontend) serves
+    version 1 at once after it."""
     log = open(tmp_path / "server.log", "w+")
     server, url = serve(two_versions, "--workers", "2", "--engines", "2", log=log, control="open")
     try:
-        def versions_seen(n=40) -> set[str]:  # a new connection each time: the kernel spreads them
-            return {httpx.get(f"{url}/v1/models/clf", headers={"Connection": "close"}).json()["version"]
-                    for _ in range(n)}
+        def versions_by_front_end() -> dict[str, set[str]]:
+            return {pid: {r.json()["version"] for r in answers}
+                    for pid, answers in by_front_end(url, "/v1/models/clf").items()}
 
-        assert versions_seen() == {"2"}
-        assert httpx.post(f"{url}/v2/repository/models/clf/load", json={"parameters": {"version": "1"}}).status_code == 200
-        assert versions_seen() == {"1"}  # at once: every engine answered the call before it returned
+        before = versions_by_front_end()
+        caller, other = sorted(before)
+        assert before == {caller: {"2"}, other: {"2"}}
+        with client_of(url, caller) as client:
+            r = client.post("/v2/repository/models/clf/load", json={"parameters": {"version": "1"}})
+        assert r.status_code == 200 and r.headers[FRONT_END] == caller, r.text
+        after = versions_by_front_end()
+        print(f"front-end {caller} took the call; versions by front-end before {before}, after {after}")
+        assert after == {caller: {"1"}, other: {"1"}}  # at once: every engine answered the call before it returned
         log.seek(0)
-        swapped = [line.split()[3] for line in log if "serving clf version 1 (was 2)" in line]
-        assert len(set(swapped)) == 2, swapped  # two engines (pids) each swapped
+        swapped = {line.split()[3] for line in log if "serving clf version 1 (was 2)" in line}
+        engines = {str(pid) for pid, command in children(server.pid) if "serving.engine" in command}
+        assert swapped == engines and len(engines) == 2, (swapped, engines)  # each engine (by pid) swapped
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)

@@ -5,6 +5,7 @@ import asyncio
 import hashlib
 import json
 import re
+import select
 import shutil
 import signal
 import socket
@@ -77,19 +78,27 @@ def test_sigterm_answers_every_accepted_request_then_exits(repository, tmp_path)
 
 
 def test_sigterm_exits_within_the_grace_period_when_requests_take_longer(repository, tmp_path):
+    """A request waits in a batch due in 20 s when SIGTERM comes: at the end of the 1 s grace
+    period it is told 503 and the process exits, long before the batch was due."""
     process, url = start(repository, tmp_path, max_queue_delay_ms=20000, shutdown_grace_s=1)
     try:
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 waiting = asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ["good"]}))
-                await asyncio.sleep(0.3)
+                async with httpx.AsyncClient(base_url=url) as probe:
+                    deadline = time.time() + 10
+                    while in_flight(await probe.get("/metrics")) < 1:  # taken by the server
+                        assert time.time() < deadline, "the server never took the request"
+                        await asyncio.sleep(0.02)
                 process.send_signal(signal.SIGTERM)
                 signalled = time.perf_counter()
-                await asyncio.to_thread(process.wait, 10)
+                await asyncio.to_thread(process.wait, 15)
                 r = await waiting  # cut off at the end of the grace period, and told so
                 assert r.status_code == 503 and "shut down" in r.json()["error"], r.text
                 return time.perf_counter() - signalled
-        assert asyncio.run(scenario()) < 1 + 2  # the grace period, plus the process's own exit
+        exited_s = asyncio.run(scenario())
+        print(f"exited {exited_s:.2f}s after SIGTERM (grace 1 s, the batch due in 20 s)")
+        assert 1 <= exited_s < 1 + 5  # the grace period kept, then out (its own exit bounded generously)
     finally:
         process.kill()
 
@@ -254,9 +263,10 @@ def rss_mb(pid: int) -> float:
 
 
 def test_overload_answers_503_fast_and_memory_stays_bounded(repository, tmp_path):
-    """300 connections send at once, four times, to a queue of 8: the rest get 503 at once;
-    accepted requests are answered right and within the deadline; the server's memory does not
-    grow. Raw sockets with the request bytes ready, so the clients are not what is slow."""
+    """300 connections send at once, four times, to a queue of 8: the rest get 503 without
+    waiting for the queue (the median refusal comes before the slowest acceptance); accepted
+    requests are answered right and within the deadline; the server's memory does not grow. Raw
+    sockets with the request bytes ready, so the clients are not what is slow."""
     process, url = start(repository, tmp_path, max_queue_size=8, max_batch_size=1, request_timeout_s=10)
     body = json.dumps({"instances": ["good film"] * 128}).encode()  # 128 calls: about 15 ms of work
     request = (b"POST /v1/models/clf:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -285,9 +295,12 @@ def test_overload_answers_503_fast_and_memory_stays_bounded(repository, tmp_path
             {code: statuses.count(code) for code in set(statuses)}
         rejected = sorted(t for status, t, _ in results if status == 503)
         accepted = [(t, answer) for status, t, answer in results if status == 200]
+        median_accepted = sorted(t for t, _ in accepted)[len(accepted) // 2]
         print(f"{len(rejected)} rejected, median {rejected[len(rejected) // 2] * 1000:.0f} ms; {len(accepted)} "
-              f"accepted, slowest {max(t for t, _ in accepted):.2f} s; RSS {before:.0f} -> {after:.0f} MB")
-        assert rejected[len(rejected) // 2] < 1.0  # a refusal does not wait for the work in the queue
+              f"accepted, median {median_accepted * 1000:.0f} ms, slowest {max(t for t, _ in accepted):.2f} s; "
+              f"RSS {before:.0f} -> {after:.0f} MB")
+        # a refusal does not wait for the work in the queue, as the slowest acceptance did
+        assert rejected[len(rejected) // 2] < max(t for t, _ in accepted)
         assert max(t for t, _ in accepted) < 10  # within the deadline: no 504s either
         expected = alone(repository, "good film")
         for _, answer in accepted:
@@ -300,7 +313,9 @@ def test_overload_answers_503_fast_and_memory_stays_bounded(repository, tmp_path
 
 
 def test_slow_bodies_time_out_alone_and_oversized_bodies_are_refused(repository):
-    s = Server(repository, body_timeout_s=1.0, max_body_bytes=10_000)
+    """50 connections send headers and a little body, then nothing: meanwhile everyone else is
+    served as usual, while the 50 are still unanswered; each then gets 408 at the body timeout."""
+    s = Server(repository, body_timeout_s=3.0, max_body_bytes=10_000)
     port = int(s.url.rsplit(":", 1)[1])
     slow = []
     try:
@@ -313,7 +328,11 @@ def test_slow_bodies_time_out_alone_and_oversized_bodies_are_refused(repository)
         for text in TEXTS:  # meanwhile everyone else is served as usual
             r = httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": [text]})
             assert r.status_code == 200
-        assert time.perf_counter() - started < 1.0  # served before the slow bodies timed out
+        served_s = time.perf_counter() - started
+        answered_slow = select.select(slow, [], [], 0)[0]
+        print(f"{len(TEXTS)} requests served in {served_s:.3f}s beside {len(slow)} slow bodies "
+              f"({len(answered_slow)} of them answered by then)")
+        assert answered_slow == []  # served before the slow bodies timed out
         for sock in slow:
             sock.settimeout(5)
             head = sock.recv(4096)

@@ -124,6 +124,8 @@ class Deployments:
         swap() by the engine's loop. Raises UnknownModel at once for a name or version not on disk."""
         folder = model_dir(self.root, name)
         found = versions(folder)
+        if not found:
+            raise UnknownModel(f"no model {name!r} in the repository (its folder has no version)")
         if version is not None and version not in found:
             raise UnknownModel(f"model {name!r} has no version {version} (it has {found})")
         version = version or found[-1]

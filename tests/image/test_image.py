@@ -87,6 +87,12 @@ def running(*options: str, wait_for: str = "/v2/health/ready"):
         subprocess.run([*PODMAN, "rm", "-f", cid], capture_output=True)
 
 
+def ok(r: httpx.Response, status: int = 200) -> httpx.Response:
+    """The response, once it has the status asked for."""
+    assert r.status_code == status, f"{r.request.method} {r.request.url}: {r.status_code} {r.text[:1000]}"
+    return r
+
+
 def logs(cid: str) -> str:
     done = subprocess.run([*PODMAN, "logs", cid], capture_output=True, text=True)
     return done.stdout + done.stderr
@@ -129,7 +135,7 @@ REQUESTS = [
 @pytest.mark.parametrize("path,body", REQUESTS, ids=[r[0] for r in REQUESTS])
 def test_the_container_answers_as_the_same_models_outside_it(container, outside, path, body):
     url, _, _ = container
-    inside, out = httpx.post(url + path, json=body).json(), httpx.post(outside + path, json=body).json()
+    inside, out = ok(httpx.post(url + path, json=body)).json(), ok(httpx.post(outside + path, json=body)).json()
     assert json.dumps(inside, sort_keys=True) == json.dumps(out, sort_keys=True) or close(inside, out), (inside, out)
 
 
@@ -141,7 +147,7 @@ def test_the_containers_grpc_port_answers_tritons_client_as_rest_does(container)
     inputs[1].set_data_from_numpy(lengths)
     client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
     assert client.is_server_ready() and client.is_model_ready("clf")
-    rest = httpx.post(f"{url}/v2/models/clf/infer", json=REQUESTS[1][1]).json()["outputs"][0]["data"]
+    rest = ok(httpx.post(f"{url}/v2/models/clf/infer", json=REQUESTS[1][1])).json()["outputs"][0]["data"]
     assert np.abs(client.infer("clf", inputs).as_numpy("logits").ravel() - np.array(rest)).max() < 1e-6
 
 
@@ -157,10 +163,12 @@ def close(a, b) -> bool:
 
 def test_without_a_gpu_the_container_serves_on_the_cpu_and_says_so(container):
     url, cid, _ = container
-    info = httpx.get(f"{url}/v1/models/clf").json()
+    info = ok(httpx.get(f"{url}/v1/models/clf")).json()
     assert (info["provider"], info["device"]) == ("CPUExecutionProvider", "cpu")
-    assert httpx.get(f"{url}/v2/models/clf").json()["parameters"] == {"provider": "CPUExecutionProvider", "device": "cpu"}
-    assert 'rnnserve_model_info{device="cpu",model="clf",provider="CPUExecutionProvider"' in httpx.get(f"{url}/metrics").text
+    parameters = ok(httpx.get(f"{url}/v2/models/clf")).json()["parameters"]
+    assert parameters == {"provider": "CPUExecutionProvider", "device": "cpu"}
+    metrics = ok(httpx.get(f"{url}/metrics")).text
+    assert 'rnnserve_model_info{device="cpu",model="clf",provider="CPUExecutionProvider"' in metrics
     text = logs(cid)
     assert "no GPU visible (the CUDA execution provider cannot load libcuda.so.1): running on the CPU" in text, text[-3000:]
     assert "engine 0: on the CPU: no GPU is visible to this process" in text
@@ -176,12 +184,14 @@ def test_with_a_gpu_visible_but_unusable_the_container_refuses_the_cpu_and_says_
     library that is missing."""
     with running("--device", "/dev/null:/dev/nvidia0", "-e", "RNNSERVE_CONTROL_TOKEN=t0ken",
                  wait_for="/v2/health/live") as (url, cid, _):
-        time.sleep(3)  # the engine has tried its models (it logs each refusal)
-        assert httpx.get(f"{url}/v2/health/ready").status_code == 503
-        index = httpx.post(f"{url}/v2/repository/index", headers={"Authorization": "Bearer t0ken"})
-        assert index.status_code == 200, index.text
-        assert all(r["state"] == "UNAVAILABLE" and "libcuda.so.1" in r["reason"] and "1 GPU(s) visible" in r["reason"]
-                   for r in index.json()), index.json()
+        deadline, auth = time.time() + 60, {"Authorization": "Bearer t0ken"}
+        index = ok(httpx.post(f"{url}/v2/repository/index", headers=auth))
+        while not all("libcuda.so.1" in r["reason"] for r in index.json()) and time.time() < deadline:
+            time.sleep(0.5)  # until the engine has tried every model
+            index = ok(httpx.post(f"{url}/v2/repository/index", headers=auth))
+        ok(httpx.get(f"{url}/v2/health/ready"), 503)
+        assert index.json() and all(r["state"] == "UNAVAILABLE" and "libcuda.so.1" in r["reason"]
+                                    and "1 GPU(s) visible" in r["reason"] for r in index.json()), index.json()
         text = logs(cid)
         assert "engine 0: owns CUDA device 0 of the 1 visible" in text and "not served on the CPU instead" in text, text[-3000:]
 
