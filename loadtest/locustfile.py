@@ -80,9 +80,11 @@ class PredictUser(BacksOff, FastHttpUser):
                 r.failure(f"{r.status_code}: {r.text[:200]}")
 
 
-def random_rows(rng: random.Random, vocab_size: int) -> list[list[int]]:
-    """ROWS pre-tokenized rows of 16-128 ids."""
-    return [[rng.randrange(2, vocab_size) for _ in range(rng.randint(16, 128))] for _ in range(ROWS)]
+def random_rows(rng: random.Random, model: dict) -> list[list[int]]:
+    """ROWS pre-tokenized rows of 16-128 ids, cut at the model's max_len (as its V1 cuts texts;
+    V2 refuses longer rows). model: GET /v1/models/{name}'s answer."""
+    return [[rng.randrange(2, model["vocab_size"]) for _ in range(min(rng.randint(16, 128), model["max_len"]))]
+            for _ in range(ROWS)]
 
 
 class V2User(BacksOff, FastHttpUser):
@@ -90,11 +92,11 @@ class V2User(BacksOff, FastHttpUser):
 
     def on_start(self):
         self.rng = random.Random(SEED + id(self))
-        self.vocab_size = self.client.get(f"/v1/models/{MODEL}", name="v1 model").json()["vocab_size"]
+        self.model = self.client.get(f"/v1/models/{MODEL}", name="v1 model").json()
 
     @task
     def infer(self):
-        body = v2_body(*random_rows(self.rng, self.vocab_size))
+        body = v2_body(*random_rows(self.rng, self.model))
         with self.client.post(f"/v2/models/{MODEL}/infer", data=body, headers=HEADERS,
                               name="v2 infer", catch_response=True) as r:
             if self.answered(r) and (r.status_code != 200 or '"logits"' not in r.text):
@@ -106,7 +108,7 @@ class V2BinaryUser(V2User):
 
     @task
     def infer(self):
-        body, header_length = v2_binary_body(*random_rows(self.rng, self.vocab_size))
+        body, header_length = v2_binary_body(*random_rows(self.rng, self.model))
         headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)}
         with self.client.post(f"/v2/models/{MODEL}/infer", data=body, headers=headers,
                               name="v2 infer (binary)", catch_response=True) as r:
@@ -121,11 +123,11 @@ class GrpcUser(BacksOff, User):
         self.rng = random.Random(SEED + id(self))
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(grpc_address(self.host)))
         with urlopen(f"{self.host}/v1/models/{MODEL}") as r:
-            self.vocab_size = json.load(r)["vocab_size"]
+            self.model = json.load(r)
 
     @task
     def infer(self):
-        ids, lengths = pad(random_rows(self.rng, self.vocab_size))
+        ids, lengths = pad(random_rows(self.rng, self.model))
         request = pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[ids.tobytes(), lengths.tobytes()],
                                        inputs=[pb.ModelInferRequest.InferInputTensor(name="input_ids", datatype="INT64", shape=ids.shape),
                                                pb.ModelInferRequest.InferInputTensor(name="lengths", datatype="INT64", shape=lengths.shape)])
