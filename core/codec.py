@@ -1,9 +1,7 @@
 """Text -> graph input and graph output -> answers, written once for training, export, serving
-and load tests: the encode rule, padding rows into a batch, and the softmax.
-
-    python -m core.codec model_repository/imdb-gru/1 "A moving, beautifully acted film."
+and load tests: the encode rule, padding rows into a batch, and the softmax. A version's codec:
+`python -m core.repository model_repository/imdb-gru/1 "A moving, beautifully acted film."`.
 """
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,11 +51,3 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     p = np.exp(logits - logits.max(axis=axis, keepdims=True))
     return p / p.sum(axis=axis, keepdims=True)
 
-
-if __name__ == "__main__":
-    from pathlib import Path
-
-    from core.repository import read_version
-    version = read_version(Path(sys.argv[1]))
-    ids, cut = version.codec.encode(" ".join(sys.argv[2:]))
-    print(f"{ids} (cut: {cut}) -> {version.codec.decode(ids)!r}")

@@ -2,6 +2,7 @@
 the baselines read. Nothing else decides what a model, a version or a manifest is.
 
     python -m core.repository model_repository    # every version: task, quality, parity, provenance
+    python -m core.repository model_repository/imdb-gru/1 "A moving film."   # a text as that version encodes it
 
     <repository>/<name>/config.json                how the model is served (ServingConfig below; optional)
     <repository>/<name>/<version>/manifest.json    the Manifest below (format_version 1)
@@ -124,7 +125,7 @@ class Manifest(BaseModel):
 
 class ServingConfig(BaseModel):
     """How one model is served, beside its versions (Triton's config.pbtxt, as JSON). Every field
-    left out takes the server-wide setting of the same name (serving/settings.py)."""
+    left out takes the server-wide setting of the same name (serving/common/settings.py)."""
     model_config = ConfigDict(extra="forbid", frozen=True)
     max_batch_size: PositiveInt | None = Field(None, description="rows per ONNX Runtime call")
     max_batch_tokens: PositiveInt | None = Field(None, description="rows x padded length per call")
@@ -259,11 +260,19 @@ def describe(version: Version) -> str:
             f"opset {m.opset}, torch {m.versions.get('torch')}; from {m.source_run} at {m.exported_at}")
 
 
-if __name__ == "__main__":
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "model_repository")
+def main(argv: list[str]):
+    root = Path(argv[0] if argv else "model_repository")
+    if len(argv) > 1:  # a version folder and a text: its ids, whether it was cut, and the ids read back
+        codec = read_version(root).codec
+        ids, cut = codec.encode(" ".join(argv[1:]))
+        return print(f"{ids} (cut: {cut}) -> {codec.decode(ids)!r}")
     for name in model_names(root):
         for number in versions(root / name):
             try:
                 print(describe(read_version(root / name / str(number))))
             except ManifestError as e:
                 print(f"{name}/{number}: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

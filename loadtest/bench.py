@@ -35,13 +35,14 @@ from core.codec import pad
 from core.repository import ServingConfig, latest, read_version
 from loadtest.client import load_in_processes
 from loadtest.headless import run_locust
+from loadtest.plot import plot
+from loadtest.report import WORKLOADS, markdown
 from loadtest.servers import cpu_by_role, cpu_name, free_port, machine_busy_s, start
 from loadtest.workloads import PROMPTS, predict_body, texts, token_rows
 from serving.engine import devices
 from serving.engine.runner import open_session
-from serving.settings import Settings
+from serving.common.settings import Settings
 
-WORKLOADS = ("short", "long")
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -266,81 +267,3 @@ def locust_check(port: int, args, asyncio_point: dict, users: int) -> dict:
     locust = summary["endpoints"].get("v1 predict", {"requests_per_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0})
     return {"users": users, "locust_requests_per_s": locust["requests_per_s"], "locust_p50_ms": locust["p50_ms"],
             "locust_p99_ms": locust["p99_ms"], "asyncio_requests_per_s": asyncio_point["requests_per_s"]}
-
-
-def markdown(r: dict) -> str:
-    p, c, m = r["points"], r["ceiling"], r["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores; provider {m['provider']}; ONNX Runtime {m['onnxruntime']}; "
-             f"{m['date']}. Model {r['model']}; {r['seconds_per_point']} s per point, median of {r['repeats']}; load "
-             f"from {r['client_procs']} process(es); rnnserve settings: {' '.join(r['server_env']) or 'defaults'}.", "",
-             "| stack | workload | texts/request | users | req/s | sequences/s | p50 ms | p99 ms | front-end CPU ms/req "
-             "| engine CPU ms/req | CPU server / generator / other (s) | disturbed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, v in p.items():
-        if key.startswith("generate"):
-            continue
-        stack, w, n, users = key.split("|")
-        lines.append(f"| {stack} | {w} | {n} | {users} | {v['requests_per_s']:.0f} | {v['sequences_per_s']:.0f} | "
-                     f"{v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {v['frontend_cpu_ms_per_request']:.3f} | "
-                     f"{v['engine_cpu_ms_per_request']:.3f} | {v['cpu_server_s']:.1f} / {v['cpu_generator_s']:.1f} / "
-                     f"{v['cpu_other_s']:.1f} | {'yes' if v['disturbed'] else 'no'} |")
-    batches = sorted({k.split("|")[1] for t in c.values() for k in t if "|" in k}, key=int)
-    lines += ["", "| in-process ceiling: sequences/s (ms per call) | " + " | ".join(f"batch {b}" for b in batches) + " |",
-              "|---|" + "---|" * len(batches)]
-    for name, table in c.items():
-        if name.startswith("pytorch"):
-            cells = [f"{table[b]['sequences_per_s']:.0f}" if b in table else "" for b in batches]
-            lines.append(f"| {name}, eager | " + " | ".join(cells) + " |")
-            continue
-        for mode in ("run", "iobinding"):
-            cells = [f"{table[f'{mode}|{b}']['sequences_per_s']:.0f} ({table[f'{mode}|{b}']['ms_per_call_p50']:.2f})"
-                     for b in batches]
-            lines.append(f"| {name}, {mode} | " + " | ".join(cells) + " |")
-    top, n0 = r["users"][-1], r["texts_per_request"][0]
-    lines += ["", "| ratio, one run | short | long |", "|---|---|---|"]
-    for stack in [s for s in {k.split("|")[0] for k in p} if s != "rnnserve" and not s.startswith("generate")]:
-        cells = [f"{p[f'rnnserve|{w}|{n0}|{top}']['requests_per_s'] / p[k]['requests_per_s']:.2f}x"
-                 if (k := f"{stack}|{w}|{n0}|{top}") in p else "" for w in WORKLOADS]
-        lines.append(f"| rnnserve / {stack}, {top} users, {n0} text(s) per request (req/s) | " + " | ".join(cells) + " |")
-    best = {w: max(v["sequences_per_s"] for k, t in c.items() if k.startswith(f"onnxruntime|{w}") for v in t.values())
-            for w in WORKLOADS}
-    lines.append(f"| rnnserve {top} users / best in-process ceiling (sequences/s) | " + " | ".join(
-        f"{max(v['sequences_per_s'] for k, v in p.items() if k.startswith(f'rnnserve|{w}|')) / best[w]:.2f}"
-        for w in WORKLOADS) + " |")
-    g = r.get("generation_ceiling", {})
-    lines += ["", "| generation | streams | tokens/s | time to first token p50 ms | p50 request ms (100 tokens) | "
-              "in-process greedy loop at that batch, tokens/s | ratio |", "|---|---|---|---|---|---|---|"]
-    for key, v in p.items():
-        if key.startswith("generate"):
-            n = key.split("|")[3]
-            loop = g.get(n, {}).get("tokens_per_s")
-            lines.append(f"| {r['lm']} | {n} | {v['tokens_per_s']:.0f} | {v['ttft_p50_ms']:.1f} | {v['p50_ms']:.0f} | "
-                         + (f"{loop:.0f} | {v['tokens_per_s'] / loop:.2f} |" if loop else " | |"))
-    if "locust_check" in r:
-        lc = r["locust_check"]
-        lines += ["", f"Locust check (rnnserve, short, {lc['users']} users): Locust {lc['locust_requests_per_s']:.0f} "
-                      f"req/s (p50 {lc['locust_p50_ms']:.0f} ms, p99 {lc['locust_p99_ms']:.0f} ms) vs the asyncio client "
-                      f"{lc['asyncio_requests_per_s']:.0f} req/s."]
-    lines.append(f"\nWall time of the whole run: {r['wall_s']} s.")
-    return "\n".join(lines) + "\n"
-
-
-def plot(r: dict, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, w in zip(axes, WORKLOADS):
-        for stack in sorted({k.split("|")[0] for k in r["points"] if not k.startswith("generate")}):
-            pts = sorted((v["sequences_per_s"], v["p99_ms"]) for k, v in r["points"].items()
-                         if k.startswith(f"{stack}|{w}|"))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=stack)
-        best = max(v["sequences_per_s"] for k, t in r["ceiling"].items() if k.startswith(f"onnxruntime|{w}")
-                   for v in t.values())
-        ax.axvline(best, color="gray", linestyle="--", label="in-process ceiling")
-        ax.set(title=f"{w} requests", xlabel="sequences/s", ylabel="p99 latency (ms)", yscale="log")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

@@ -1,5 +1,5 @@
 """What the front-end <-> engine transport costs: ZeroMQ DEALER/ROUTER over an ipc:// socket, the
-messages msgspec-encoded as the server sends them (serving/messages.py).
+messages msgspec-encoded as the server sends them (serving/common/messages.py).
 
     python -m loadtest ipc [--messages 20000]
 
@@ -15,7 +15,7 @@ import time
 
 import zmq
 
-from serving.messages import Infer, Result, decode_replies, decode_requests, encode
+from serving.common.messages import Infer, Result, decode_replies, decode_requests, encode
 
 TICK = os.sysconf("SC_CLK_TCK")
 

@@ -20,8 +20,8 @@ import httpx
 from core.repository import latest, read_version
 from loadtest.servers import cpu_name, free_port, start
 from loadtest.workloads import imdb_test_texts
-from serving.schemas import PredictRequest
-from serving.settings import Settings
+from serving.frontend.schemas import PredictRequest
+from serving.common.settings import Settings
 
 
 def body_of(texts: list[str]) -> bytes:

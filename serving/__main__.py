@@ -2,13 +2,13 @@
 
     python -m serving --repository model_repository [--host 0.0.0.0] [--port 8000] [--workers N] [--engines N]
 
-Every setting can also come from the environment as RNNSERVE_<NAME> (serving/settings.py).
+Every setting can also come from the environment as RNNSERVE_<NAME> (serving/common/settings.py).
 The processes on the machine:
 - engines (python -m serving.engine), one per CUDA device, else one per CPU core: each owns the
   ONNX Runtime sessions on its device, the batching and the generation loop
   (serving/engine/engine.py);
 - HTTP front-ends (uvicorn workers sharing the port): parse, validate, tokenize and answer, and
-  reach the engines over ZeroMQ ipc sockets (serving/client.py);
+  reach the engines over ZeroMQ ipc sockets (serving/frontend/client.py);
 - this one: it starts them, restarts an engine that dies (what was in flight there is answered
   503 at once by the front-ends), and on SIGTERM drains the front-ends (readiness false and every
   answer closing its connection, new requests 503 for RNNSERVE_DRAIN_S, then the port closed and
@@ -30,8 +30,8 @@ import uvicorn
 from pydantic import ValidationError
 from uvicorn.supervisors import Multiprocess
 
-from serving.logs import configure_logging
-from serving.settings import Settings
+from serving.common.logs import configure_logging
+from serving.common.settings import Settings
 
 log = logging.getLogger("serving")
 
@@ -145,7 +145,7 @@ def main(argv=None):
     processes = Engines(addresses, [i % max(1, gpus) for i in range(engines)])
     processes.start()
     try:
-        serve_http(app="serving.app:create_app", factory=True, host=settings.host, port=settings.port, workers=workers,
+        serve_http(app="serving.frontend.app:create_app", factory=True, host=settings.host, port=settings.port, workers=workers,
                    log_level="info", access_log=False, limit_concurrency=settings.max_connections,
                    timeout_graceful_shutdown=settings.shutdown_grace_s, proxy_headers=False)
     finally:

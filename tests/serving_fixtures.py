@@ -23,10 +23,10 @@ from core.codec import softmax
 from core.repository import read_version
 from export.repository import export_run
 from loadtest.servers import free_port
-from serving.app import create_app
+from serving.frontend.app import create_app
 from serving.engine import devices
 from serving.engine.engine import Engine
-from serving.settings import Settings
+from serving.common.settings import Settings
 from tests.test_export import make_run
 
 

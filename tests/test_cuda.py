@@ -26,7 +26,7 @@ from loadtest.workloads import short_texts
 from models.train import main as train
 from serving.engine import devices
 from serving.engine.runner import DEVICE_BATCH, open_session, provider_options
-from serving.settings import Settings
+from serving.common.settings import Settings
 from tests.serving_fixtures import Server, graph_logits, serve, tiny_repository
 
 GPU_HERE = devices.cuda_built() and devices.visible_gpus() > 0

@@ -3,14 +3,14 @@ own output, and every link between the pages leads somewhere."""
 import re
 from pathlib import Path
 
-from serving.settings import Settings, reference
+from serving.common.settings import Settings, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_settings_reference_is_generated_from_the_settings_class():
     page = (ROOT / "docs" / "settings.md").read_text()
-    assert page == reference(), "run: python -m serving.settings > docs/settings.md"
+    assert page == reference(), "run: python -m serving.common.settings > docs/settings.md"
     for name in Settings.model_fields:
         assert f"`RNNSERVE_{name.upper()}`" in page
 

@@ -23,8 +23,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                                status_code_conformance)
 
-from serving.app import create_app
-from serving.settings import Settings
+from serving.frontend.app import create_app
+from serving.common.settings import Settings
 from tests.serving_fixtures import Server, tiny_repository
 
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance, content_type_conformance]

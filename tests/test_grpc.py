@@ -13,7 +13,7 @@ from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from loadtest.servers import free_port
-from serving import grpc_v2
+from serving.frontend import grpc_v2
 from tests.serving_fixtures import Server, graph_logits, serve, slowed, tiny_repository
 
 IDS, LENGTHS = np.array([[2, 3, 4], [5, 6, 0]], np.int64), np.array([3, 2], np.int64)

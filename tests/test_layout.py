@@ -17,17 +17,29 @@ FORBIDDEN = {  # part -> what it must never import
     "models": {"export", "serving", "loadtest"},
     "export": {"serving", "loadtest"},
 }
+PROCESSES = {  # serving's folders -> the modules (top level, or serving.<folder>) each must never import
+    "serving/engine": {"serving.frontend"},  # the engine process
+    "serving/frontend": {"serving.engine", "onnxruntime"},  # the HTTP/gRPC front-ends: no ONNX Runtime
+    "serving/common": {"serving.engine", "serving.frontend", "onnxruntime"},  # what both speak
+}
 
 
-def imports(path: Path) -> set[str]:
-    """Top-level names of every module `path` imports, at the top or inside functions."""
+def imports(path: Path, depth: int = 1) -> set[str]:
+    """The first `depth` parts of the name of every module `path` imports, at the top or inside
+    functions (serving.frontend.routes with depth 2: serving.frontend)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {".".join(alias.name.split(".")[:depth]) for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(".".join(node.module.split(".")[:depth]))
+            if depth > 1 and "." not in node.module:  # from serving import frontend
+                names |= {f"{node.module}.{alias.name}" for alias in node.names}
     return names
+
+
+def imported(path: Path) -> set[str]:
+    return imports(path, 1) | imports(path, 2)
 
 
 def product_code():
@@ -41,6 +53,21 @@ def test_import_rules(part):
     assert broken == {}, f"{part}/ must not import {sorted(FORBIDDEN[part])}"
 
 
+@pytest.mark.parametrize("folder", sorted(PROCESSES))
+def test_each_process_imports_only_its_own_side(folder):
+    """serving/ is laid out as the processes it runs: the engines (engine/), the front-ends
+    (frontend/), and what both speak (common/)."""
+    broken = {str(path.relative_to(ROOT)): sorted(imported(path) & PROCESSES[folder])
+              for path in (ROOT / folder).rglob("*.py") if imported(path) & PROCESSES[folder]}
+    assert broken == {}, f"{folder}/ must not import {sorted(PROCESSES[folder])}"
+
+
+def test_the_process_rules_catch_a_front_end_that_loads_onnx_runtime(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("import onnxruntime as ort\nfrom serving.engine.runner import Runner\nfrom serving import engine\n")
+    assert imported(planted) & PROCESSES["serving/frontend"] == {"onnxruntime", "serving.engine"}
+
+
 def test_the_rules_catch_an_import_where_it_does_not_belong(tmp_path):
     planted = tmp_path / "planted.py"
     planted.write_text("def f():\n    from models.rnn import build\n    import torch.nn\n")
@@ -49,7 +76,8 @@ def test_the_rules_catch_an_import_where_it_does_not_belong(tmp_path):
 
 @pytest.mark.parametrize("modules,absent", [
     ("core.tokenize, core.codec, core.repository", ("torch", "models", "export", "serving", "loadtest")),
-    ("serving.__main__, serving.app", ("torch", "models", "export")),
+    ("serving.__main__, serving.frontend.app", ("torch", "models", "export", "onnxruntime")),
+    ("serving.common.messages, serving.common.settings, serving.common.metrics", ("onnxruntime",)),
 ])
 def test_importing_a_part_loads_none_of_what_it_must_not(modules, absent):
     code = (f"import sys, {modules}; bad = sorted(m for m in sys.modules if m.split('.')[0] in {absent!r}); "
@@ -74,3 +102,14 @@ def test_the_shared_rules_are_written_once():
 def test_the_image_copies_the_core_package():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY core/ core/" in dockerfile and "COPY models" not in dockerfile
+
+
+def test_the_core_imports_in_one_direction():
+    """core/: tokenize <- codec <- repository, and no module imports one that imports it back."""
+    graph = {path.stem: {name.split(".")[1] for name in imports(path, 2) if name.startswith("core.")}
+             for path in (ROOT / "core").glob("*.py") if path.stem != "__init__"}
+
+    def reaches(start: str, goal: str, seen=()) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
+
+    assert not [m for m in graph if reaches(m, m)], graph

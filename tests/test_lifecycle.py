@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from loadtest.servers import free_port
-from serving.app import create_app
+from serving.frontend.app import create_app
 from tests.serving_fixtures import (FRONT_END, Server, by_front_end, client_of, sample, serve, tiny_repository,
                                     wait_ready)
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from export.repository import export_run
 from loadtest.servers import free_port
-from serving.settings import Settings
+from serving.common.settings import Settings
 from tests.serving_fixtures import (FRONT_END, Server, alone, by_front_end, client_of, raw_http, serve,
                                     tiny_repository)
 from tests.test_lifecycle import children

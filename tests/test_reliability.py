@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from loadtest.client import LoadResult, read_response
-from serving.settings import Settings
+from serving.common.settings import Settings
 from tests.serving_fixtures import Server, alone, serve, tiny_repository
 
 TEXTS = ["good film", "the plot was awful", "a", "great great good film the plot", "bad", "awful film the a"]

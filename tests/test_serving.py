@@ -19,7 +19,7 @@ from core.tokenize import Tokenizer
 from core.repository import ServingConfig, read_version
 from serving.engine.batching import plan_calls
 from serving.engine.runner import ModelLoadError, Runner
-from serving.settings import Settings
+from serving.common.settings import Settings
 from tests.serving_fixtures import Server, alone, device_here, graph_logits, sample, slowed, tiny_repository
 
 TEXTS = ["good film", "the plot was awful awful awful", "a", "great great good film the plot " * 3,
@@ -317,7 +317,7 @@ def test_a_model_that_does_not_match_its_checksum_is_refused(repository, tmp_pat
 
 
 def test_the_serving_process_imports_no_pytorch():
-    code = "import sys, serving.__main__, serving.app, serving.grpc_v2; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, serving.__main__, serving.frontend.app, serving.frontend.grpc_v2; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -10,10 +10,10 @@ import ctypes
 import os
 import signal
 
-from serving import tracing
+from serving.common import tracing
+from serving.common.logs import configure_logging
+from serving.common.settings import Settings
 from serving.engine.engine import Engine
-from serving.logs import configure_logging
-from serving.settings import Settings
 
 
 def main(argv=None):

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.repository import ManifestError, UnknownModel, model_dir, model_names, read_config, versions
-from serving import metrics
-from serving.engine.batching import Queue
+from serving.common import metrics
+from serving.common.settings import Settings
+from serving.engine.batching import Batcher
 from serving.engine.generation import LanguageModel
 from serving.engine.runner import ModelLoadError, Runner
-from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 QUIET_S = 1.0  # a retired version lingers this long after its last request, for messages already on their way
@@ -32,7 +32,7 @@ QUIET_S = 1.0  # a retired version lingers this long after its last request, for
 @dataclass(eq=False)
 class Deployment:
     runner: Runner
-    queue: Queue
+    batcher: Batcher
     lm: LanguageModel | None = None
     retired_at: float | None = None  # when it stopped taking new requests
     last_used: float = field(default_factory=time.monotonic)
@@ -46,7 +46,7 @@ class Deployment:
         return self.runner.version
 
     def busy(self) -> bool:
-        return bool(self.queue) or bool(self.lm and self.lm.has_work())
+        return bool(self.batcher) or bool(self.lm and self.lm.has_work())
 
     def release(self):
         """Drop the ONNX Runtime session now, not with the last reference, and give the heap back."""
@@ -80,7 +80,7 @@ class Deployments:
         s = self.settings
         lm = (LanguageModel(runner, s.max_generations, s.max_sessions, s.session_idle_s, s.max_new_tokens)
               if runner.task == "lm" else None)
-        return Deployment(runner, Queue(runner.limits, metrics.of(metrics.QUEUE_DEPTH, runner.name)), lm)
+        return Deployment(runner, Batcher(runner, metrics.of(metrics.QUEUE_DEPTH, runner.name)), lm)
 
     def start(self):
         """Deploy every model in the repository now, except those a call unloaded: its pinned

@@ -1,13 +1,15 @@
-"""The inference engine: one per device, owning every ONNX Runtime session on it, every batcher
-queue and every generation, fed by the HTTP front-ends over a ZeroMQ ROUTER socket.
+"""The inference engine: one per device, owning every ONNX Runtime session on it, every model's
+queue and batches (batching.py) and every generation (generation.py), fed by the HTTP front-ends
+over a ZeroMQ ROUTER socket.
 
     python -m serving.engine --address ipc:///tmp/rnnserve/engine-0 [--index 0] [--device 0]
 
 The loop, top to bottom: take what arrived (requests join their model's queue, cancels mark
 them, control verbs start loads), swap in versions that finished loading, send the refusals at
-once (with each queue's length, which front-ends shed by), run every batch that is due and one step of every language model with work, hand back the results (one frame per
-front-end), and now and then expire sessions, poll the repository and release retired versions.
-It sleeps only when nothing is due.
+once (with each queue's length, which front-ends shed by), run every batch that is due and one
+step of every language model with work, hand back the results (one frame per front-end), and now
+and then expire sessions, poll the repository and release retired versions. It sleeps only when
+nothing is due.
 """
 import logging
 import os
@@ -19,14 +21,13 @@ import numpy as np
 import zmq
 
 from core.repository import UnknownModel
-from serving import metrics, tracing
+from serving.common.messages import (Cancel, Catalog, CloseSession, Control, Deployed, Depths, Done, Failed, Generate,
+                                     Hello, Infer, OpenSession, SessionOpened, Step, Tokens, decode_requests, encode)
+from serving.common.settings import Settings
 from serving.engine import devices
-from serving.engine.batching import Pending, plan_calls
+from serving.engine.batching import Pending
 from serving.engine.deployments import Deployment, Deployments
 from serving.engine.runner import ModelLoadError
-from serving.messages import (Cancel, Catalog, CloseSession, Control, Deployed, Depths, Done, Failed, Generate, Hello,
-                              Infer, OpenSession, Result, SessionOpened, Step, Tokens, decode_requests, encode)
-from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 IDLE_S = 0.05  # the longest the loop sleeps: housekeeping and stop() are never further away
@@ -39,7 +40,6 @@ class Engine:
         asked = settings.runtime_dir / f"engine-{index}-control.json" if settings.runtime_dir else None
         self.deployments = Deployments(settings, device, asked)
         self.frontends: set[bytes] = set()
-        self.waiting: dict[tuple[bytes, int], Pending] = {}  # queued requests, for Cancel
         self.loading: list[tuple[Future, bytes | None, int | None]] = []  # (load, who asked, their request id)
         self.outbox: dict[bytes, list] = {}
         self.urgent: set[bytes] = set()  # front-ends whose outbox holds a first token
@@ -71,8 +71,9 @@ class Engine:
                 self.flush()  # refusals and answers to control go out now, with the queues as full as they are
                 now = time.monotonic()
                 for deployment in self.deployments.all():
-                    if deployment.queue.due_in(now) == 0:
-                        self.run_batch(deployment)
+                    if deployment.batcher.due_in(now) == 0:
+                        deployment.batcher.run(self.post)
+                        deployment.last_used = time.monotonic()
                     if deployment.lm and deployment.lm.has_work():
                         replies, firsts = deployment.lm.step()
                         self.post_all(replies)
@@ -103,7 +104,7 @@ class Engine:
         for deployment in self.deployments.all():
             if deployment.lm and deployment.lm.has_work():
                 return 0.0
-            due = deployment.queue.due_in(now)
+            due = deployment.batcher.due_in(now)
             if due is not None:
                 wait = min(wait, due)
         return wait
@@ -130,17 +131,14 @@ class Engine:
             deployment, refused = self.route(m.id, m.model, m.version)
             if refused:
                 return self.post(sender, refused)
-            if deployment.queue.full():
-                return self.post(sender, Failed(m.id, 503, f"model {m.model!r} has {len(deployment.queue)} "
+            if deployment.batcher.full():
+                return self.post(sender, Failed(m.id, 503, f"model {m.model!r} has {len(deployment.batcher)} "
                                                            "requests waiting; retry shortly"))
             request = Pending(sender, m.id, m.rows, m.deadline, time.monotonic(), m.trace)
-            deployment.queue.put(request)
-            self.waiting[sender, m.id] = request
+            deployment.batcher.put(request)
         elif isinstance(m, Cancel):
-            for i in m.ids:
-                if request := self.waiting.pop((sender, i), None):
-                    request.cancelled = True
             for deployment in self.deployments.all():
+                deployment.batcher.cancel(sender, m.ids)
                 if deployment.lm:
                     deployment.lm.cancel(sender, m.ids)
         elif isinstance(m, Generate):
@@ -210,7 +208,7 @@ class Engine:
             self.broadcast_catalog()
 
     def catalog(self) -> Catalog:
-        return Catalog(self.index, os.getpid(), [Deployed(d.name, d.version, d.runner.task, d.runner.provider,
+        return Catalog([Deployed(d.name, d.version, d.runner.task, d.runner.provider,
                                                           d.runner.variant, d.runner.device, d.runner.limits.max_queue_size)
                                                  for d in self.deployments.current.values()])
 
@@ -219,66 +217,6 @@ class Engine:
             self.post(frontend, self.catalog())
 
     # --- run what is due ---
-
-    def run_batch(self, deployment: Deployment):
-        """One due batch: its live requests' rows, sorted and cut into calls, answered per request."""
-        now = time.monotonic()
-        batch = []
-        for request in deployment.queue.take():
-            if not request.cancelled:
-                self.waiting.pop((request.sender, request.id), None)
-                if request.deadline >= now:  # past it, the front-end has answered 504 already
-                    batch.append(request)
-        if not batch:
-            return
-        queue_time = metrics.of(metrics.QUEUE_TIME, deployment.name)
-        for request in batch:
-            queue_time.observe(now - request.arrived)
-        rows = [row for request in batch for row in request.rows]
-        started = time.perf_counter()
-        with tracing.batch_span(deployment.name, batch, now) as span:
-            try:
-                outputs, padded = self.run_calls(deployment, rows)
-            except Exception as e:  # a failing batch fails its requests, and only them
-                log.exception("batch of %d rows failed on %s", len(rows), deployment.name)
-                for request in batch:
-                    self.post(request.sender, Failed(request.id, 500, f"inference failed: {type(e).__name__}: {e}"))
-                return
-            if span:
-                span.set_attributes({"rnnserve.rows": len(rows), "rnnserve.padded_tokens": padded,
-                                     "rnnserve.tokens": sum(map(len, rows))})
-        metrics.of(metrics.INFERENCE_TIME, deployment.name).observe(time.perf_counter() - started)
-        deployment.last_used = time.monotonic()
-        classes = np.stack(outputs) if outputs[0].ndim == 1 else None  # (rows, C) for a classifier
-        start = 0
-        for request in batch:
-            n = len(request.rows)
-            if classes is not None:
-                data = classes[start: start + n]
-            else:  # language model: (n, T, V), zero past each row's length
-                mine = outputs[start: start + n]
-                data = np.zeros((n, max(len(o) for o in mine), mine[0].shape[-1]), np.float32)
-                for i, out in enumerate(mine):
-                    data[i, : len(out)] = out
-            start += n
-            self.post(request.sender, Result(request.id, data.tobytes(), list(data.shape)))
-
-    def run_calls(self, deployment: Deployment, rows: list[list[int]]) -> tuple[list[np.ndarray], int]:
-        """Each row's output, and the tokens the calls ran with their padding."""
-        limits, name = deployment.runner.limits, deployment.name
-        lengths = [len(r) for r in rows]
-        outputs, padded = [None] * len(rows), 0
-        for call in plan_calls(lengths, limits.max_batch_size, limits.max_batch_tokens):
-            out = deployment.runner.run_rows([rows[i] for i in call])
-            if len(out) != len(call):
-                raise RuntimeError(f"{name}: {len(call)} rows in, {len(out)} out")
-            longest, real = max(lengths[i] for i in call), sum(lengths[i] for i in call)
-            padded += len(call) * longest
-            metrics.of(metrics.BATCH_SIZE, name).observe(len(call))
-            metrics.of(metrics.PADDING_RATIO, name).observe(len(call) * longest / real - 1)
-            for j, i in enumerate(call):
-                outputs[i] = out[j]
-        return outputs, padded
 
     def housekeeping(self):
         """Every control_sync_s: expire idle sessions, poll the repository, release retired versions."""
@@ -294,8 +232,7 @@ class Engine:
             self.loading += [(load, None, None) for load in self.deployments.poll()]
         for released in self.deployments.release_idle(self.settings.shutdown_grace_s):
             gone = f"{released.name} v{released.version} was unloaded before this request ran; retry"
-            for request in released.queue.take_all():  # past the grace period: told, never left waiting
-                self.waiting.pop((request.sender, request.id), None)
+            for request in released.batcher.take_all():  # past the grace period: told, never left waiting
                 self.post(request.sender, Failed(request.id, 503, gone))
             if released.lm:
                 self.post_all(released.lm.fail(np.array(list(released.lm.streams.values()), np.int64), [], gone))
@@ -317,7 +254,7 @@ class Engine:
         if not self.outbox:
             return
         now, held = time.monotonic(), {}
-        depths = Depths(self.index, {d.name: len(d.queue) for d in self.deployments.current.values()})
+        depths = Depths({d.name: len(d.batcher) for d in self.deployments.current.values()})
         for frontend, messages in self.outbox.items():
             if frontend not in self.urgent and now - self.sent.get(frontend, 0.0) < TOKENS_EVERY_S and all(
                     isinstance(m, Tokens) for m in messages):

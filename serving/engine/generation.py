@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.codec import pad
-from serving import metrics
+from serving.common import metrics
+from serving.common.messages import Failed, Generate, Step, Stepped, Tokens
 from serving.engine.runner import Runner
 from serving.engine.sampling import next_tokens
-from serving.messages import Failed, Generate, Step, Stepped, Tokens
 
 log = logging.getLogger(__name__)
 

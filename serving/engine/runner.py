@@ -15,9 +15,9 @@ import onnxruntime as ort
 
 from core.codec import pad
 from core.repository import Manifest, ManifestError, ServingConfig, read_version
+from serving.common.settings import Settings
 from serving.engine import devices
 from serving.engine.devices import CPU, CUDA
-from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Server settings: one pydantic-settings class, every field also RNNSERVE_<NAME> in the environment.
 
-    python -m serving.settings > docs/settings.md    # the reference (a test keeps it in step)
+    python -m serving.common.settings > docs/settings.md    # the reference (a test keeps it in step)
 """
 import json
 from pathlib import Path
@@ -62,7 +62,7 @@ class Settings(BaseSettings):
 
     tracing: Literal["off", "otlp"] = Field("off", description="otlp: OpenTelemetry spans from every process, "
                                                             "exported as the standard OTEL_* variables say "
-                                                            "(serving/tracing.py)")
+                                                            "(serving/common/tracing.py)")
 
     # ONNX Runtime
     providers: list[str] = Field(["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -131,7 +131,7 @@ def reference() -> str:
     """docs/settings.md: every setting, its environment variable, default and meaning."""
     lines = ["# Settings", "",
              "Every setting of `python -m serving` comes from the environment as `RNNSERVE_<NAME>` "
-             "(`serving/settings.py`; this page is its output: `python -m serving.settings > docs/settings.md`).", "",
+             "(`serving/common/settings.py`; this page is its output: `python -m serving.common.settings > docs/settings.md`).", "",
              "| variable | default | what |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         default = str(field.default) if isinstance(field.default, Path) else field.default

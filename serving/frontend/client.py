@@ -20,7 +20,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from core.repository import Version, read_version
-from serving.messages import (Cancel, Catalog, Deployed, Depths, Failed, Generate, Hello, Tokens, decode_replies,
+from serving.common.messages import (Cancel, Catalog, Deployed, Depths, Failed, Generate, Hello, Tokens, decode_replies,
                               encode)
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class EngineClient:
         self.versions: dict[tuple[str, int], Version] = {}
         self.tasks: list[asyncio.Task] = []
         self.heard = asyncio.Event()  # every engine has sent its catalog once
+        self.serving: dict[str, list[tuple[Link, Deployed]]] = {}  # model -> the engines serving it
 
     async def start(self):
         for link in self.links:
@@ -132,7 +133,18 @@ class EngineClient:
     # --- what is served where ---
 
     def deployed(self, name: str) -> list[tuple[Link, Deployed]]:
-        return [(link, link.catalog[name]) for link in self.links if link.catalog and name in link.catalog]
+        """The engines serving `name` and what each serves of it (kept as catalogs change)."""
+        return self.serving.get(name, [])
+
+    def catalogued(self, link: Link, catalog: dict[str, Deployed] | None):
+        """An engine said what it serves (None: it is gone): who serves what, made again."""
+        link.catalog = catalog
+        self.serving = {}
+        for each in self.links:
+            for name, deployed in (each.catalog or {}).items():
+                self.serving.setdefault(name, []).append((each, deployed))
+        if self.connected:
+            self.heard.set()
 
     def pick(self, name: str, together: bool = False) -> tuple[Link, Deployed] | None:
         """The engine serving `name` with the least work waiting from this front-end; together:
@@ -228,9 +240,7 @@ class EngineClient:
                 elif isinstance(reply, Depths):
                     link.queued = reply.queued
                 elif isinstance(reply, Catalog):
-                    link.catalog = {d.name: d for d in reply.models}
-                    if self.connected:
-                        self.heard.set()
+                    self.catalogued(link, {d.name: d for d in reply.models})
                 elif (future := link.waiting.pop(reply.id, None)) is not None:
                     if not future.done():
                         future.set_result(reply)
@@ -247,7 +257,7 @@ class EngineClient:
                 elif event == zmq.EVENT_DISCONNECTED:
                     log.error("engine %d (%s) is gone: answering its %d requests and %d streams with 503",
                               link.index, link.address, len(link.waiting), len(link.streams))
-                    link.catalog = None
+                    self.catalogued(link, None)
                     gone = Failed(0, 503, f"engine {link.index} stopped before answering; retry")
                     for rid, future in link.waiting.items():
                         if not future.done():

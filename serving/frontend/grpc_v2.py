@@ -1,7 +1,8 @@
 """KServe V2 over gRPC (inference.GRPCInferenceService) in every front-end, on RNNSERVE_GRPC_PORT:
 health, metadata, ModelInfer with raw_input_contents / raw_output_contents, and the repository
-extension. The same engines and batches as REST, the same checks (serving/tensors.py), the same
-token as `authorization` metadata, and the same errors as gRPC status codes (CODES).
+extension. It translates to and from the request path REST takes too (serving/frontend/service.py):
+the same engines and batches, checks, token (as `authorization` metadata), counts, and errors (as
+gRPC status codes: CODES).
 
 The service definition is the published grpc_service.proto as Triton's client ships it compiled
 (tritonclient.grpc.service_pb2): what tritonclient.grpc and KServe's clients speak, unchanged.
@@ -10,18 +11,16 @@ The front-ends share the port with SO_REUSEPORT, as they share the HTTP one.
 import asyncio
 import functools
 import logging
-import time
 
 import grpc
 from fastapi import HTTPException
 from starlette.datastructures import State
 from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
 
-from serving import metrics, tensors, tracing
-from serving.access import NEEDS_TOKEN, bearer_matches, control_closed, token_of
-from serving.inference import engines, infer, served
-from serving.logs import start_request
-from serving.routes import control, v2
+from serving.common import tracing
+from serving.common.logs import start_request
+from serving.frontend import service, tensors
+from serving.frontend.access import NEEDS_TOKEN, bearer_matches, control_closed, token_of
 
 log = logging.getLogger(__name__)
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
@@ -51,8 +50,8 @@ def rpc(guard: str | None = None):
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:
-                log.error("unhandled %s", type(e).__name__, exc_info=e)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__} (request {request_id})")
+                error = service.unexpected(e)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{error.detail} (request {request_id})")
         return handler
     return wrap
 
@@ -85,23 +84,23 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc()
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=bool(self.state.ready and self.state.engines.ready))
+        return pb.ServerReadyResponse(ready=service.ready(self.state))
 
     @rpc()
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(**v2.SERVER)
+        return pb.ServerMetadataResponse(**service.SERVER)
 
     @rpc("inference")
     async def ModelReady(self, request, context):
         try:
-            served(self.state, request.name, request.version or None)
+            service.served(self.state, request.name, request.version or None)
         except HTTPException:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
     @rpc("inference")
     async def ModelMetadata(self, request, context):
-        meta = v2.metadata(self.state, request.name, request.version or None)
+        meta = service.v2_metadata(self.state, request.name, request.version or None)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
                                         inputs=[tensor(**t) for t in meta["inputs"]],
@@ -110,41 +109,31 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
     @rpc("inference")
     async def ModelInfer(self, request, context):
         """Logits for right-padded input_ids and lengths, batched with every other request."""
-        name, started, status = request.model_name, time.perf_counter(), grpc.StatusCode.INTERNAL
+        name = request.model_name
         client = getattr(self.state, "engines", None)
-        model = name if client and client.deployed(name) else metrics.NOT_DEPLOYED
-        in_flight = metrics.of(metrics.IN_FLIGHT, model)
-        in_flight.inc()
-        try:
-            if limit := engines(self.state).full(name):
-                raise HTTPException(503, f"model {name!r} has {limit} or more requests waiting; retry shortly")
-            if request.outputs and [o.name for o in request.outputs] != ["logits"]:
-                raise HTTPException(400, f"unknown outputs {[o.name for o in request.outputs]}; this model gives logits")
-            inputs, settings = inputs_of(request), self.settings
-            version, _, logits = await infer(
-                self.state, name, lambda v: [(row, False) for row in tensors.rows_within(
-                    inputs, v, settings.max_instances, settings.max_response_bytes)],
-                request.model_version or None, timeout_s=context.time_remaining())
-            status = grpc.StatusCode.OK
-            return pb.ModelInferResponse(
-                model_name=name, model_version=str(version.number), id=request.id,
-                outputs=[pb.ModelInferResponse.InferOutputTensor(name="logits", datatype="FP32", shape=logits.shape)],
-                raw_output_contents=[logits.astype("<f4", copy=False).tobytes()])
-        except HTTPException as e:
-            status = CODES.get(e.status_code, grpc.StatusCode.INTERNAL)
-            raise
-        except asyncio.CancelledError:
-            status = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            in_flight.dec()
-            metrics.of(metrics.REQUESTS, model, "grpc_infer", str(STATUSES.get(status, 200))).inc()
-            metrics.of(metrics.REQUEST_LATENCY, model, "grpc_infer").observe(time.perf_counter() - started)
+        with service.counted(client, name, "grpc_infer") as outcome:
+            try:
+                if full := service.shed(service.engines(self.state), name):
+                    raise full
+                version, logits = await service.infer_tensors(
+                    self.state, name, inputs_of(request), [o.name for o in request.outputs],
+                    request.model_version or None, timeout_s=context.time_remaining())
+                outcome.status = 200
+                return pb.ModelInferResponse(
+                    model_name=name, model_version=str(version.number), id=request.id,
+                    outputs=[pb.ModelInferResponse.InferOutputTensor(name="logits", datatype="FP32", shape=logits.shape)],
+                    raw_output_contents=[logits.astype("<f4", copy=False).tobytes()])
+            except HTTPException as e:
+                outcome.status = STATUSES[CODES.get(e.status_code, grpc.StatusCode.INTERNAL)]
+                raise
+            except asyncio.CancelledError:
+                outcome.status = STATUSES[grpc.StatusCode.CANCELLED]
+                raise
 
     @rpc("control")
     async def RepositoryIndex(self, request, context):
         index = pb.RepositoryIndexResponse.ModelIndex
-        return pb.RepositoryIndexResponse(models=[index(**row) for row in await control.index_of(self.state, request.ready)])
+        return pb.RepositoryIndexResponse(models=[index(**row) for row in await service.index(self.state, request.ready)])
 
     @rpc("control")
     async def RepositoryModelLoad(self, request, context):
@@ -153,12 +142,12 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         if "version" in request.parameters:
             param = request.parameters["version"]
             version = getattr(param, param.WhichOneof("parameter_choice") or "string_param")
-        await control.load_model(self.state, request.model_name, version)
+        await service.load(self.state, request.model_name, version)
         return pb.RepositoryModelLoadResponse()
 
     @rpc("control")
     async def RepositoryModelUnload(self, request, context):
-        await control.unload_model(self.state, request.model_name)
+        await service.unload(self.state, request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 

@@ -9,27 +9,23 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import HTTPException, Request
 from fastapi.responses import StreamingResponse
 
 from core.codec import TextCodec, softmax
-from serving import metrics, tracing
-from serving.client import EngineClient, Link, Stream
-from serving.inference import answered, check_text, engines, json_response, refusal, reply_of, served
-from serving.messages import CloseSession, Done, Failed, Generate, OpenSession, SessionOpened, Step, Stepped
-from serving.logs import REQUEST_ID
-from serving.schemas import GenerateRequest, GenerateResponse, SessionCreated, StepRequest, StepResponse
+from serving.common import metrics, tracing
+from serving.common.logs import REQUEST_ID
+from serving.common.messages import CloseSession, Done, Failed, Generate, OpenSession, SessionOpened, Step, Stepped
+from serving.frontend.client import EngineClient, Link, Stream
+from serving.frontend.responses import json_response
+from serving.frontend.schemas import GenerateRequest, StepRequest
+from serving.frontend.service import answered, check_text, engines, refusal, reply_of, served
 
-router = APIRouter(prefix="/v1/models", tags=["language models"])
 log = logging.getLogger(__name__)
 
 
 def language_model(request: Request, name: str, together: bool = False):
-    link, version = served(request.app.state, name, together=together)
-    if version.manifest.task != "lm":
-        raise HTTPException(400, f"model {name!r} is a {version.manifest.task}: only language models generate "
-                                 "or keep sessions")
-    return link, version
+    return served(request.app.state, name, task="lm", together=together)
 
 
 @dataclass
@@ -150,8 +146,6 @@ class OwnedStream(StreamingResponse):
             self.end()
 
 
-@router.post("/{name}:generate", response_model=GenerateResponse,
-             responses={200: {"content": {"text/event-stream": {}}}})
 async def generate(name: str, body: GenerateRequest, request: Request):
     """Generate text after a prompt; with "stream": true, server-sent events, one per token.
 
@@ -161,13 +155,14 @@ async def generate(name: str, body: GenerateRequest, request: Request):
     check_text(request.app.state.settings, body.prompt, "prompt")
     if body.max_new_tokens > settings.max_new_tokens:
         raise HTTPException(400, f"max_new_tokens is at most {settings.max_new_tokens}")
-    with answered(name, "generate"):
+    with answered():
         link, stream, generation, tokens = await first_tokens(request, name, body)
     pieces = rest(client, link, stream, generation, tokens, settings.request_timeout_s,
                   settings.stream_interval_ms / 1000)
 
     if body.stream:
-        request.scope["rnnserve.endpoint"] = "generate_stream"
+        if outcome := request.scope.get("rnnserve.outcome"):  # counted apart from whole answers
+            outcome.endpoint = "generate_stream"
 
         async def events():
             try:
@@ -185,7 +180,7 @@ async def generate(name: str, body: GenerateRequest, request: Request):
         async for _ in pieces:
             pass
 
-    with answered(name, "generate"):
+    with answered():
         task = asyncio.ensure_future(run())
         gone = asyncio.ensure_future(watch_disconnect(request))
         try:
@@ -239,7 +234,6 @@ async def ask(request: Request, link: Link, message, sid: str | None = None) -> 
     return reply
 
 
-@router.post("/{name}/sessions", response_model=SessionCreated)
 async def create_session(name: str, request: Request) -> dict:
     """Start a sequence session at the model's zero state."""
     link, _ = language_model(request, name)
@@ -247,7 +241,6 @@ async def create_session(name: str, request: Request) -> dict:
     return {"session_id": session_id(link, opened), "idle_expiry_s": request.app.state.settings.session_idle_s}
 
 
-@router.post("/{name}/sessions/{sid}:step", response_model=StepResponse)
 async def step_session(name: str, sid: str, body: StepRequest, request: Request):
     """Advance the session's state over more text; answers the next-token distribution's top k.
     Within the request deadline; a step whose client disconnects before it runs is dropped."""
@@ -256,7 +249,7 @@ async def step_session(name: str, sid: str, body: StepRequest, request: Request)
     ids = codec.ids(body.text)
     if not ids:
         raise HTTPException(400, "the text has no tokens")
-    with answered(name, "session_step"):
+    with answered():
         client, timeout = engines(request.app.state), request.app.state.settings.request_timeout_s
         stepped: Stepped = await ask(request, link, Step(client.next_id(), session, ids, client.deadline(timeout)), sid)
         p = softmax(np.frombuffer(stepped.data, np.float32))
@@ -266,7 +259,6 @@ async def step_session(name: str, sid: str, body: StepRequest, request: Request)
                               "next": [{"token": codec.vocab.itos[i], "probability": float(p[i])} for i in best]})
 
 
-@router.delete("/{name}/sessions/{sid}")
 async def end_session(name: str, sid: str, request: Request) -> dict:
     """End a session and free its state."""
     link, _, session = session_of(request, name, sid)

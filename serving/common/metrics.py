@@ -1,5 +1,5 @@
 """Prometheus metrics of the server, served at GET /metrics (every inference request is counted
-once, whatever answered it, by serving/frontdoor.py).
+once, whatever answered it, by serving/frontend/frontdoor.py).
 
 A language model's steps run through a batcher named "<model>:step", so its time per step and
 step batch size are the inference-time and batch-size histograms under that name."""

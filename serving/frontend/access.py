@@ -3,7 +3,7 @@ control (and on inference with RNNSERVE_TOKEN_FOR_INFERENCE); model control clos
 token unless RNNSERVE_CONTROL=open, like Triton's --model-control-mode=none."""
 import secrets
 
-from serving.settings import Settings
+from serving.common.settings import Settings
 
 NEEDS_TOKEN = "this endpoint needs Authorization: Bearer <RNNSERVE_CONTROL_TOKEN>"
 

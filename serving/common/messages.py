@@ -23,7 +23,7 @@ class Infer(Message):
     version: int  # the version whose codec made the rows: it must run there (else Failed 410, and retry)
     rows: list[list[int]]
     deadline: float
-    trace: str = ""  # the request's W3C traceparent when tracing is on (serving/tracing.py)
+    trace: str = ""  # the request's W3C traceparent when tracing is on (serving/common/tracing.py)
 
 
 class Generate(Message):
@@ -81,8 +81,6 @@ class Deployed(msgspec.Struct, array_like=True):
 
 class Catalog(Message):
     """What the engine serves now; sent on Hello and after every change."""
-    engine: int
-    pid: int
     models: list[Deployed]
 
 
@@ -120,7 +118,6 @@ class SessionOpened(Message):
 
 class Depths(Message):
     """Each model's queue length at this engine, sent with every frame: front-ends shed by it."""
-    engine: int
     queued: dict[str, int]
 
 

@@ -1,0 +1,93 @@
+"""Every route of the HTTP front-end, declared once, in TABLE: the FastAPI app and its OpenAPI
+schema at /docs (install), the front door's dispatch (inference, matched to a raw request) and
+each request span's name are all made from it. One module per API holds the handlers.
+
+A route with an `endpoint` is an inference request: counted in /metrics under that name, traced,
+with a model in its path. One with a `body` is direct: the front door validates the body and calls
+the handler itself (FastAPI's routing and dependency solving cost more than these routes do).
+"""
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+
+from serving.frontend.routes import control, docs, lm, metrics, v1, v2
+from serving.frontend.schemas import (ControlResponse, GenerateRequest, GenerateResponse, InferRequest, InferResponse,
+                                      ModelMetadata, ModelVersionState, PredictRequest, PredictResponse,
+                                      ServerMetadata, SessionCreated, StepRequest, StepResponse)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Callable
+    endpoint: str = ""  # an inference endpoint's name in /metrics ("" for the rest)
+    body: type | None = None  # a direct route's request schema
+    queued: bool = False  # its requests wait in the model's queue: shed at the door when it is full
+    binary: bool = False  # a JSON header, then raw tensor bytes (serving/frontend/tensors.py)
+    options: dict = field(default_factory=dict)  # FastAPI's: response_model, responses, ...
+
+    @property
+    def span(self) -> str:
+        return f"{self.method} {self.path}"
+
+    @property
+    def pattern(self) -> re.Pattern:
+        """The path, its {parameters} as named groups (none holds a / or a :)."""
+        return re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/:]+)", re.escape(self.path)))
+
+
+EVENTS = {"responses": {200: {"content": {"text/event-stream": {}}}}}
+TABLE = [
+    Route("POST", "/v1/models/{name}:predict", v1.predict, "v1_predict", PredictRequest, queued=True,
+          options={"response_model": PredictResponse}),
+    Route("GET", "/v1/models", v1.list_models),
+    Route("GET", "/v1/models/{name}", v1.model_info),
+    Route("POST", "/v1/models/{name}:generate", lm.generate, "generate", GenerateRequest,
+          options={"response_model": GenerateResponse} | EVENTS),
+    Route("POST", "/v1/models/{name}/sessions", lm.create_session, "session_create",
+          options={"response_model": SessionCreated}),
+    Route("POST", "/v1/models/{name}/sessions/{sid}:step", lm.step_session, "session_step", StepRequest,
+          options={"response_model": StepResponse}),
+    Route("DELETE", "/v1/models/{name}/sessions/{sid}", lm.end_session, "session_end"),
+    Route("GET", "/v2/health/live", v2.live),
+    Route("GET", "/v2/health/ready", v2.ready),
+    Route("GET", "/v2", v2.server_metadata, options={"response_model": ServerMetadata}),
+    Route("GET", "/v2/models/{name}", v2.model_metadata, options={"response_model": ModelMetadata}),
+    Route("GET", "/v2/models/{name}/versions/{version}", v2.model_version_metadata,
+          options={"response_model": ModelMetadata}),
+    Route("GET", "/v2/models/{name}/ready", v2.model_ready),
+    Route("GET", "/v2/models/{name}/versions/{version}/ready", v2.model_version_ready),
+    Route("POST", "/v2/models/{name}/infer", v2.infer, "v2_infer", InferRequest, queued=True, binary=True,
+          options={"response_model": InferResponse, "response_model_exclude_none": True}),
+    Route("POST", "/v2/models/{name}/versions/{version}/infer", v2.infer_version, "v2_infer", InferRequest,
+          queued=True, binary=True, options={"response_model": InferResponse, "response_model_exclude_none": True}),
+    Route("POST", "/v2/repository/index", control.index, options={"response_model": list[ModelVersionState]}),
+    Route("POST", "/v2/repository/models/{name}/load", control.load, options={"response_model": ControlResponse}),
+    Route("POST", "/v2/repository/models/{name}/unload", control.unload, options={"response_model": ControlResponse}),
+    Route("GET", "/metrics", metrics.prometheus, options={"include_in_schema": False}),
+    Route("GET", "/docs", docs.page, options={"include_in_schema": False}),
+    Route("GET", "/docs/{asset}", docs.asset, options={"include_in_schema": False}),
+]
+TAGS = {"v1": "v1", "v2": "v2", "lm": "language models", "control": "model control", "metrics": "metrics",
+        "docs": "docs"}
+INFERENCE = [(route, route.pattern) for route in TABLE if route.endpoint]
+
+
+def install(app: FastAPI):
+    """Every route of the table in the FastAPI app, tagged by its API."""
+    for route in TABLE:
+        app.add_api_route(route.path, route.handler, methods=[route.method],
+                          tags=[TAGS[route.handler.__module__.rsplit(".", 1)[1]]], **route.options)
+
+
+def inference_route(method: str, path: str) -> tuple[Route, dict] | None:
+    """The inference route a raw request is for and its path parameters, else None."""
+    if not path.startswith(("/v1/models/", "/v2/models/")):
+        return None
+    for route, pattern in INFERENCE:
+        if route.method == method and (match := pattern.fullmatch(path)):
+            return route, match.groupdict()
+    return None
