@@ -5,9 +5,9 @@ whole body read within its limits, a count of the answer in /metrics, and from S
 
 The hot routes (V1 predict, V2 infer, generate, a session's step) are then called directly with
 their validated body: FastAPI's routing, dependency solving and middleware stack cost more than
-the route itself, and every chunk of a stream went through three of its send wrappers (profiled
-under load: docs/benchmarks.md). They stay FastAPI routes, documented at /docs and answering the
-same way.
+the route itself, and every chunk of a stream went through three of its send wrappers (a profile
+under load when the layout was built; not kept). They stay FastAPI routes, documented at /docs and
+answering the same way.
 """
 import asyncio
 import logging

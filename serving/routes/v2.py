@@ -26,7 +26,7 @@ async def live() -> dict:
 async def ready(request: Request):
     """Every engine has loaded and warmed up its models (503 until then, and while draining)."""
     if not request.app.state.ready or not request.app.state.engines.ready:
-        raise HTTPException(503, "not ready")
+        raise HTTPException(503, "not ready", headers={"Retry-After": "1"})
     return {"ready": True}
 
 
