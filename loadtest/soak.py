@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import urllib.request
 
@@ -109,10 +110,10 @@ def soak(args) -> dict:
                         raise RuntimeError(f"reloading {model} failed")
                 reloads += 1
                 next_reload += args.reload_every_s
-            if killed is None and time.perf_counter() >= kill_at:
+            if killed is None and time.perf_counter() >= kill_at:  # halfway through this window, under load
                 killed = next(pid for pid, p in processes(server.pid).items() if p["role"] == "engine 0")
-                os.kill(killed, signal.SIGKILL)
-                print(f"killed engine 0 (pid {killed})")
+                threading.Timer(args.window_s / 2, os.kill, (killed, signal.SIGKILL)).start()
+                print(f"killing engine 0 (pid {killed}) {args.window_s / 2:g} s into the next window")
             results = asyncio.run(window(port, args, predicts, generations))
             row = {"minute": round((time.perf_counter() - started) / 60, 2), "reloads": reloads,
                    "engine_killed": killed is not None, "kinds": {k: summary(r) for k, r in results.items()},

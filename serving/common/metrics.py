@@ -1,7 +1,7 @@
 """Prometheus metrics of the server, served at GET /metrics (every inference request is counted
-once, whatever answered it, by serving/frontend/frontdoor.py).
+once, whatever answered it: serving/frontend/service.py's counted(), for REST and gRPC alike).
 
-A language model's steps run through a batcher named "<model>:step", so its time per step and
+A language model's steps are recorded under the model label "<model>:step": its time per step and
 step batch size are the inference-time and batch-size histograms under that name."""
 import functools
 
@@ -22,7 +22,7 @@ INFERENCE_TIME = Histogram("rnnserve_inference_time_seconds", "Time of one batch
                            ["model"], buckets=LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("rnnserve_batch_size", "Rows per ONNX Runtime call", ["model"],
                        buckets=tuple(2 ** i for i in range(12)))  # 1 .. 2048: calls on a GPU reach 1,024 rows and more
-PADDING_RATIO = Histogram("rnnserve_padding_ratio", "Padded tokens / real tokens per ONNX Runtime call",
+PADDING_RATIO = Histogram("rnnserve_padding_ratio", "Padding tokens / real tokens per ONNX Runtime call (0: none)",
                           ["model"], buckets=(0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4))
 QUEUE_DEPTH = Gauge("rnnserve_queue_depth", "Rows waiting in the model's queues, counted as they arrive and "
                     "as batches are taken: it rises under load before latency does", ["model"],

@@ -6,8 +6,8 @@ answer in /metrics, and from SIGTERM on (draining) Connection: close on every an
 The hot routes (V1 predict, V2 infer, generate, a session's step: the table's routes with a
 body) are then called directly with their validated body: FastAPI's routing, dependency solving
 and middleware stack cost more than the route itself, and every chunk of a stream went through
-three of its send wrappers (profiled under load: docs/benchmarks.md). They are the same handlers
-FastAPI routes to and documents at /docs (serving/frontend/routes/__init__.py).
+three of its send wrappers (a profile under load when the layout was built; not kept). They are
+the same handlers FastAPI routes to and documents at /docs (serving/frontend/routes/__init__.py).
 """
 import asyncio
 import logging
