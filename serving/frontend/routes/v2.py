@@ -19,7 +19,7 @@ async def ready(request: Request) -> dict:
     """Every engine has loaded and warmed up its models and serves at least one (503 until then,
     and while draining)."""
     if not service.ready(request.app.state):
-        raise HTTPException(503, "not ready")
+        raise HTTPException(503, "not ready", headers=service.BUSY)
     return {"ready": True}
 
 
