@@ -50,13 +50,17 @@ async def model_version_ready(name: str, version: str, request: Request) -> dict
     return {"name": name, "ready": True}
 
 
-async def infer(name: str, body: InferRequest, request: Request):
+async def model_infer(name: str, body: InferRequest, request: Request):
     """Logits for right-padded token ids, batched with other requests."""
-    return await infer_version(name, None, body, request)
+    return await infer(request, name, body)
 
 
-async def infer_version(name: str, version: str | None, body: InferRequest, request: Request):
+async def model_version_infer(name: str, version: str, body: InferRequest, request: Request):
     """Logits from this version (404 unless it is the version serving)."""
+    return await infer(request, name, body, version)
+
+
+async def infer(request: Request, name: str, body: InferRequest, version: str | None = None):
     with service.answered():
         binary = request.scope.get("rnnserve.binary", b"")  # the body after its JSON header, as the front door split it
         served_version, logits = await service.infer_tensors(
