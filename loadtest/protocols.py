@@ -24,6 +24,7 @@ from core.codec import pad
 from core.repository import latest
 from loadtest.bench import measure, median_point
 from loadtest.client import LoadResult, load_in_processes, timed
+from loadtest.otlp import Receiver
 from loadtest.servers import cpu_name, free_port, start
 from loadtest.workloads import predict_body, texts, token_rows, v2_binary_body, v2_body
 
@@ -123,10 +124,8 @@ def protocols(args) -> dict:
 
 def tracing_cost(args, base: list[str]) -> tuple[dict, int]:
     """Part 2: (mode -> median point, spans the receiver got)."""
-    receiver_port = free_port()
-    receiver = subprocess.Popen([sys.executable, "-m", "loadtest.otlp", "--port", str(receiver_port), "--every", "1"],
-                                stdout=subprocess.PIPE, text=True)
-    traced = {"RNNSERVE_TRACING": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
+    receiver = Receiver(free_port())  # its gRPC server answers from threads of this process
+    traced = {"RNNSERVE_TRACING": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
               "OTEL_EXPORTER_OTLP_INSECURE": "true"}
     modes = {"off": {}, "otlp, every request": traced,
              "otlp, 1 in 10 sampled": traced | {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
@@ -147,9 +146,8 @@ def tracing_cost(args, base: list[str]) -> tuple[dict, int]:
                 print(f"tracing {mode:22s} {point['requests_per_s']:8.0f} req/s p50 {point['p50_ms']:6.1f} ms "
                       f"p99 {point['p99_ms']:6.1f} ms errors {point['errors']}")
     finally:
-        receiver.terminate()
-        spans = [line for line in receiver.communicate(timeout=30)[0].splitlines() if line.endswith("spans")]
-    return {k: median_point(v) for k, v in raw.items()}, int(spans[-1].split()[0]) if spans else 0
+        receiver.stop()
+    return {k: median_point(v) for k, v in raw.items()}, len(receiver.spans)
 
 
 def markdown(r: dict) -> str:
