@@ -16,7 +16,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import subprocess
 import sys
 import time
 
