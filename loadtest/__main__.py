@@ -8,19 +8,23 @@
     python -m loadtest protocols [--model imdb-gru --rows 32 --users 64]
     python -m loadtest gpu [--quick] [--model imdb-gru --lm timemachine-gru --encoder NAME]
     python -m loadtest loop [--model imdb-gru]
+    python -m loadtest engine [--model imdb-gru --seconds 5]
 
 `run` drives Locust headless against any host and writes its CSV and HTML reports plus a
 summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py;
 `soak`: loadtest/soak.py; `ipc`: what the front-end <-> engine transport costs (loadtest/ipc.py);
 `protocols`: V2 JSON vs binary vs gRPC, and tracing off vs on (loadtest/protocols.py); `gpu`: the
 CUDA tests and the GPU goals' operating points in one command (loadtest/gpu.py); `loop`: what the
-largest bodies cost a front-end's event loop (loadtest/loop.py).
+largest bodies cost a front-end's event loop (loadtest/loop.py); `engine`: the engine's host work
+per request and row, and the whole stack against a minimal app, with negligible compute
+(loadtest/engine.py).
 """
 import argparse
 import sys
 from pathlib import Path
 
 from loadtest.bench import bench as run_bench
+from loadtest.engine import engine as run_engine
 from loadtest.gpu import gpu as run_gpu
 from loadtest.headless import SCENARIOS, run_locust
 from loadtest.ipc import ipc as run_ipc
@@ -94,7 +98,16 @@ def main(argv=None):
     bodies.add_argument("--model", default="imdb-gru")
     bodies.add_argument("--repository", type=Path, default=Path("model_repository"))
     bodies.add_argument("--out", type=Path, default=Path("results/loop"))
+    host = commands.add_parser("engine", help="the engine's host cost with no inference (loadtest/engine.py)")
+    host.add_argument("--model", default="imdb-gru", help="its codec, vocabulary and labels")
+    host.add_argument("--repository", type=Path, default=Path("model_repository"))
+    host.add_argument("--seconds", type=float, default=5.0, help="per measured point")
+    host.add_argument("--stack", action=argparse.BooleanOptionalAction, default=True,
+                      help="also the whole stack against the minimal FastAPI app")
+    host.add_argument("--out", type=Path, default=Path("results/engine"))
     args = p.parse_args(argv)
+    if args.command == "engine":
+        return run_engine(args)
     if args.command == "loop":
         return run_loop(args)
     if args.command == "gpu":

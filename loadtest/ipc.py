@@ -15,7 +15,7 @@ import time
 
 import zmq
 
-from serving.common.messages import Infer, Result, decode_replies, decode_requests, encode
+from serving.common.messages import Infer, Result, Rows, decode_replies, decode_requests, encode
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -37,11 +37,11 @@ def echo(address: str):
 
 
 def round_trips(socket, per_frame: int, depth: int, messages: int) -> None:
-    row, deadline = list(range(2, 86)), time.monotonic() + 60  # an 84-token row: a short IMDB text
+    row, deadline = Rows.of([list(range(2, 86))]), time.monotonic() + 60  # an 84-token row: a short IMDB text
     sent = answered = 0
     while answered < messages:
         while sent < messages and sent - answered < depth * per_frame:
-            socket.send(encode([Infer(sent + k, "m", 1, [row], deadline) for k in range(per_frame)]))
+            socket.send(encode([Infer(sent + k, "m", 1, row.ids.data, row.lengths.data, deadline) for k in range(per_frame)]))
             sent += per_frame
         answered += len(decode_replies(socket.recv()))
 

@@ -80,14 +80,14 @@ def slowed(server, model: str, seconds: float) -> list[int]:
     """Make each of the model's ONNX Runtime calls on `server` (a Server) take `seconds` longer;
     returns the list the lengths of the rows it runs are appended to."""
     runner = server.deployment(model).runner
-    run_rows, seen = runner.run_rows, []
+    run_call, seen = runner.run_call, []
 
-    def slow(rows):
-        seen.extend(map(len, rows))
+    def slow(ids, lengths):
+        seen.extend(lengths.tolist())
         time.sleep(seconds)
-        return run_rows(rows)
+        return run_call(ids, lengths)
 
-    runner.run_rows = slow
+    runner.run_call = slow
     return seen
 
 

@@ -311,8 +311,8 @@ def test_metrics_count_every_answer_once(repository):
     s = Server(repository, max_queue_size=1, max_batch_size=1, session_idle_s=0.2)
     try:
         runner = s.deployment("clf").runner
-        run_rows = runner.run_rows
-        runner.run_rows = lambda rows: time.sleep(0.3) or run_rows(rows)  # a slow model: the queue fills
+        run_call = runner.run_call
+        runner.run_call = lambda ids, lengths: time.sleep(0.3) or run_call(ids, lengths)  # a slow model: the queue fills
         before = counts(s)
         post = lambda path, body: httpx.post(s.url + path, json=body, timeout=30)
         assert post("/v1/models/clf:predict", {"instances": ["good film"]}).status_code == 200

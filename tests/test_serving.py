@@ -240,7 +240,7 @@ def test_overload_gets_503_at_once_and_the_server_recovers(repository):
     afterwards."""
     s = Server(repository, max_queue_size=2, max_batch_size=1)
     runner = s.deployment("clf").runner
-    run_rows = runner.run_rows
+    run_call = runner.run_call
     slowed(s, "clf", 0.5)
     try:
         async def timed(client):
@@ -260,7 +260,7 @@ def test_overload_gets_503_at_once_and_the_server_recovers(repository):
         accepted = sorted(round(t, 2) for r, t in answers if r.status_code == 200)
         print(f"{statuses.count(503)} refused, the last after {refused:.3f}s; accepted answered after {accepted} s")
         assert len(accepted) >= 2 and refused < accepted[1]  # rejected at once, not after waiting their turn
-        runner.run_rows = run_rows
+        runner.run_call = run_call
         assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]}).status_code == 200
     finally:
         s.stop()
@@ -276,14 +276,14 @@ def v2_rows(*rows) -> dict:
 def test_a_failing_batch_fails_only_its_requests(repository):
     s = Server(repository, max_queue_delay_ms=100)
     runner = s.deployment("clf").runner
-    run_rows = runner.run_rows
+    run_call = runner.run_call
 
-    def poisoned(rows):
-        if any(9 in row for row in rows):
+    def poisoned(ids, lengths):
+        if (ids == 9).any():
             raise RuntimeError("poisoned row")
-        return run_rows(rows)
+        return run_call(ids, lengths)
 
-    runner.run_rows = poisoned
+    runner.run_call = poisoned
     try:
         async def scenario():
             async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:

@@ -5,7 +5,10 @@ carries a list of messages: a front-end sends what its event loop produced in on
 engine sends, per front-end, what one batch or one generation step produced. Deadlines are
 time.monotonic() values: every process on a machine reads the same clock.
 """
+from dataclasses import dataclass
+
 import msgspec
+import numpy as np
 
 
 class Message(msgspec.Struct, tag=True, array_like=True):
@@ -21,7 +24,8 @@ class Infer(Message):
     id: int
     model: str
     version: int  # the version whose codec made the rows: it must run there (else Failed 410, and retry)
-    rows: list[list[int]]
+    ids: bytes  # every row's token ids end to end, int32 (Rows)
+    lengths: bytes  # each row's length, int32
     deadline: float
     trace: str = ""  # the request's W3C traceparent when tracing is on (serving/common/tracing.py)
 
@@ -90,6 +94,15 @@ class Result(Message):
     shape: list[int]
 
 
+class Results(Message):
+    """A batch's answers to one front-end: each request's rows of `width` float32 outputs, the
+    requests' rows one after another in `data`."""
+    ids: list[int]
+    rows: list[int]  # how many rows each request has
+    width: int
+    data: bytes
+
+
 class Failed(Message):
     id: int
     status: int  # the HTTP status the front-end answers with
@@ -128,7 +141,26 @@ class Done(Message):
 
 
 ToEngine = Hello | Infer | Generate | OpenSession | Step | CloseSession | Cancel | Control
-ToFrontend = Catalog | Result | Failed | Tokens | Stepped | SessionOpened | Depths | Done
+ToFrontend = Catalog | Result | Results | Failed | Tokens | Stepped | SessionOpened | Depths | Done
 encode = msgspec.msgpack.Encoder().encode
 decode_requests = msgspec.msgpack.Decoder(list[ToEngine]).decode
 decode_replies = msgspec.msgpack.Decoder(list[ToFrontend]).decode
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows of token ids as they travel: one int32 buffer end to end and their lengths, never a
+    Python list per row (Infer carries their bytes)."""
+    ids: np.ndarray  # (total,) int32
+    lengths: np.ndarray  # (rows,) int32
+
+    @classmethod
+    def of(cls, rows: list[list[int]]) -> "Rows":
+        return cls(np.fromiter((i for row in rows for i in row), np.int32), np.fromiter(map(len, rows), np.int32, len(rows)))
+
+    @classmethod
+    def read(cls, m: Infer) -> "Rows":
+        return cls(np.frombuffer(m.ids, np.int32), np.frombuffer(m.lengths, np.int32))
+
+    def __len__(self) -> int:
+        return len(self.lengths)

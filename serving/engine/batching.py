@@ -15,7 +15,7 @@ import numpy as np
 from prometheus_client import Gauge
 
 from serving.common import metrics, tracing
-from serving.common.messages import Failed, Result
+from serving.common.messages import Failed, Result, Results, Rows
 from serving.engine.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class Pending:
     """One request waiting for its rows' outputs."""
     sender: bytes  # the front-end's socket identity
     id: int
-    rows: list[list[int]]
+    rows: Rows
     deadline: float
     arrived: float
     trace: str = ""  # its traceparent: the queued span's parent (serving/common/tracing.py)
@@ -87,8 +87,8 @@ class Batcher:
 
     def run(self, post):
         """The due batch: its live requests' rows (a cancelled one, or one past its deadline, which
-        the front-end has answered 504 already, is left out) through the model, each request
-        answered through post(front-end, message)."""
+        the front-end has answered 504 already, is left out) through the model, answered through
+        post(front-end, message): one message per front-end."""
         now, name = time.monotonic(), self.runner.name
         batch = [r for r in self.take() if not r.cancelled and r.deadline >= now]
         if not batch:
@@ -96,59 +96,99 @@ class Batcher:
         queue_time = metrics.of(metrics.QUEUE_TIME, name)
         for request in batch:
             queue_time.observe(now - request.arrived)
-        rows = [row for request in batch for row in request.rows]
+        ids = np.concatenate([r.rows.ids for r in batch])
+        lengths = np.concatenate([r.rows.lengths for r in batch])
         started = time.perf_counter()
         with tracing.batch_span(name, batch, now) as span:
             try:
-                outputs, padded = self.calls(rows)
+                outputs, padded = self.calls(ids, lengths)
             except Exception as e:  # a failing batch fails its requests, and only them
-                log.exception("batch of %d rows failed on %s", len(rows), name)
+                log.exception("batch of %d rows failed on %s", len(lengths), name)
                 for request in batch:
                     post(request.sender, Failed(request.id, 500, f"inference failed: {type(e).__name__}: {e}"))
                 return
             if span:
-                span.set_attributes({"rnnserve.rows": len(rows), "rnnserve.padded_tokens": padded,
-                                     "rnnserve.tokens": sum(map(len, rows))})
+                span.set_attributes({"rnnserve.rows": len(lengths), "rnnserve.padded_tokens": padded,
+                                     "rnnserve.tokens": int(lengths.sum())})
         metrics.of(metrics.INFERENCE_TIME, name).observe(time.perf_counter() - started)
-        classes = np.stack(outputs) if outputs[0].ndim == 1 else None  # (rows, C) for a classifier
-        start = 0
-        for request in batch:
-            n = len(request.rows)
-            if classes is not None:
-                data = classes[start: start + n]
-            else:  # language model: (n, T, V), zero past each row's length
-                mine = outputs[start: start + n]
-                data = np.zeros((n, max(len(o) for o in mine), mine[0].shape[-1]), np.float32)
-                for i, out in enumerate(mine):
-                    data[i, : len(out)] = out
-            start += n
-            post(request.sender, Result(request.id, data.tobytes(), list(data.shape)))
+        answers = results if isinstance(outputs, np.ndarray) else sequences
+        for sender, message in answers(batch, outputs):
+            post(sender, message)
 
-    def calls(self, rows: list[list[int]]) -> tuple[list[np.ndarray], int]:
-        """Each row's output, and the tokens the calls ran with their padding."""
-        name, lengths = self.runner.name, [len(r) for r in rows]
-        outputs, padded = [None] * len(rows), 0
+    def calls(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], int]:
+        """The rows (ids end to end, their lengths) through the model in calls (plan_calls): a
+        classifier's (rows, C) logits, a language model's (T_i, V) per row; and the tokens the calls
+        ran with their padding."""
+        name, starts = self.runner.name, np.cumsum(lengths, dtype=np.int64) - lengths
+        outputs, padded = None, 0
         for call in plan_calls(lengths, self.limits.max_batch_size, self.limits.max_batch_tokens):
-            out = self.runner.run_rows([rows[i] for i in call])
+            batch_ids, batch_lengths = padded_rows(ids, starts, lengths, call)
+            out = self.runner.run_call(batch_ids, batch_lengths)
             if len(out) != len(call):
                 raise RuntimeError(f"{name}: {len(call)} rows in, {len(out)} out")
-            longest, real = max(lengths[i] for i in call), sum(lengths[i] for i in call)
-            padded += len(call) * longest
+            if outputs is None:
+                outputs = np.empty((len(lengths), out.shape[1]), np.float32) if out.ndim == 2 else [None] * len(lengths)
+            if out.ndim == 2:
+                outputs[call] = out
+            else:  # (B, T, V): each row up to its length
+                for j, i in enumerate(call.tolist()):
+                    outputs[i] = out[j, : batch_lengths[j]]
+            tokens, real = batch_ids.size, int(batch_lengths.sum())
+            padded += tokens
             metrics.of(metrics.BATCH_SIZE, name).observe(len(call))
-            metrics.of(metrics.PADDING_RATIO, name).observe(len(call) * longest / real - 1)
-            for j, i in enumerate(call):
-                outputs[i] = out[j]
+            metrics.of(metrics.PADDING_RATIO, name).observe(tokens / real - 1)
         return outputs, padded
 
 
-def plan_calls(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+def padded_rows(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Some rows of a batch (their indices), right-padded with 0 by one scatter: (B, T) int64 ids and
+    (B,) int64 lengths, as the graph takes them."""
+    lens = lengths[rows].astype(np.int64)
+    out = np.zeros((len(rows), int(lens.max())), np.int64)
+    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # each token's place in its row
+    out[np.repeat(np.arange(len(rows)), lens), within] = ids[np.repeat(starts[rows], lens) + within]
+    return out, lens
+
+
+def results(batch: list[Pending], outputs: np.ndarray):
+    """A classifier's answers: per front-end one Results message, its requests' rows of logits."""
+    mine: dict[bytes, tuple[list[int], list[int], list[np.ndarray]]] = {}
+    start = 0
+    for request in batch:
+        n = len(request.rows)
+        ids, counts, parts = mine.setdefault(request.sender, ([], [], []))
+        ids.append(request.id)
+        counts.append(n)
+        parts.append(outputs[start: start + n])
+        start += n
+    width = outputs.shape[1]
+    return [(sender, Results(ids, counts, width, np.concatenate(parts).tobytes()))
+            for sender, (ids, counts, parts) in mine.items()]
+
+
+def sequences(batch: list[Pending], outputs: list[np.ndarray]):
+    """A language model's answers (V2 infer): per request (n, T, V), zero past each row's length."""
+    start = 0
+    for request in batch:
+        mine = outputs[start: start + len(request.rows)]
+        data = np.zeros((len(mine), max(len(o) for o in mine), mine[0].shape[-1]), np.float32)
+        for i, out in enumerate(mine):
+            data[i, : len(out)] = out
+        start += len(mine)
+        yield request.sender, Result(request.id, data.tobytes(), list(data.shape))
+
+
+def plan_calls(lengths, max_rows: int, max_tokens: int) -> list[np.ndarray]:
     """Row indices grouped into calls: sorted by length, each call within max_rows and
     max_tokens = rows x its longest row (a row longer than max_tokens goes alone)."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    calls, current = [], []
-    for i in order:  # ascending, so the row being added is the call's longest
-        if current and (len(current) + 1 > max_rows or (len(current) + 1) * lengths[i] > max_tokens):
-            calls.append(current)
-            current = []
-        current.append(i)
-    return calls + [current] if current else calls
+    lengths = np.asarray(lengths)
+    order = np.argsort(lengths, kind="stable")
+    ordered = lengths[order]
+    calls, i = [], 0
+    while i < len(order):  # ascending, so a call's last row is its longest
+        ends = np.arange(i + 1, min(i + max_rows, len(order)) + 1)
+        fits = ends[(ends - i) * ordered[ends - 1] <= max_tokens]
+        j = int(fits[-1]) if len(fits) else i + 1
+        calls.append(order[i:j])
+        i = j
+    return calls

@@ -44,6 +44,7 @@ class LanguageModel:
 
     def __init__(self, runner: Runner, max_generations: int, max_sessions: int, idle_s: float, max_new_tokens: int):
         self.runner, self.max_generations, self.max_sessions, self.idle_s = runner, max_generations, max_sessions, idle_s
+        self.vocab_size = int(runner.manifest.outputs[0].shape[-1])  # logits (batch, seq, vocab)
         slots = max_generations + max_sessions
         self.pool = np.zeros((slots, *runner.zero_state().shape), np.float32)  # (slots, S, L, H)
         self.free = list(range(slots))[::-1]
@@ -56,6 +57,8 @@ class LanguageModel:
         self.prompts: dict[int, list[int]] = {}  # slot -> its prompt, fed at the next step
         self.decoding: np.ndarray = np.zeros(0, np.int64)  # slots that feed their last token
         self.sessions: dict[str, Session] = {}
+        self.stepping: dict[str, Session] = {}  # the sessions with a step waiting, in arrival order
+        self.waiting_steps: dict[tuple[bytes, int], Session] = {}  # (front-end, request id) -> its session
 
     @property
     def name(self) -> str:
@@ -116,6 +119,9 @@ class LanguageModel:
         session = self.sessions.pop(sid, None)
         if session is None:
             return False
+        self.stepping.pop(sid, None)
+        for sender, request in session.steps:
+            self.waiting_steps.pop((sender, request.id), None)
         self.free.append(session.slot)
         metrics.of(metrics.LIVE_SESSIONS, self.name).dec()
         return True
@@ -136,56 +142,77 @@ class LanguageModel:
             return Failed(request.id, 404, f"no session {request.session!r} (ended, expired, or its version was replaced)")
         session.last_used = now
         session.steps.append((sender, request))
+        self.stepping[session.id] = session
+        self.waiting_steps[sender, request.id] = session
         return None
 
     def cancel(self, sender: bytes, ids: list[int]):
+        """These requests' generations end and their session steps are dropped: work by the ids."""
         for i in ids:
             self.end((sender, i))
-        gone = set(ids)
-        for session in self.sessions.values():
-            session.steps = [(s, r) for s, r in session.steps if s != sender or r.id not in gone]
+            if session := self.waiting_steps.pop((sender, i), None):
+                session.steps = [(s, r) for s, r in session.steps if s != sender or r.id != i]
+                if not session.steps:
+                    self.stepping.pop(session.id, None)
 
     def has_work(self) -> bool:
-        return bool(self.streams) or any(s.steps for s in self.sessions.values())
+        return bool(self.streams) or bool(self.stepping)
+
+    def next_steps(self, now: float) -> list[tuple[bytes, Step, Session]]:
+        """Each session's oldest waiting step (one per session a step), those past their deadline
+        dropped: the front-end has answered them 504 already."""
+        steps = []
+        for session in list(self.stepping.values()):
+            sender, request = session.steps.pop(0)
+            self.waiting_steps.pop((sender, request.id), None)
+            if not session.steps:
+                del self.stepping[session.id]
+            if request.deadline >= now:
+                steps.append((sender, request, session))
+        return steps
 
     def step(self) -> tuple[list[tuple[bytes, object]], set[bytes]]:
-        """One ONNX Runtime call over every slot with work: the prompts of new generations, the last
-        token of the others, the sessions' new text. Returns (front-end, reply) pairs (one Tokens
-        message per front-end with the next token of each of its generations, and each session
-        step's next-token logits), and the front-ends whose replies carry a first token."""
-        now = time.monotonic()
-        prefill = list(self.prompts.items())
-        steps = []
-        for session in self.sessions.values():
-            if session.steps:
-                sender, request = session.steps.pop(0)
-                if request.deadline >= now:  # past it, the front-end has answered 504 already
-                    steps.append((sender, request, session))
+        """One step of every slot with work: the prompts of new generations and the sessions' new
+        text in one call of their own (rows of several lengths), and the last token of every other
+        generation in another (one token each, no padding). Returns (front-end, reply) pairs (one
+        Tokens message per front-end with the next token of each of its generations, and each
+        session step's next-token logits), and the front-ends whose replies carry a first token."""
+        prefill, steps = list(self.prompts.items()), self.next_steps(time.monotonic())
         generating = np.array([slot for slot, _ in prefill] + self.decoding.tolist(), np.int64)
-        slots = np.concatenate([generating, np.array([session.slot for _, _, session in steps], np.int64)])
-        if not len(slots):
+        if not len(generating) and not steps:
             return [], set()
         firsts = {self.senders[f] for f in self.frontend[[slot for slot, _ in prefill]].tolist()}
-        if prefill or steps:  # rows of several lengths
-            ids, lengths = pad([prompt for _, prompt in prefill] + [[t] for t in self.next_token[self.decoding].tolist()]
-                               + [request.ids for _, request, _ in steps])
-        else:  # every row one token: no padding to do
-            ids, lengths = self.next_token[self.decoding][:, None], np.ones(len(self.decoding), np.int64)
         started = time.perf_counter()
         try:
-            logits, self.pool[slots] = self.runner.advance(ids, lengths, self.pool[slots])
-            replies, ended = self.sampled(generating, logits[: len(generating)])
+            read = self.advance([slot for slot, _ in prefill] + [session.slot for _, _, session in steps],
+                                [prompt for _, prompt in prefill] + [request.ids for _, request, _ in steps])
+            decoded = self.advance(self.decoding, None)
+            replies, ended = self.sampled(generating, np.concatenate([read[: len(prefill)], decoded]))
         except Exception as e:  # a failing step fails what was in it, and only that
-            log.exception("a step of %d rows failed on %s", len(slots), self.name)
+            log.exception("a step of %d generations and %d session steps failed on %s", len(generating), len(steps),
+                          self.name)
             return self.fail(generating, steps, f"generation failed: {type(e).__name__}: {e}"), set()
         self.prompts.clear()
         self.decoding = generating[~ended]
         metrics.of(metrics.INFERENCE_TIME, self.step_label).observe(time.perf_counter() - started)
-        metrics.of(metrics.BATCH_SIZE, self.step_label).observe(len(slots))
-        for row, (sender, request, session) in zip(logits[len(generating):], steps):
+        for row, (sender, request, session) in zip(read[len(prefill):], steps):
             session.last_used, session.tokens = time.monotonic(), session.tokens + len(request.ids)
             replies.append((sender, Stepped(request.id, row.astype(np.float32).tobytes(), session.tokens)))
         return replies, firsts
+
+    def advance(self, slots, rows: list[list[int]] | None) -> np.ndarray:
+        """One call: these slots' states over their rows (None: each slot's last sampled token), the
+        new states kept; the next-token logits (B, V) at each row's end."""
+        slots = np.asarray(slots, np.int64)
+        if not len(slots):
+            return np.zeros((0, self.vocab_size), np.float32)
+        if rows is None:
+            ids, lengths = self.next_token[slots][:, None], np.ones(len(slots), np.int64)
+        else:
+            ids, lengths = pad(rows)
+        logits, self.pool[slots] = self.runner.advance(ids, lengths, self.pool[slots])
+        metrics.of(metrics.BATCH_SIZE, self.step_label).observe(len(slots))
+        return logits
 
     def sampled(self, slots: np.ndarray, logits: np.ndarray) -> tuple[list[tuple[bytes, Tokens]], np.ndarray]:
         """Every generation's next token, sampled in one pass; one Tokens message per front-end;

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from core.codec import pad
 from core.repository import Manifest, ManifestError, ServingConfig, read_version
 from serving.common.settings import Settings
 from serving.engine import devices
@@ -162,11 +161,10 @@ class Runner:
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
-    def run_rows(self, rows: list[list[int]]) -> list[np.ndarray]:
-        """One call over unpadded rows: classifier logits (C,) per row; LMs (T_i, V) from the zero state."""
-        ids, lengths = pad(rows)
-        logits = self.run(ids, lengths)[0]
-        return list(logits) if logits.ndim == 2 else [logits[i, :n] for i, n in enumerate(lengths)]
+    def run_call(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One call over (B, T) right-padded ids and (B,) lengths: a classifier's (B, C) logits, a
+        language model's (B, T, V) from the zero state."""
+        return self.run(ids, lengths)[0]
 
     def advance(self, ids: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """LMs: each row's tokens, (B, T) right-padded with (B,) lengths, from its state

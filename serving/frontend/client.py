@@ -15,13 +15,14 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from core.repository import Version, read_version
-from serving.common.messages import (Cancel, Catalog, Deployed, Depths, Failed, Generate, Hello, Tokens, decode_replies,
-                              encode)
+from serving.common.messages import (Cancel, Catalog, Deployed, Depths, Failed, Generate, Hello, Result, Results,
+                                     Tokens, decode_replies, encode)
 
 log = logging.getLogger(__name__)
 COALESCE_S = 0.0005
@@ -78,6 +79,13 @@ class Link:
     streams: dict[int, Stream] = field(default_factory=dict)
     outbox: list = field(default_factory=list)
     flushed: float = 0.0
+
+
+def answer(link: Link, rid: int, reply):
+    """The waiting request's future gets its reply: its outputs (an array), or a message."""
+    future = link.waiting.pop(rid, None)
+    if future is not None and not future.done():
+        future.set_result(reply)
 
 
 class EngineClient:
@@ -241,9 +249,15 @@ class EngineClient:
                     link.queued = reply.queued
                 elif isinstance(reply, Catalog):
                     self.catalogued(link, {d.name: d for d in reply.models})
-                elif (future := link.waiting.pop(reply.id, None)) is not None:
-                    if not future.done():
-                        future.set_result(reply)
+                elif isinstance(reply, Results):  # a batch's answers: each request's rows, a view of one buffer
+                    outputs, start = np.frombuffer(reply.data, np.float32).reshape(-1, reply.width), 0
+                    for rid, n in zip(reply.ids, reply.rows):
+                        answer(link, rid, outputs[start: start + n])
+                        start += n
+                elif isinstance(reply, Result):
+                    answer(link, reply.id, np.frombuffer(reply.data, np.float32).reshape(reply.shape))
+                elif link.waiting.get(reply.id) is not None:
+                    answer(link, reply.id, reply)
                 elif isinstance(reply, Failed) and (stream := link.streams.pop(reply.id, None)):
                     stream.fail(reply)
 

@@ -18,7 +18,7 @@ from starlette.datastructures import State
 from core.repository import MODEL_NAME, VERSION, Tensor, Version
 from serving.common import metrics, tracing
 from serving.common.logs import REQUEST_ID
-from serving.common.messages import Control, Failed, Infer, Result
+from serving.common.messages import Control, Failed, Infer
 from serving.common.settings import Settings
 from serving.frontend import tensors
 from serving.frontend.client import EngineClient, Link
@@ -167,23 +167,23 @@ async def reply_of(client: EngineClient, link: Link, future: asyncio.Future, rid
 
 
 async def infer(state: State, name: str, encode, version: str | None = None, task: str | None = None,
-                receive=None, timeout_s: float | None = None) -> tuple[Version, list[tuple[list[int], bool]], np.ndarray]:
-    """Rows through the engine that serves `name`: encode(version) gives (token ids, truncated)
-    per row with that version's codec. A version swapped out between encoding and arrival (410) is
-    encoded again with the new one, once. Returns the version, the encoded rows and the outputs.
-    receive: an HTTP request's, to watch its client (reply_of); timeout_s: a gRPC client's deadline
-    when it is sooner than the server's own."""
+                receive=None, timeout_s: float | None = None) -> tuple[Version, object, np.ndarray]:
+    """Rows through the engine that serves `name`: encode(version) gives (Rows, what the route
+    wants back of the encoding) with that version's codec. A version swapped out between encoding
+    and arrival (410) is encoded again with the new one, once. Returns the version, what encode
+    gave back, and the outputs. receive: an HTTP request's, to watch its client (reply_of);
+    timeout_s: a gRPC client's deadline when it is sooner than the server's own."""
     timeout = min(state.settings.request_timeout_s, float("inf") if timeout_s is None else timeout_s)
     client = state.engines
     for attempt in range(2):
         link, served_version = served(state, name, version, task)
         with tracing.span("tokenize"):
-            rid, encoded = client.next_id(), encode(served_version)
-        message = Infer(rid, name, served_version.number, [ids for ids, _ in encoded], client.deadline(timeout),
+            rid, (rows, kept) = client.next_id(), encode(served_version)
+        message = Infer(rid, name, served_version.number, rows.ids.data, rows.lengths.data, client.deadline(timeout),
                         tracing.traceparent())
         reply = await reply_of(client, link, client.request(link, message, timeout), rid, receive)
-        if isinstance(reply, Result):
-            return served_version, encoded, np.frombuffer(reply.data, np.float32).reshape(reply.shape)
+        if isinstance(reply, np.ndarray):
+            return served_version, kept, reply
         if reply.status != 410 or attempt:
             raise refusal(reply)
 
@@ -196,9 +196,8 @@ async def infer_tensors(state: State, name: str, inputs: list[tensors.Input], ou
         raise HTTPException(400, f"unknown outputs {outputs}; this model gives logits")
     settings = state.settings
     served_version, _, logits = await infer(
-        state, name, lambda v: [(row, False) for row in tensors.rows_within(
-            inputs, v, settings.max_instances, settings.max_response_bytes)], version, receive=receive,
-        timeout_s=timeout_s)
+        state, name, lambda v: (tensors.rows_within(inputs, v, settings.max_instances, settings.max_response_bytes), None),
+        version, receive=receive, timeout_s=timeout_s)
     return served_version, logits
 
 

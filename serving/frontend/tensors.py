@@ -15,6 +15,7 @@ from fastapi import HTTPException
 from fastapi.responses import Response
 
 from core.repository import Version
+from serving.common.messages import Rows
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 json_encode = msgspec.json.Encoder().encode
@@ -90,14 +91,14 @@ def integers(t: Input) -> np.ndarray:
         raise HTTPException(400, f"input {t.name}: INT64 data must be integers: {e}") from None
 
 
-def rows_within(inputs: list[Input], version: Version, max_instances: int, max_response_bytes: int) -> list[list[int]]:
+def rows_within(inputs: list[Input], version: Version, max_instances: int, max_response_bytes: int) -> Rows:
     """The rows of a V2 request, checked, within the model's rules, the same for every transport:
     a classifier reads at most max_len tokens of a row, and a longer row is refused (V1 cuts a
     text there, but a tensor is never changed); a language model's answer, rows x length x
     vocabulary floats, must fit in max_response_bytes."""
     manifest, vocab = version.manifest, len(version.codec.vocab)
     rows = rows_from(inputs, vocab, max_instances)
-    longest = max(map(len, rows))
+    longest = int(rows.lengths.max())
     if manifest.task == "classifier" and longest > manifest.max_len:
         raise HTTPException(400, f"input_ids: a row of {longest} tokens; this model reads at most max_len "
                                  f"{manifest.max_len} (cut rows to it, as V1 cuts texts)")
@@ -107,8 +108,8 @@ def rows_within(inputs: list[Input], version: Version, max_instances: int, max_r
     return rows
 
 
-def rows_from(inputs: list[Input], vocab_size: int, max_instances: int) -> list[list[int]]:
-    """Check input_ids and lengths and cut input_ids into unpadded rows of token ids."""
+def rows_from(inputs: list[Input], vocab_size: int, max_instances: int) -> Rows:
+    """Check input_ids and lengths; the rows of input_ids without their padding, end to end."""
     tensors = {t.name: t for t in inputs}
     if sorted(tensors) != ["input_ids", "lengths"] or len(inputs) != 2:
         raise HTTPException(400, f"expected inputs input_ids and lengths, got {[t.name for t in inputs]}")
@@ -131,7 +132,7 @@ def rows_from(inputs: list[Input], vocab_size: int, max_instances: int) -> list[
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise HTTPException(400, f"token ids must be within 0..{vocab_size - 1}")
     ids = ids.reshape(batch, seq)
-    return [ids[i, :n].tolist() for i, n in enumerate(lengths.tolist())]
+    return Rows(ids[np.arange(seq) < lengths[:, None]].astype(np.int32), lengths.astype(np.int32))
 
 
 def wants_binary(request) -> bool:

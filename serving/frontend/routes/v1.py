@@ -1,7 +1,8 @@
 """KServe V1 text API: classify texts; list the models."""
 from fastapi import HTTPException, Request
 
-from core.codec import softmax
+from core.codec import TextCodec, softmax
+from serving.common.messages import Rows
 from serving.frontend import service
 from serving.frontend.responses import json_response
 from serving.frontend.schemas import PredictRequest
@@ -26,10 +27,16 @@ async def predict(name: str, body: PredictRequest, request: Request):
             raise HTTPException(413, f"{len(body.instances)} instances; at most {settings.max_instances} per request")
         for i, text in enumerate(body.instances):
             service.check_text(settings, text, f"instance {i}")
-        version, encoded, logits = await service.infer(request.app.state, name, lambda v: [v.codec.encode(t) for t in body.instances],
-                                                       task="classifier", receive=request.receive)
+        version, cuts, logits = await service.infer(request.app.state, name, lambda v: encoded(v.codec, body.instances),
+                                                    task="classifier", receive=request.receive)
         labels = version.manifest.labels
         return json_response({"predictions": [
             {"label": labels[best := max(range(len(p)), key=p.__getitem__)], "score": p[best],
              "probabilities": dict(zip(labels, p)), "truncated": cut}
-            for p, (_, cut) in zip(softmax(logits, axis=1).tolist(), encoded)]})
+            for p, cut in zip(softmax(logits, axis=1).tolist(), cuts)]})
+
+
+def encoded(codec: TextCodec, texts: list[str]) -> tuple[Rows, list[bool]]:
+    """The texts' rows, and which were cut at max_len."""
+    each = [codec.encode(text) for text in texts]
+    return Rows.of([ids for ids, _ in each]), [cut for _, cut in each]
