@@ -6,8 +6,9 @@
    ONNX Runtime call replaced by one that returns zeros (no inference: what is left is the host's
    work: take, decode, queue, pad, split, answer), fed over its ZeroMQ socket by a driver here as
    fast as it answers: requests of 1 text (64 in flight) and of 32 texts (16 in flight), short and
-   long IMDB texts encoded with the model's codec. Reported: the engine thread's CPU (from /proc)
-   per request and per row, with the server's default settings for the CPU.
+   long IMDB texts encoded with the model's codec. Reported: the CPU of the engine's threads (its
+   loop and, where it has one, its device thread; from /proc) per request and per row, with the
+   server's default settings for the CPU.
 2. The whole stack with a model of 8 GRU units (compute next to nothing; --model's vocabulary and
    tokenizer): python -m serving with one front-end and one engine, against a minimal FastAPI app
    with two workers that parses the same body, tokenizes, encodes and answers JSON with no model
@@ -70,6 +71,7 @@ def host_cost(model_dir: Path, rows: dict[str, list[list[int]]], seconds: float)
     thread = threading.Thread(target=run, name="engine", daemon=True)
     thread.start()
     engine.ready.wait(120)
+    tid.append(engine.device.submit(threading.get_native_id).result())  # the device thread's CPU counts too
     name = model_dir.parent.name
     deployment = engine.deployments.current[name]
     no_inference(deployment.runner)
@@ -88,7 +90,7 @@ def host_cost(model_dir: Path, rows: dict[str, list[list[int]]], seconds: float)
             stream = rows[workload]
             texts_of = lambda i: stream[i * per_request % (len(stream) - per_request):][:per_request]
             sent = answered = 0
-            started, cpu0 = time.perf_counter(), thread_cpu_s(tid[0])
+            started, cpu0 = time.perf_counter(), sum(map(thread_cpu_s, tid))
             while time.perf_counter() - started < seconds:
                 more = in_flight - (sent - answered)  # as many as were answered: one frame, as a front-end sends
                 if more:
@@ -97,7 +99,7 @@ def host_cost(model_dir: Path, rows: dict[str, list[list[int]]], seconds: float)
                 answered += answers()
             while answered < sent:
                 answered += answers()
-            wall, cpu = time.perf_counter() - started, thread_cpu_s(tid[0]) - cpu0
+            wall, cpu = time.perf_counter() - started, sum(map(thread_cpu_s, tid)) - cpu0
             out[f"{workload}|{per_request}"] = {
                 "requests": answered, "requests_per_s": answered / wall,
                 "engine_us_per_request": 1e6 * cpu / answered, "engine_us_per_row": 1e6 * cpu / (answered * per_request)}

@@ -2,13 +2,16 @@
 batch run as ONNX Runtime calls, each request answered with its own rows' outputs.
 
 A batch is due when its rows fill max_batch_size or its oldest request has waited
-max_queue_delay_ms; while one batch runs, the next fills by itself. Its rows are sorted by length
-and cut into calls of at most max_batch_size rows and max_batch_tokens padded tokens, each padded
-only to its own longest row. A failing call fails its batch's requests, and only them.
+max_queue_delay_ms. Its rows are sorted by length and cut into calls of at most max_batch_size
+rows and max_batch_tokens padded tokens, each padded only to its own longest row, by the engine's
+loop; the calls run on the device thread (device_thread.py), and while they do, the loop forms and
+pads the next batch (at most MAX_FORMED per model on the device) and the queue fills. A failing
+call fails its batch's requests, and only them.
 """
 import logging
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,9 +19,11 @@ from prometheus_client import Gauge
 
 from serving.common import metrics, tracing
 from serving.common.messages import Failed, Result, Results, Rows
+from serving.engine.device_thread import DeviceThread
 from serving.engine.runner import Runner
 
 log = logging.getLogger(__name__)
+MAX_FORMED = 2  # batches of a model on the device at once: the one computing, and the next, padded, behind it
 
 
 @dataclass(eq=False)
@@ -33,6 +38,18 @@ class Pending:
     cancelled: bool = False
 
 
+Call = tuple[np.ndarray, np.ndarray, np.ndarray]  # the batch's row indices, their (B, T) ids, (B,) lengths
+
+
+@dataclass(eq=False)
+class Formed:
+    """A batch sent to the device, waiting for its outputs."""
+    requests: list[Pending]
+    rows: int
+    calls: list[Call]
+    outputs: Future  # (each call's output, seconds)
+
+
 class Batcher:
     def __init__(self, runner: Runner, depth: Gauge):
         """depth: the rows-waiting gauge in /metrics (an old and a new version of a model add up)."""
@@ -40,6 +57,7 @@ class Batcher:
         self.waiting: deque[Pending] = deque()
         self.rows = 0
         self.by_id: dict[tuple[bytes, int], Pending] = {}  # for cancels
+        self.formed: deque[Formed] = deque()  # batches on the device, oldest first
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -59,9 +77,13 @@ class Batcher:
             if request := self.by_id.pop((sender, i), None):
                 request.cancelled = True
 
+    def busy(self) -> bool:
+        return bool(self.waiting) or bool(self.formed)
+
     def due_in(self, now: float) -> float | None:
-        """Seconds until a batch is due (0: now), None when nothing waits."""
-        if not self.waiting:
+        """Seconds until a batch is due (0: now); None when nothing waits, or when MAX_FORMED batches
+        are on the device (the one that ends wakes the engine)."""
+        if not self.waiting or len(self.formed) >= MAX_FORMED:
             return None
         if self.rows >= self.limits.max_batch_size:
             return 0.0
@@ -85,59 +107,74 @@ class Batcher:
         self.depth.dec(rows)
         return batch
 
-    def run(self, post):
-        """The due batch: its live requests' rows (a cancelled one, or one past its deadline, which
-        the front-end has answered 504 already, is left out) through the model, answered through
-        post(front-end, message): one message per front-end."""
-        now, name = time.monotonic(), self.runner.name
+    def start(self, device: DeviceThread):
+        """Form the due batch and send it to the device: its live requests (a cancelled one, or one
+        past its deadline, which the front-end has answered 504 already, is left out), their rows
+        cut into calls (plan_calls) and padded here, the calls run on the device thread while this
+        one goes on. finish() answers it."""
+        now = time.monotonic()
         batch = [r for r in self.take() if not r.cancelled and r.deadline >= now]
         if not batch:
             return
-        queue_time = metrics.of(metrics.QUEUE_TIME, name)
+        queue_time = metrics.of(metrics.QUEUE_TIME, self.runner.name)
         for request in batch:
             queue_time.observe(now - request.arrived)
         ids = np.concatenate([r.rows.ids for r in batch])
         lengths = np.concatenate([r.rows.lengths for r in batch])
-        started = time.perf_counter()
-        with tracing.batch_span(name, batch, now) as span:
-            try:
-                outputs, padded = self.calls(ids, lengths)
-            except Exception as e:  # a failing batch fails its requests, and only them
-                log.exception("batch of %d rows failed on %s", len(lengths), name)
-                for request in batch:
-                    post(request.sender, Failed(request.id, 500, f"inference failed: {type(e).__name__}: {e}"))
-                return
-            if span:
-                span.set_attributes({"rnnserve.rows": len(lengths), "rnnserve.padded_tokens": padded,
-                                     "rnnserve.tokens": int(lengths.sum())})
-        metrics.of(metrics.INFERENCE_TIME, name).observe(time.perf_counter() - started)
-        answers = results if isinstance(outputs, np.ndarray) else sequences
-        for sender, message in answers(batch, outputs):
-            post(sender, message)
+        starts = np.cumsum(lengths, dtype=np.int64) - lengths
+        calls = [(call, *padded_rows(ids, starts, lengths, call))
+                 for call in plan_calls(lengths, self.limits.max_batch_size, self.limits.max_batch_tokens)]
+        self.formed.append(Formed(batch, len(lengths), calls, device.submit(self.run_calls, batch, calls, now)))
 
-    def calls(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], int]:
-        """The rows (ids end to end, their lengths) through the model in calls (plan_calls): a
-        classifier's (rows, C) logits, a language model's (T_i, V) per row; and the tokens the calls
-        ran with their padding."""
-        name, starts = self.runner.name, np.cumsum(lengths, dtype=np.int64) - lengths
-        outputs, padded = None, 0
-        for call in plan_calls(lengths, self.limits.max_batch_size, self.limits.max_batch_tokens):
-            batch_ids, batch_lengths = padded_rows(ids, starts, lengths, call)
-            out = self.runner.run_call(batch_ids, batch_lengths)
+    def run_calls(self, batch: list[Pending], calls: list[Call], now: float) -> tuple[list[np.ndarray], float]:
+        """On the device thread: each call through ONNX Runtime, in the batch's span; the outputs, and
+        the seconds they took."""
+        started = time.perf_counter()
+        with tracing.batch_span(self.runner.name, batch, now) as span:
+            outputs = [self.runner.run_call(ids, lengths) for _, ids, lengths in calls]
+            if span:
+                span.set_attributes({"rnnserve.rows": sum(len(c) for c, _, _ in calls),
+                                     "rnnserve.padded_tokens": sum(ids.size for _, ids, _ in calls),
+                                     "rnnserve.tokens": sum(int(lengths.sum()) for _, _, lengths in calls)})
+        return outputs, time.perf_counter() - started
+
+    def finish(self, post, wait: bool = False):
+        """Answer the formed batches whose calls are done, oldest first (wait: every formed batch),
+        through post(front-end, message): one message per front-end. A failing batch fails its
+        requests, and only them."""
+        name = self.runner.name
+        while self.formed and (wait or self.formed[0].outputs.done()):
+            formed = self.formed.popleft()
+            try:
+                outputs, seconds = formed.outputs.result()
+                gathered = self.gathered(formed, outputs)
+            except Exception as e:
+                log.exception("batch of %d rows failed on %s", formed.rows, name)
+                for request in formed.requests:
+                    post(request.sender, Failed(request.id, 500, f"inference failed: {type(e).__name__}: {e}"))
+                continue
+            metrics.of(metrics.INFERENCE_TIME, name).observe(seconds)
+            answers = results if isinstance(gathered, np.ndarray) else sequences
+            for sender, message in answers(formed.requests, gathered):
+                post(sender, message)
+
+    def gathered(self, formed: Formed, outputs: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+        """The calls' outputs in the batch's row order: a classifier's (rows, C) logits, a language
+        model's (T_i, V) per row."""
+        name, gathered = self.runner.name, None
+        for (call, ids, lengths), out in zip(formed.calls, outputs):
             if len(out) != len(call):
                 raise RuntimeError(f"{name}: {len(call)} rows in, {len(out)} out")
-            if outputs is None:
-                outputs = np.empty((len(lengths), out.shape[1]), np.float32) if out.ndim == 2 else [None] * len(lengths)
+            if gathered is None:
+                gathered = np.empty((formed.rows, out.shape[1]), np.float32) if out.ndim == 2 else [None] * formed.rows
             if out.ndim == 2:
-                outputs[call] = out
+                gathered[call] = out
             else:  # (B, T, V): each row up to its length
                 for j, i in enumerate(call.tolist()):
-                    outputs[i] = out[j, : batch_lengths[j]]
-            tokens, real = batch_ids.size, int(batch_lengths.sum())
-            padded += tokens
+                    gathered[i] = out[j, : lengths[j]]
             metrics.of(metrics.BATCH_SIZE, name).observe(len(call))
-            metrics.of(metrics.PADDING_RATIO, name).observe(tokens / real - 1)
-        return outputs, padded
+            metrics.of(metrics.PADDING_RATIO, name).observe(ids.size / int(lengths.sum()) - 1)
+        return gathered
 
 
 def padded_rows(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -46,7 +46,7 @@ class Deployment:
         return self.runner.version
 
     def busy(self) -> bool:
-        return bool(self.batcher) or bool(self.lm and self.lm.has_work())
+        return self.batcher.busy() or bool(self.lm and self.lm.has_work())
 
     def release(self):
         """Drop the ONNX Runtime session now, not with the last reference, and give the heap back."""

@@ -6,10 +6,11 @@ over a ZeroMQ ROUTER socket.
 
 The loop, top to bottom: take what arrived (requests join their model's queue, cancels mark
 them, control verbs start loads), swap in versions that finished loading, send the refusals at
-once (with each queue's length, which front-ends shed by), run every batch that is due and one
-step of every language model with work, hand back the results (one frame per front-end), and now
-and then expire sessions, poll the repository and release retired versions. It sleeps only when
-nothing is due.
+once (with each queue's length, which front-ends shed by), answer the batches whose calls are
+done, send every batch that is due to the device thread (device_thread.py: the classifier calls
+run there while the loop goes on), run one step of every language model with work, hand back the
+results (one frame per front-end), and now and then expire sessions, poll the repository and
+release retired versions. It sleeps only when nothing is due, until a message comes or a call ends.
 """
 import logging
 import os
@@ -28,6 +29,7 @@ from serving.common.settings import Settings
 from serving.engine import devices
 from serving.engine.batching import Pending
 from serving.engine.deployments import Deployment, Deployments
+from serving.engine.device_thread import DeviceThread
 from serving.engine.runner import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class Engine:
         self.ready = threading.Event()
         self.next_housekeeping = self.next_poll = 0.0
         self.socket: zmq.Socket | None = None
+        self.device = DeviceThread(f"engine-{index}-device")
+        self.poller = zmq.Poller()
 
     def run(self):
         """Load every model, bind, then serve until stop()."""
@@ -62,6 +66,8 @@ class Engine:
         if self.address.startswith("ipc://") and os.path.exists(self.address[6:]):
             os.unlink(self.address[6:])  # a dead engine's socket file
         self.socket.bind(self.address)
+        self.poller.register(self.socket, zmq.POLLIN)
+        self.poller.register(self.device.done, zmq.POLLIN)
         self.ready.set()
         log.info("engine %d ready on %s: %s", self.index, self.address,
                  ", ".join(f"{d.name} v{d.version} ({d.runner.provider})" for d in self.deployments.all()))
@@ -72,8 +78,9 @@ class Engine:
                 self.flush()  # refusals and answers to control go out now, with the queues as full as they are
                 now = time.monotonic()
                 for deployment in self.deployments.all():
+                    deployment.batcher.finish(self.post)
                     if deployment.batcher.due_in(now) == 0:
-                        deployment.batcher.run(self.post)
+                        deployment.batcher.start(self.device)
                         deployment.last_used = time.monotonic()
                     if deployment.lm and deployment.lm.has_work():
                         replies, firsts = deployment.lm.step()
@@ -83,6 +90,10 @@ class Engine:
                 self.housekeeping()
                 self.flush()
         finally:
+            for deployment in self.deployments.all():  # what is on the device is answered
+                deployment.batcher.finish(self.post, wait=True)
+            self.flush()
+            self.device.close()
             self.socket.close()
             self.deployments.close()
             log.info("engine %d stopped", self.index)
@@ -113,7 +124,10 @@ class Engine:
     # --- take what arrived ---
 
     def take(self, timeout_s: float):
-        if not self.socket.poll(int(timeout_s * 1000) if timeout_s > 0 else 0):
+        events = dict(self.poller.poll(int(timeout_s * 1000) if timeout_s > 0 else 0))
+        if self.device.done in events:
+            self.device.woken()
+        if self.socket not in events:
             return
         while True:
             try:
@@ -235,6 +249,7 @@ class Engine:
             gone = f"{released.name} v{released.version} was unloaded before this request ran; retry"
             for request in released.batcher.take_all():  # past the grace period: told, never left waiting
                 self.post(request.sender, Failed(request.id, 503, gone))
+            released.batcher.finish(self.post, wait=True)
             if released.lm:
                 self.post_all(released.lm.fail(np.array(list(released.lm.streams.values()), np.int64), [], gone))
 
