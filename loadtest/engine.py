@@ -2,13 +2,12 @@
 
     python -m loadtest engine [--model imdb-gru --repository model_repository] [--seconds 5]
 
-1. The engine alone: an engine in this process (a thread, as tests run it) serving --model, its
-   ONNX Runtime call replaced by one that returns zeros (no inference: what is left is the host's
-   work: take, decode, queue, pad, split, answer), fed over its ZeroMQ socket by a driver here as
-   fast as it answers: requests of 1 text (64 in flight) and of 32 texts (16 in flight), short and
-   long IMDB texts encoded with the model's codec. Reported: the CPU of the engine's threads (its
-   loop and, where it has one, its device thread; from /proc) per request and per row, with the
-   server's default settings for the CPU.
+1. The engine alone: the engine in a process of its own serving --model, its ONNX Runtime call
+   replaced by one that returns zeros (no inference: what is left is the host's work: take,
+   decode, queue, pad, split, answer), fed over its ZeroMQ socket by a driver here as fast as it
+   answers: requests of 1 text (64 in flight) and of 32 texts (16 in flight), short and long IMDB
+   texts encoded with the model's codec. Reported: the engine process's CPU (from /proc) per
+   request and per row, with the server's default settings for the CPU.
 2. The whole stack with a model of 8 GRU units (compute next to nothing; --model's vocabulary and
    tokenizer): python -m serving with one front-end and one engine, against a minimal FastAPI app
    with two workers that parses the same body, tokenizes, encodes and answers JSON with no model
@@ -17,9 +16,9 @@
 Writes results.json and results.md under --out.
 """
 import json
+import multiprocessing
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,16 +29,17 @@ from core.repository import latest, read_version
 from loadtest.bench import measure
 from loadtest.servers import cpu_name, free_port, start
 from loadtest.workloads import predict_body, texts
-from serving.common.messages import Catalog, Hello, Infer, Rows, decode_replies, encode
+from serving.common.messages import Catalog, Failed, Hello, Infer, Result, Results, Rows, decode_replies, encode
 from serving.common.settings import Settings
 from serving.engine.engine import Engine
+from serving.engine.runner import Runner
 
 TICK = 100  # os.sysconf("SC_CLK_TCK") on Linux
 POINTS = [("short", 1, 64), ("short", 32, 16), ("long", 1, 64), ("long", 32, 16)]  # workload, texts, in flight
 
 
-def thread_cpu_s(tid: int) -> float:
-    fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
@@ -49,67 +49,68 @@ def request(rid: int, model: str, version: int, rows: list[list[int]]) -> Infer:
     return Infer(rid, model, version, rows.ids.data, rows.lengths.data, time.monotonic() + 60)
 
 
-def no_inference(runner):
-    """The runner's ONNX Runtime call, replaced by zeros of the shape it would answer."""
-    labels = len(runner.manifest.labels)
-    runner.run = lambda ids, lengths, state=None: [np.zeros((len(lengths), labels), np.float32)]
+def answered(frame: bytes) -> int:
+    """Requests a frame from the engine answers: a Results message answers several."""
+    count = 0
+    for m in decode_replies(frame):
+        if isinstance(m, Failed):
+            raise RuntimeError(f"the engine refused request {m.id}: {m.status} {m.error}")
+        count += len(m.ids) if isinstance(m, Results) else isinstance(m, Result)
+    return count
+
+
+def zeros(runner: Runner, ids: np.ndarray, lengths: np.ndarray, state=None) -> list[np.ndarray]:
+    """Runner.run with no inference: zeros of the shape a classifier answers."""
+    return [np.zeros((len(lengths), len(runner.manifest.labels)), np.float32)]
+
+
+def engine_without_inference(repository: Path, address: str):
+    """The engine process: python -m serving.engine's engine, every ONNX Runtime call answered by zeros."""
+    Runner.run = zeros
+    Engine(Settings(repository=repository, engine_addresses=[address], providers=["CPUExecutionProvider"]), address).run()
 
 
 def host_cost(model_dir: Path, rows: dict[str, list[list[int]]], seconds: float) -> dict:
+    """The engine in a process of its own (so that the driver here does not share its GIL) fed as
+    fast as it answers; the process's CPU per request and per row."""
     runtime = tempfile.mkdtemp(prefix="rnnserve-engine-")
-    address = f"ipc://{runtime}/engine-0"
-    repository = Path(runtime) / "repo"
+    address, repository = f"ipc://{runtime}/engine-0", Path(runtime) / "repo"
     repository.mkdir()
-    (repository / model_dir.parent.name).symlink_to(model_dir.parent.resolve())
-    settings = Settings(repository=repository, engine_addresses=[address], providers=["CPUExecutionProvider"])
-    engine, tid = Engine(settings, address), []
-
-    def run():
-        tid.append(threading.get_native_id())
-        engine.run()
-
-    thread = threading.Thread(target=run, name="engine", daemon=True)
-    thread.start()
-    engine.ready.wait(120)
-    tid.append(engine.device.submit(threading.get_native_id).result())  # the device thread's CPU counts too
     name = model_dir.parent.name
-    deployment = engine.deployments.current[name]
-    no_inference(deployment.runner)
+    (repository / name).symlink_to(model_dir.parent.resolve())
+    engine = multiprocessing.get_context("spawn").Process(target=engine_without_inference, args=(repository, address),
+                                                          daemon=True)
+    engine.start()
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.connect(address)
     socket.send(encode([Hello()]))
-    while not any(isinstance(m, Catalog) for m in decode_replies(socket.recv())):
-        pass
-    out = {}
-
-    def answers() -> int:
-        return sum(1 for m in decode_replies(socket.recv()) if not isinstance(m, Catalog))
-
+    catalog = next(m for m in decode_replies(socket.recv()) if isinstance(m, Catalog))
+    version, out = catalog.models[0].version, {}
     try:
         for workload, per_request, in_flight in POINTS:
             stream = rows[workload]
             texts_of = lambda i: stream[i * per_request % (len(stream) - per_request):][:per_request]
-            sent = answered = 0
-            started, cpu0 = time.perf_counter(), sum(map(thread_cpu_s, tid))
+            sent = done = 0
+            started, cpu0 = time.perf_counter(), process_cpu_s(engine.pid)
             while time.perf_counter() - started < seconds:
-                more = in_flight - (sent - answered)  # as many as were answered: one frame, as a front-end sends
+                more = in_flight - (sent - done)  # as many as were answered: one frame, as a front-end sends
                 if more:
-                    socket.send(encode([request(i, name, deployment.version, texts_of(i)) for i in range(sent, sent + more)]))
+                    socket.send(encode([request(i, name, version, texts_of(i)) for i in range(sent, sent + more)]))
                     sent += more
-                answered += answers()
-            while answered < sent:
-                answered += answers()
-            wall, cpu = time.perf_counter() - started, sum(map(thread_cpu_s, tid)) - cpu0
+                done += answered(socket.recv())
+            while done < sent:
+                done += answered(socket.recv())
+            wall, cpu = time.perf_counter() - started, process_cpu_s(engine.pid) - cpu0
             out[f"{workload}|{per_request}"] = {
-                "requests": answered, "requests_per_s": answered / wall,
-                "engine_us_per_request": 1e6 * cpu / answered, "engine_us_per_row": 1e6 * cpu / (answered * per_request)}
-            print(f"engine alone, {workload} texts, {per_request:2d} per request: {answered / wall:8.0f} req/s, "
-                  f"engine CPU {1e6 * cpu / answered:7.1f} us per request, {1e6 * cpu / (answered * per_request):6.2f} "
+                "requests": done, "requests_per_s": done / wall,
+                "engine_us_per_request": 1e6 * cpu / done, "engine_us_per_row": 1e6 * cpu / (done * per_request)}
+            print(f"engine alone, {workload} texts, {per_request:2d} per request: {done / wall:8.0f} req/s, "
+                  f"engine CPU {1e6 * cpu / done:7.1f} us per request, {1e6 * cpu / (done * per_request):6.2f} "
                   "us per row")
     finally:
         socket.close()
-        engine.stop()
-        thread.join(10)
+        engine.terminate()
+        engine.join(10)
     return out
 
 

@@ -5,7 +5,7 @@ and the device's memory after swaps.
 
 Each test runs twice: on a GPU ("cuda": the CUDA execution provider; skipped, saying why, where
 there is none) and on the CPU standing in for the device ("cpu-stand-in": the same server with the
-CUDA limits, calls of up to 1,024 rows through the same I/O binding), so that the path a GPU takes
+CUDA limits and device thread, calls of up to 1,024 rows through the same I/O binding), so that the path a GPU takes
 also runs in CI. `python -m loadtest gpu` runs this file first on a GPU machine.
 """
 import asyncio
@@ -70,9 +70,9 @@ def repository(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=DEVICES)
 def server(request, repository, tmp_path_factory):
     """python -m serving over the trained models: one engine, model control open, the swap model
-    pinned to version 1; on the CPU with the CUDA limits standing in for the device."""
+    pinned to version 1; on the CPU with the CUDA limits and device thread standing in."""
     stand_in = {} if request.param == "cuda" else {
-        "providers": '["CPUExecutionProvider"]', "max_batch_size": ROWS, "max_batch_tokens": TOKENS}
+        "providers": '["CPUExecutionProvider"]', "max_batch_size": ROWS, "max_batch_tokens": TOKENS, "device_thread": "true"}
     log = tmp_path_factory.mktemp("log") / "server.log"
     with log.open("w") as f:
         process, url = serve(repository, log=f, engines=1, control="open", model_versions='{"swap": 1}', **stand_in)

@@ -132,6 +132,23 @@ def test_the_protocol_benchmark_measures_every_protocol_and_tracing_mode_without
     assert results["spans_received"] > 0
 
 
+def test_the_engine_benchmark_measures_the_host_cost_and_the_whole_stack(tmp_path):
+    """python -m loadtest engine end to end on the tiny classifier and 0.3 s points: every point
+    answered, the engine's CPU counted; plumbing, not speed."""
+    tiny_repository(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "loadtest", "engine", "--model", "clf", "--repository",
+                           str(tmp_path / "repo"), "--seconds", "0.3", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["engine_alone"]) == {"short|1", "short|32", "long|1", "long|32"}
+    for point in results["engine_alone"].values():
+        assert point["requests"] > 0 and point["engine_us_per_request"] > 0, point
+    assert set(results["whole_stack"]) == {"rnnserve|1", "rnnserve|32", "minimal FastAPI app|1", "minimal FastAPI app|32"}
+    for key, point in results["whole_stack"].items():
+        assert point["requests"] > 0 and point["errors"] == 0, (key, point)
+
+
 def test_the_gpu_check_says_why_it_cannot_run_and_rehearses_on_the_cpu(tmp_path):
     """python -m loadtest gpu: where no GPU is usable it refuses, saying why; --provider cpu runs
     the same points on tiny models and 0.3 s points (plumbing, not speed)."""

@@ -31,9 +31,10 @@ def repository(tmp_path_factory):
     return tiny_repository(tmp_path_factory.mktemp("serving"))
 
 
-@pytest.fixture(scope="module")
-def server(repository):
-    s = Server(repository, max_queue_delay_ms=5)
+@pytest.fixture(scope="module", params=[False, True], ids=["inline", "device-thread"])
+def server(repository, request):
+    """The calls inline in the engine's loop (the CPU's default) and on its device thread (a GPU's)."""
+    s = Server(repository, max_queue_delay_ms=5, device_thread=request.param)
     yield s
     s.stop()
 
@@ -321,10 +322,12 @@ def test_the_serving_process_imports_no_pytorch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_a_request_whose_client_went_away_is_dropped_before_it_runs(repository):
+@pytest.mark.parametrize("device_thread", [False, True], ids=["inline", "device-thread"])
+def test_a_request_whose_client_went_away_is_dropped_before_it_runs(repository, device_thread):
     """While the model runs a 0.3 s call, a client gives up on its request after 0.1 s in the
-    queue: that request never runs (one sent after it does)."""
-    s = Server(repository, max_batch_size=1, max_queue_delay_ms=0)
+    queue: that request never runs (one sent after it does). On the device thread its batch is
+    formed behind the running one already: it is not run."""
+    s = Server(repository, max_batch_size=1, max_queue_delay_ms=0, device_thread=device_thread)
     seen = slowed(s, "clf", 0.3)
     try:
         async def scenario():

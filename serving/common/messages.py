@@ -147,20 +147,19 @@ decode_requests = msgspec.msgpack.Decoder(list[ToEngine]).decode
 decode_replies = msgspec.msgpack.Decoder(list[ToFrontend]).decode
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rows:
     """Rows of token ids as they travel: one int32 buffer end to end and their lengths, never a
     Python list per row (Infer carries their bytes)."""
     ids: np.ndarray  # (total,) int32
-    lengths: np.ndarray  # (rows,) int32
+    lengths: np.ndarray  # (count,) int32
+    count: int
 
     @classmethod
     def of(cls, rows: list[list[int]]) -> "Rows":
-        return cls(np.fromiter((i for row in rows for i in row), np.int32), np.fromiter(map(len, rows), np.int32, len(rows)))
+        return cls(np.fromiter((i for row in rows for i in row), np.int32),
+                   np.fromiter(map(len, rows), np.int32, len(rows)), len(rows))
 
     @classmethod
     def read(cls, m: Infer) -> "Rows":
-        return cls(np.frombuffer(m.ids, np.int32), np.frombuffer(m.lengths, np.int32))
-
-    def __len__(self) -> int:
-        return len(self.lengths)
+        return cls(np.frombuffer(m.ids, np.int32), np.frombuffer(m.lengths, np.int32), len(m.lengths) // 4)

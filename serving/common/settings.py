@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads per model (on 2 cores one thread "
                                                        "leaves the other to the event loop)")
     spin_wait: bool = Field(False, description="spinning intra-op threads (they compete with the event loop)")
+    device_thread: bool | None = Field(None, description="run classifier calls on a thread beside the engine's loop, "
+                                                         "which forms the next batch meanwhile; unset: on with a GPU, "
+                                                         "off on the CPU (slower on 2 cores: docs/benchmarks.md)")
 
     # dynamic batching
     max_batch_size: int | None = Field(None, ge=1, description="rows per ONNX Runtime call; unset: 16 on the CPU, "

@@ -52,8 +52,10 @@ class Formed:
 
 class Batcher:
     def __init__(self, runner: Runner, depth: Gauge):
-        """depth: the rows-waiting gauge in /metrics (an old and a new version of a model add up)."""
+        """depth: the rows-waiting gauge in /metrics (an old and a new version of a model add up),
+        brought up to date once per loop turn (publish)."""
         self.runner, self.limits, self.depth = runner, runner.limits, depth
+        self.published = 0  # the rows waiting that the gauge counts
         self.waiting: deque[Pending] = deque()
         self.rows = 0
         self.by_id: dict[tuple[bytes, int], Pending] = {}  # for cancels
@@ -68,11 +70,17 @@ class Batcher:
     def put(self, request: Pending):
         self.waiting.append(request)
         self.by_id[request.sender, request.id] = request
-        self.rows += len(request.rows)
-        self.depth.inc(len(request.rows))
+        self.rows += request.rows.count
+
+    def publish(self):
+        """The rows-waiting gauge, brought up to date (once per loop turn, not per request)."""
+        if self.rows != self.published:
+            self.depth.inc(self.rows - self.published)
+            self.published = self.rows
 
     def cancel(self, sender: bytes, ids: list[int]):
-        """The client left or its deadline passed: these requests are dropped when their batch is taken."""
+        """The client left or its deadline passed: these requests are dropped when their batch is
+        formed, and a formed batch whose every request is gone does not run."""
         for i in ids:
             if request := self.by_id.pop((sender, i), None):
                 request.cancelled = True
@@ -90,7 +98,6 @@ class Batcher:
         return max(0.0, self.waiting[0].arrived + self.limits.max_queue_delay_s - now)
 
     def take_all(self) -> list[Pending]:
-        self.depth.dec(self.rows)
         waiting, self.waiting, self.rows, self.by_id = list(self.waiting), deque(), 0, {}
         return waiting
 
@@ -98,13 +105,11 @@ class Batcher:
         """The next batch: requests in arrival order until their rows fill max_batch_size (at least
         one request)."""
         batch, rows = [], 0
-        while self.waiting and (not batch or rows + len(self.waiting[0].rows) <= self.limits.max_batch_size):
+        while self.waiting and (not batch or rows + self.waiting[0].rows.count <= self.limits.max_batch_size):
             request = self.waiting.popleft()
-            self.by_id.pop((request.sender, request.id), None)
             batch.append(request)
-            rows += len(request.rows)
+            rows += request.rows.count
         self.rows -= rows
-        self.depth.dec(rows)
         return batch
 
     def start(self, device: DeviceThread):
@@ -112,24 +117,30 @@ class Batcher:
         past its deadline, which the front-end has answered 504 already, is left out), their rows
         cut into calls (plan_calls) and padded here, the calls run on the device thread while this
         one goes on. finish() answers it."""
-        now = time.monotonic()
-        batch = [r for r in self.take() if not r.cancelled and r.deadline >= now]
+        now, batch = time.monotonic(), []
+        for request in self.take():
+            if not request.cancelled and request.deadline >= now:
+                batch.append(request)  # it stays in by_id until answered: a cancel may still stop its batch
+            else:
+                self.by_id.pop((request.sender, request.id), None)
         if not batch:
             return
         queue_time = metrics.of(metrics.QUEUE_TIME, self.runner.name)
         for request in batch:
             queue_time.observe(now - request.arrived)
-        ids = np.concatenate([r.rows.ids for r in batch])
-        lengths = np.concatenate([r.rows.lengths for r in batch])
-        starts = np.cumsum(lengths, dtype=np.int64) - lengths
-        calls = [(call, *padded_rows(ids, starts, lengths, call))
+        lengths = np.concatenate([r.rows.lengths for r in batch]).astype(np.int64)
+        padded = padded_rows(np.concatenate([r.rows.ids for r in batch]), lengths)
+        calls = [(call, padded[call, : lengths[call[-1]]], lengths[call])  # ascending: its last row is its longest
                  for call in plan_calls(lengths, self.limits.max_batch_size, self.limits.max_batch_tokens)]
         self.formed.append(Formed(batch, len(lengths), calls, device.submit(self.run_calls, batch, calls, now)))
 
-    def run_calls(self, batch: list[Pending], calls: list[Call], now: float) -> tuple[list[np.ndarray], float]:
+    def run_calls(self, batch: list[Pending], calls: list[Call], now: float) -> tuple[list[np.ndarray] | None, float]:
         """On the device thread: each call through ONNX Runtime, in the batch's span; the outputs, and
-        the seconds they took."""
+        the seconds they took; none when every request of the batch was cancelled or timed out while
+        it waited behind the batch before it."""
         started = time.perf_counter()
+        if all(r.cancelled or r.deadline < time.monotonic() for r in batch):
+            return None, 0.0
         with tracing.batch_span(self.runner.name, batch, now) as span:
             outputs = [self.runner.run_call(ids, lengths) for _, ids, lengths in calls]
             if span:
@@ -145,8 +156,12 @@ class Batcher:
         name = self.runner.name
         while self.formed and (wait or self.formed[0].outputs.done()):
             formed = self.formed.popleft()
+            for request in formed.requests:
+                self.by_id.pop((request.sender, request.id), None)
             try:
                 outputs, seconds = formed.outputs.result()
+                if outputs is None:  # nobody waits for it: the front-ends answered (504) or dropped them
+                    continue
                 gathered = self.gathered(formed, outputs)
             except Exception as e:
                 log.exception("batch of %d rows failed on %s", formed.rows, name)
@@ -177,14 +192,12 @@ class Batcher:
         return gathered
 
 
-def padded_rows(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Some rows of a batch (their indices), right-padded with 0 by one scatter: (B, T) int64 ids and
-    (B,) int64 lengths, as the graph takes them."""
-    lens = lengths[rows].astype(np.int64)
-    out = np.zeros((len(rows), int(lens.max())), np.int64)
-    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # each token's place in its row
-    out[np.repeat(np.arange(len(rows)), lens), within] = ids[np.repeat(starts[rows], lens) + within]
-    return out, lens
+def padded_rows(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Rows end to end (their lengths) right-padded with 0 by one scatter, (rows, longest) int64 as
+    the graph takes them: a boolean mask fills in row-major order, the order the ids come in."""
+    padded = np.zeros((len(lengths), int(lengths.max())), np.int64)
+    padded[np.arange(padded.shape[1]) < lengths[:, None]] = ids
+    return padded
 
 
 def results(batch: list[Pending], outputs: np.ndarray):
@@ -192,7 +205,7 @@ def results(batch: list[Pending], outputs: np.ndarray):
     mine: dict[bytes, tuple[list[int], list[int], list[np.ndarray]]] = {}
     start = 0
     for request in batch:
-        n = len(request.rows)
+        n = request.rows.count
         ids, counts, parts = mine.setdefault(request.sender, ([], [], []))
         ids.append(request.id)
         counts.append(n)
@@ -207,7 +220,7 @@ def sequences(batch: list[Pending], outputs: list[np.ndarray]):
     """A language model's answers (V2 infer): per request (n, T, V), zero past each row's length."""
     start = 0
     for request in batch:
-        mine = outputs[start: start + len(request.rows)]
+        mine = outputs[start: start + request.rows.count]
         data = np.zeros((len(mine), max(len(o) for o in mine), mine[0].shape[-1]), np.float32)
         for i, out in enumerate(mine):
             data[i, : len(out)] = out

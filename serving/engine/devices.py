@@ -33,6 +33,11 @@ def visible_gpus() -> int:
     return devices
 
 
+def gpu_asked_and_visible(providers: list[str]) -> bool:
+    """Whether an engine with these providers runs on a GPU: CUDA asked for, built and a GPU visible."""
+    return CUDA in providers and cuda_built() and visible_gpus() > 0
+
+
 def cuda_built() -> bool:
     """Whether this ONNX Runtime has the CUDA execution provider (the GPU wheel)."""
     return CUDA in ort.get_available_providers()

@@ -51,7 +51,9 @@ class Engine:
         self.ready = threading.Event()
         self.next_housekeeping = self.next_poll = 0.0
         self.socket: zmq.Socket | None = None
-        self.device = DeviceThread(f"engine-{index}-device")
+        threaded = settings.device_thread
+        self.device = DeviceThread(f"engine-{index}-device", devices.gpu_asked_and_visible(settings.providers)
+                                   if threaded is None else threaded)
         self.poller = zmq.Poller()
 
     def run(self):
@@ -75,13 +77,16 @@ class Engine:
             while not self.stopping.is_set():
                 self.take(self.wait_s())
                 self.finish_loads()
-                self.flush()  # refusals and answers to control go out now, with the queues as full as they are
+                for deployment in self.deployments.all():
+                    deployment.batcher.finish(self.post)  # the batches the device thread has done
+                self.flush()  # refusals, answers to control and those go out now, with the queues as full as they are
                 now = time.monotonic()
                 for deployment in self.deployments.all():
-                    deployment.batcher.finish(self.post)
                     if deployment.batcher.due_in(now) == 0:
                         deployment.batcher.start(self.device)
+                        deployment.batcher.finish(self.post)  # inline, it is done
                         deployment.last_used = time.monotonic()
+                    deployment.batcher.publish()
                     if deployment.lm and deployment.lm.has_work():
                         replies, firsts = deployment.lm.step()
                         self.post_all(replies)
@@ -250,6 +255,7 @@ class Engine:
             for request in released.batcher.take_all():  # past the grace period: told, never left waiting
                 self.post(request.sender, Failed(request.id, 503, gone))
             released.batcher.finish(self.post, wait=True)
+            released.batcher.publish()
             if released.lm:
                 self.post_all(released.lm.fail(np.array(list(released.lm.streams.values()), np.int64), [], gone))
 

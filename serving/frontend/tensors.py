@@ -102,8 +102,8 @@ def rows_within(inputs: list[Input], version: Version, max_instances: int, max_r
     if manifest.task == "classifier" and longest > manifest.max_len:
         raise HTTPException(400, f"input_ids: a row of {longest} tokens; this model reads at most max_len "
                                  f"{manifest.max_len} (cut rows to it, as V1 cuts texts)")
-    if manifest.task == "lm" and (size := len(rows) * longest * vocab * 4) > max_response_bytes:
-        raise HTTPException(413, f"the answer would be {size} bytes ({len(rows)} rows x {longest} tokens x {vocab} "
+    if manifest.task == "lm" and (size := rows.count * longest * vocab * 4) > max_response_bytes:
+        raise HTTPException(413, f"the answer would be {size} bytes ({rows.count} rows x {longest} tokens x {vocab} "
                                  f"logits); at most {max_response_bytes} (RNNSERVE_MAX_RESPONSE_BYTES)")
     return rows
 
@@ -132,7 +132,7 @@ def rows_from(inputs: list[Input], vocab_size: int, max_instances: int) -> Rows:
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise HTTPException(400, f"token ids must be within 0..{vocab_size - 1}")
     ids = ids.reshape(batch, seq)
-    return Rows(ids[np.arange(seq) < lengths[:, None]].astype(np.int32), lengths.astype(np.int32))
+    return Rows(ids[np.arange(seq) < lengths[:, None]].astype(np.int32), lengths.astype(np.int32), batch)
 
 
 def wants_binary(request) -> bool:
