@@ -4,9 +4,9 @@ batch run as ONNX Runtime calls, each request answered with its own rows' output
 A batch is due when its rows fill max_batch_size or its oldest request has waited
 max_queue_delay_ms. Its rows are sorted by length and cut into calls of at most max_batch_size
 rows and max_batch_tokens padded tokens, each padded only to its own longest row, by the engine's
-loop; the calls run on the device thread (device_thread.py), and while they do, the loop forms and
-pads the next batch (at most MAX_FORMED per model on the device) and the queue fills. A failing
-call fails its batch's requests, and only them.
+loop. The calls run on the device (device_thread.py: a thread beside the loop with a GPU, inline on
+the CPU); on the thread, while they run the loop forms and pads the next batch (at most MAX_FORMED
+per model on the device). A failing call fails its batch's requests, and only them.
 """
 import logging
 import time
@@ -115,8 +115,8 @@ class Batcher:
     def start(self, device: DeviceThread):
         """Form the due batch and send it to the device: its live requests (a cancelled one, or one
         past its deadline, which the front-end has answered 504 already, is left out), their rows
-        cut into calls (plan_calls) and padded here, the calls run on the device thread while this
-        one goes on. finish() answers it."""
+        cut into calls (plan_calls) and padded here, the calls run on the device (device_thread.py).
+        finish() answers it."""
         now, batch = time.monotonic(), []
         for request in self.take():
             if not request.cancelled and request.deadline >= now:

@@ -7,8 +7,8 @@ over a ZeroMQ ROUTER socket.
 The loop, top to bottom: take what arrived (requests join their model's queue, cancels mark
 them, control verbs start loads), swap in versions that finished loading, send the refusals at
 once (with each queue's length, which front-ends shed by), answer the batches whose calls are
-done, send every batch that is due to the device thread (device_thread.py: the classifier calls
-run there while the loop goes on), run one step of every language model with work, hand back the
+done, send every batch that is due to the device (device_thread.py: with a GPU a thread beside
+the loop runs the classifier calls while the loop goes on; on the CPU they run inline), run one step of every language model with work, hand back the
 results (one frame per front-end), and now and then expire sessions, poll the repository and
 release retired versions. It sleeps only when nothing is due, until a message comes or a call ends.
 """
