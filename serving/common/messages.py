@@ -6,6 +6,7 @@ engine sends, per front-end, what one batch or one generation step produced. Dea
 time.monotonic() values: every process on a machine reads the same clock.
 """
 from dataclasses import dataclass
+from itertools import chain
 
 import msgspec
 import numpy as np
@@ -157,8 +158,8 @@ class Rows:
 
     @classmethod
     def of(cls, rows: list[list[int]]) -> "Rows":
-        return cls(np.fromiter((i for row in rows for i in row), np.int32),
-                   np.fromiter(map(len, rows), np.int32, len(rows)), len(rows))
+        return cls(np.fromiter(chain.from_iterable(rows), np.int32), np.fromiter(map(len, rows), np.int32, len(rows)),
+                   len(rows))
 
     @classmethod
     def read(cls, m: Infer) -> "Rows":
