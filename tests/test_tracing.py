@@ -57,11 +57,18 @@ def spans_under(receiver: Receiver, caller: str, names: set, timeout_s: float = 
         time.sleep(0.1)
 
 
-def batch_of(receiver: Receiver, queued) -> object:
-    """The batch span the queued span links to."""
+def batch_of(receiver: Receiver, queued, timeout_s: float = 10) -> object:
+    """The batch span the queued span links to, once it has arrived: the engine's exporter may send
+    it in a later export than the queued span, which ends first."""
     (link,) = queued.links
-    with receiver.lock:
-        return next(s for _, s in receiver.spans if s.name == "batch" and s.span_id == link.span_id)
+    deadline = time.time() + timeout_s
+    while True:
+        with receiver.lock:
+            found = [s for _, s in receiver.spans if s.name == "batch" and s.span_id == link.span_id]
+        if found or time.time() > deadline:
+            assert found, f"no batch span {link.span_id.hex()} within {timeout_s}s"
+            return found[0]
+        time.sleep(0.05)
 
 
 def attributes(span) -> dict:
