@@ -131,16 +131,16 @@ class Server:
 
 
 def serve(repository: Path, *args: str, log=subprocess.DEVNULL, wait_for: str = "/v2/health/ready",
-          **settings) -> tuple[subprocess.Popen, str]:
+          ready_timeout_s: float = 60, **settings) -> tuple[subprocess.Popen, str]:
     """python -m serving over `repository` on a free port, with command-line `args` and
-    RNNSERVE_<NAME> settings; returns once wait_for answers 200. Without a drain window unless one
-    is asked for: the tests that stop it do not wait one out."""
+    RNNSERVE_<NAME> settings; returns once wait_for answers 200 (within ready_timeout_s). Without a
+    drain window unless one is asked for: the tests that stop it do not wait one out."""
     port = free_port()
     env = os.environ | {f"RNNSERVE_{k.upper()}": str(v) for k, v in ({"drain_s": 0} | settings).items()}
     process = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
                                 "--port", str(port), *args], env=env, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, path=wait_for)
+    wait_ready(url, ready_timeout_s, wait_for)
     return process, url
 
 

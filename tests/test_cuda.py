@@ -74,8 +74,11 @@ def server(request, repository, tmp_path_factory):
     stand_in = {} if request.param == "cuda" else {
         "providers": '["CPUExecutionProvider"]', "max_batch_size": ROWS, "max_batch_tokens": TOKENS, "device_thread": "true"}
     log = tmp_path_factory.mktemp("log") / "server.log"
-    with log.open("w") as f:
-        process, url = serve(repository, log=f, engines=1, control="open", model_versions='{"swap": 1}', **stand_in)
+    started = time.monotonic()
+    with log.open("w") as f:  # the warm-up runs 1,024-row calls of every model, the encoder's too: minutes on 2 cores
+        process, url = serve(repository, log=f, engines=1, control="open", model_versions='{"swap": 1}',
+                             ready_timeout_s=600, **stand_in)
+    print(f"{request.param}: ready in {time.monotonic() - started:.1f}s")
     yield request.param, url, process, log
     process.terminate()
     process.wait(30)
