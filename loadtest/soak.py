@@ -7,9 +7,10 @@ a killed engine, and every process's memory sampled as it goes.
 Starts `python -m serving` (default settings, model control open) over --repository and, window
 after window (--window-s), sends at once: the seeded short IMDB stream to --model from --users
 keep-alive connections, streamed generations of 100 tokens to --lm from a quarter as many, and
-sequence sessions (open, three steps, close) from a quarter as many. Every --reload-every-s it
-swaps --model and --lm in under load (a load call: the version is read, warmed and swapped in on
-every engine); at --kill-engine-at of the run it SIGKILLs engine 0, which the server restarts.
+sequence sessions (open, three steps, close) from a quarter as many. Every --reload-every-s,
+between two windows (no load running), it swaps --model and --lm in (a load call: the version is
+read, warmed and swapped in on every engine); at --kill-engine-at of the run, halfway through a
+window (under load), it SIGKILLs engine 0, which the server restarts.
 Each window records, per kind of request, the requests sent and answered (an answer is any HTTP
 status; a request without one, such as a reset connection or a timeout, is lost), the statuses,
 requests/s, p50/p99, and each process's resident memory (RSS). Not in CI: it takes minutes.
@@ -154,7 +155,7 @@ def markdown(r: dict) -> str:
     roles = sorted({p["role"] for w in r["windows"] for p in w["processes"].values()})
     lines = [f"Soak: {r['model']} and {r['lm']}, {r['users']} predict users (and a quarter as many streaming and "
              f"session users), {r['minutes']} min, {r['cpu']}; {r['answered']} requests answered, {r['lost']} lost, "
-             f"{r['reloads']} swaps of both models under load; engine 0 killed (pid {r['killed_engine_pid']}).",
+             f"{r['reloads']} swaps of both models between windows; engine 0 killed (pid {r['killed_engine_pid']}).",
              "Largest RSS after a process's first minute / its RSS then: " + ", ".join(
                  f"{k} {v:.3f}" for k, v in r["rss_drift"].items()) + ".", "",
              "| minute | predict/s | p99 ms | stream/s | session calls/s | non-200 | lost | "

@@ -140,7 +140,12 @@ def serve(repository: Path, *args: str, log=subprocess.DEVNULL, wait_for: str = 
     process = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
                                 "--port", str(port), *args], env=env, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, ready_timeout_s, wait_for)
+    try:
+        wait_ready(url, ready_timeout_s, wait_for)
+    except RuntimeError:  # not left running behind a failed fixture
+        process.terminate()
+        process.wait(30)
+        raise
     return process, url
 
 

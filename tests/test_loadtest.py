@@ -172,7 +172,7 @@ def test_the_gpu_check_says_why_it_cannot_run_and_rehearses_on_the_cpu(tmp_path)
 
 def test_a_short_soak_loses_nothing_through_swaps_and_a_killed_engine(tmp_path):
     """python -m loadtest soak on tiny models for 30 s: predicts, streams and sessions at once,
-    both models swapped under load, engine 0 killed halfway: every request gets an answer."""
+    both models swapped between windows, engine 0 killed under load halfway: every request gets an answer."""
     tiny_repository(tmp_path)
     done = subprocess.run([sys.executable, "-m", "loadtest", "soak", "--model", "clf", "--lm", "lm", "--repository",
                            str(tmp_path / "repo"), "--minutes", "0.5", "--window-s", "5", "--users", "8",
