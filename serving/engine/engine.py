@@ -78,6 +78,7 @@ class Engine:
                 self.take(self.wait_s())
                 self.finish_loads()
                 for deployment in self.deployments.all():
+                    deployment.batcher.publish()  # the rows that arrived count as waiting before anything runs
                     deployment.batcher.finish(self.post)  # the batches the device thread has done
                 self.flush()  # refusals, answers to control and those go out now, with the queues as full as they are
                 now = time.monotonic()
