@@ -154,13 +154,15 @@ class Rows:
     Python list per row (Infer carries their bytes)."""
     ids: np.ndarray  # (total,) int32
     lengths: np.ndarray  # (count,) int32
-    count: int
+
+    @property
+    def count(self) -> int:
+        return len(self.lengths)
 
     @classmethod
     def of(cls, rows: list[list[int]]) -> "Rows":
-        return cls(np.fromiter(chain.from_iterable(rows), np.int32), np.fromiter(map(len, rows), np.int32, len(rows)),
-                   len(rows))
+        return cls(np.fromiter(chain.from_iterable(rows), np.int32), np.fromiter(map(len, rows), np.int32, len(rows)))
 
     @classmethod
     def read(cls, m: Infer) -> "Rows":
-        return cls(np.frombuffer(m.ids, np.int32), np.frombuffer(m.lengths, np.int32), len(m.lengths) // 4)
+        return cls(np.frombuffer(m.ids, np.int32), np.frombuffer(m.lengths, np.int32))

@@ -138,9 +138,9 @@ class Batcher:
         """On the device thread: each call through ONNX Runtime, in the batch's span; the outputs, and
         the seconds they took; none when every request of the batch was cancelled or timed out while
         it waited behind the batch before it."""
-        started = time.perf_counter()
         if all(r.cancelled or r.deadline < time.monotonic() for r in batch):
             return None, 0.0
+        started = time.perf_counter()
         with tracing.batch_span(self.runner.name, batch, now) as span:
             outputs = [self.runner.run_call(ids, lengths) for _, ids, lengths in calls]
             if span:

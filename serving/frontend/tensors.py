@@ -132,7 +132,7 @@ def rows_from(inputs: list[Input], vocab_size: int, max_instances: int) -> Rows:
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise HTTPException(400, f"token ids must be within 0..{vocab_size - 1}")
     ids = ids.reshape(batch, seq)
-    return Rows(ids[np.arange(seq) < lengths[:, None]].astype(np.int32), lengths.astype(np.int32), batch)
+    return Rows(ids[np.arange(seq) < lengths[:, None]].astype(np.int32), lengths.astype(np.int32))
 
 
 def wants_binary(request) -> bool:
