@@ -440,13 +440,15 @@ def test_a_models_own_queue_limit_sheds_at_the_front_door_before_the_body(reposi
     shutil.copytree(repository, repo)
     (repo / "clf" / "config.json").write_text(json.dumps({"max_queue_size": 2, "max_batch_size": 1}))
     s = Server(repo, body_timeout_s=5)
-    slowed(s, "clf", 1.0)
+    slowed(s, "clf", 2.0)
     try:
         async def fill():
             async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
                 posts = [asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ["good"]}))
                          for _ in range(6)]
-                while sum(p.done() for p in posts) < 4:  # the engine holds two, refuses four, says its queue is full
+                # The engine runs one (2 s) and queues two, or queues two: either way it refuses the rest,
+                # and its first refusal comes with the depth that says its queue is full.
+                while not any(p.done() and p.result().status_code == 503 for p in posts):
                     await asyncio.sleep(0.01)
                 answer, waited = await asyncio.to_thread(raw_request, s.url, b"POST /v1/models/clf:predict HTTP/1.1\r\n"
                                                          b"Host: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
