@@ -162,7 +162,3 @@ class Rows:
     @classmethod
     def of(cls, rows: list[list[int]]) -> "Rows":
         return cls(np.fromiter(chain.from_iterable(rows), np.int32), np.fromiter(map(len, rows), np.int32, len(rows)))
-
-    @classmethod
-    def read(cls, m: Infer) -> "Rows":
-        return cls(np.frombuffer(m.ids, np.int32), np.frombuffer(m.lengths, np.int32))

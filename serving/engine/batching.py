@@ -18,7 +18,7 @@ import numpy as np
 from prometheus_client import Gauge
 
 from serving.common import metrics, tracing
-from serving.common.messages import Failed, Result, Results, Rows
+from serving.common.messages import Failed, Result, Results
 from serving.engine.device_thread import DeviceThread
 from serving.engine.runner import Runner
 
@@ -31,7 +31,9 @@ class Pending:
     """One request waiting for its rows' outputs."""
     sender: bytes  # the front-end's socket identity
     id: int
-    rows: Rows
+    ids: bytes  # its rows' token ids end to end, int32, as Infer carried them (Rows)
+    lengths: bytes  # each row's length, int32
+    count: int  # rows
     deadline: float
     arrived: float
     trace: str = ""  # its traceparent: the queued span's parent (serving/common/tracing.py)
@@ -70,7 +72,7 @@ class Batcher:
     def put(self, request: Pending):
         self.waiting.append(request)
         self.by_id[request.sender, request.id] = request
-        self.rows += request.rows.count
+        self.rows += request.count
 
     def publish(self):
         """The rows-waiting gauge, brought up to date (once per loop turn, not per request)."""
@@ -105,10 +107,10 @@ class Batcher:
         """The next batch: requests in arrival order until their rows fill max_batch_size (at least
         one request)."""
         batch, rows = [], 0
-        while self.waiting and (not batch or rows + self.waiting[0].rows.count <= self.limits.max_batch_size):
+        while self.waiting and (not batch or rows + self.waiting[0].count <= self.limits.max_batch_size):
             request = self.waiting.popleft()
             batch.append(request)
-            rows += request.rows.count
+            rows += request.count
         self.rows -= rows
         return batch
 
@@ -128,8 +130,8 @@ class Batcher:
         queue_time = metrics.of(metrics.QUEUE_TIME, self.runner.name)
         for request in batch:
             queue_time.observe(now - request.arrived)
-        lengths = np.concatenate([r.rows.lengths for r in batch]).astype(np.int64)
-        padded = padded_rows(np.concatenate([r.rows.ids for r in batch]), lengths)
+        lengths = np.frombuffer(b"".join([r.lengths for r in batch]), np.int32).astype(np.int64)
+        padded = padded_rows(np.frombuffer(b"".join([r.ids for r in batch]), np.int32), lengths)
         calls = [(call, padded[call, : lengths[call[-1]]], lengths[call])  # ascending: its last row is its longest
                  for call in plan_calls(lengths, self.limits.max_batch_size, self.limits.max_batch_tokens)]
         self.formed.append(Formed(batch, len(lengths), calls, device.submit(self.run_calls, batch, calls, now)))
@@ -205,7 +207,7 @@ def results(batch: list[Pending], outputs: np.ndarray):
     mine: dict[bytes, tuple[list[int], list[int], list[np.ndarray]]] = {}
     start = 0
     for request in batch:
-        n = request.rows.count
+        n = request.count
         ids, counts, parts = mine.setdefault(request.sender, ([], [], []))
         ids.append(request.id)
         counts.append(n)
@@ -220,7 +222,7 @@ def sequences(batch: list[Pending], outputs: list[np.ndarray]):
     """A language model's answers (V2 infer): per request (n, T, V), zero past each row's length."""
     start = 0
     for request in batch:
-        mine = outputs[start: start + request.rows.count]
+        mine = outputs[start: start + request.count]
         data = np.zeros((len(mine), max(len(o) for o in mine), mine[0].shape[-1]), np.float32)
         for i, out in enumerate(mine):
             data[i, : len(out)] = out

@@ -23,7 +23,7 @@ import zmq
 
 from core.repository import UnknownModel
 from serving.common.messages import (Cancel, Catalog, CloseSession, Control, Deployed, Depths, Done, Failed, Generate,
-                                     Hello, Infer, OpenSession, Rows, SessionOpened, Step, Tokens, decode_requests,
+                                     Hello, Infer, OpenSession, SessionOpened, Step, Tokens, decode_requests,
                                      encode)
 from serving.common.settings import Settings
 from serving.engine import devices
@@ -155,7 +155,7 @@ class Engine:
             if deployment.batcher.full():
                 return self.post(sender, Failed(m.id, 503, f"model {m.model!r} has {len(deployment.batcher)} "
                                                            "requests waiting; retry shortly"))
-            request = Pending(sender, m.id, Rows.read(m), m.deadline, time.monotonic(), m.trace)
+            request = Pending(sender, m.id, m.ids, m.lengths, len(m.lengths) // 4, m.deadline, time.monotonic(), m.trace)
             deployment.batcher.put(request)
         elif isinstance(m, Cancel):
             for deployment in self.deployments.all():
