@@ -1,6 +1,6 @@
 """KServe V2 over gRPC (inference.GRPCInferenceService) in every front-end, on RNNSERVE_GRPC_PORT:
-health, metadata, ModelInfer with raw_input_contents / raw_output_contents, and the repository
-extension. It translates to and from the request path REST takes too (serving/frontend/service.py):
+health, metadata, ModelInfer with raw_input_contents / raw_output_contents, the repository
+extension, and ModelStreamInfer: Triton's decoupled streaming of generated text (grpc_stream.py). It translates to and from the request path REST takes too (serving/frontend/service.py):
 the same engines and batches, checks, token (as `authorization` metadata), counts, and errors (as
 gRPC status codes: CODES).
 
@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
 
 from serving.common import tracing
 from serving.common.logs import start_request
-from serving.frontend import service, tensors
+from serving.frontend import grpc_stream, service, tensors
 from serving.frontend.access import NEEDS_TOKEN, bearer_matches, control_closed, token_of
 
 log = logging.getLogger(__name__)
@@ -109,26 +109,44 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
     @rpc("inference")
     async def ModelInfer(self, request, context):
         """Logits for right-padded input_ids and lengths, batched with every other request."""
-        name = request.model_name
         client = getattr(self.state, "engines", None)
-        with service.counted(client, name, "grpc_infer") as outcome:
+        with service.counted(client, request.model_name, "grpc_infer") as outcome:
             try:
-                if full := service.shed(service.engines(self.state), name):
-                    raise full
-                version, logits = await service.infer_tensors(
-                    self.state, name, inputs_of(request), [o.name for o in request.outputs],
-                    request.model_version or None, timeout_s=context.time_remaining())
+                response = await self.infer(request, context.time_remaining())
                 outcome.status = 200
-                return pb.ModelInferResponse(
-                    model_name=name, model_version=str(version.number), id=request.id,
-                    outputs=[pb.ModelInferResponse.InferOutputTensor(name="logits", datatype="FP32", shape=logits.shape)],
-                    raw_output_contents=[logits.astype("<f4", copy=False).tobytes()])
+                return response
             except HTTPException as e:
                 outcome.status = STATUSES[CODES.get(e.status_code, grpc.StatusCode.INTERNAL)]
                 raise
             except asyncio.CancelledError:
                 outcome.status = STATUSES[grpc.StatusCode.CANCELLED]
                 raise
+
+    async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None) -> pb.ModelInferResponse:
+        name = request.model_name
+        if full := service.shed(service.engines(self.state), name):
+            raise full
+        version, logits = await service.infer_tensors(self.state, name, inputs_of(request), [o.name for o in request.outputs],
+                                                      request.model_version or None, timeout_s=timeout_s)
+        return pb.ModelInferResponse(
+            model_name=name, model_version=str(version.number), id=request.id,
+            outputs=[pb.ModelInferResponse.InferOutputTensor(name="logits", datatype="FP32", shape=logits.shape)],
+            raw_output_contents=[logits.astype("<f4", copy=False).tobytes()])
+
+    async def ModelStreamInfer(self, requests, context):
+        """Triton's decoupled streaming: generation's text as it comes (serving/frontend/grpc_stream.py).
+        The token, when inference needs one, is checked once for the stream."""
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = start_request(metadata.get("x-request-id", ""))
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        try:
+            self.check("inference", metadata.get("authorization", "").encode("latin-1"))
+        except HTTPException as e:
+            await context.abort(CODES[e.status_code], f"{e.detail} (request {request_id})")
+        with tracing.server_span("inference.GRPCInferenceService/ModelStreamInfer", metadata, **{
+                "rpc.system": "grpc", "rpc.method": "ModelStreamInfer", "rnnserve.request_id": request_id}):
+            async for response in grpc_stream.serve(self.state, requests, self.infer):
+                yield response
 
     @rpc("control")
     async def RepositoryIndex(self, request, context):
@@ -156,7 +174,7 @@ async def unimplemented(self, request, context):
 
 
 for _name in set(vars(service_pb2_grpc.GRPCInferenceServiceServicer)) - set(vars(Service)):  # statistics,
-    if not _name.startswith("_"):  # shared memory, trace and log settings, the streaming infer
+    if not _name.startswith("_"):  # shared memory, trace and log settings
         setattr(Service, _name, unimplemented)
 
 

@@ -1,7 +1,7 @@
 """Request and response models of the APIs (they are the OpenAPI schema at /docs)."""
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Request(BaseModel):
@@ -107,6 +107,43 @@ class GenerateResponse(BaseModel):
     finish_reason: str = Field(description="length | stop")
     prompt_tokens: int
     unknown_prompt_tokens: int = Field(description="prompt tokens outside the vocabulary, read as <unk>")
+
+
+class TritonParameters(Request):
+    """Sampling as Triton's LLM backends name it (vLLM's sampling_parameters)."""
+    max_tokens: int = Field(100, ge=1, description="tokens to generate (:generate's max_new_tokens)")
+    temperature: float = Field(1.0, ge=0, description="0 is greedy")
+    top_k: int = Field(0, ge=-1, description="0 or -1 (vLLM's): no top-k filter")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, description="the same seed gives the same text, as :generate's does")
+    stop: list[str] | str = Field([], description="stop at the first of these; it is not part of the text")
+    stream: bool | None = Field(None, description="true only on generate_stream (unset: the endpoint decides); "
+                                                  "false there: one event with the whole answer")
+    exclude_input_in_output: bool = Field(False, description="a whole answer's text_output without the prompt "
+                                                             "(a stream's events never repeat it)")
+
+
+class TritonGenerateRequest(Request):
+    """Triton's generate extension: the text and its parameters, which may also stand at the top
+    level of the body (as Triton passes a body's other keys on)."""
+    text_input: str = Field(min_length=1)
+    parameters: TritonParameters = Field(default_factory=TritonParameters)
+
+    @model_validator(mode="before")
+    @classmethod
+    def parameters_at_the_top(cls, data):
+        if not isinstance(data, dict) or not isinstance(data.get("parameters", {}), dict):
+            return data
+        loose = {k: v for k, v in data.items() if k in TritonParameters.model_fields}
+        if twice := sorted(set(loose) & set(data.get("parameters", {}))):
+            raise ValueError(f"{twice} given both at the top level and in parameters")
+        return {k: v for k, v in data.items() if k not in loose} | {"parameters": data.get("parameters", {}) | loose}
+
+
+class TritonGenerateResponse(BaseModel):
+    model_name: str
+    model_version: str
+    text_output: str
 
 
 class SessionCreated(BaseModel):

@@ -28,7 +28,7 @@ BUSY = {"Retry-After": "1"}
 WATCH_AFTER_S = 0.05  # a request not answered by then also watches its client (most never need to)
 LOAD_TIMEOUT_S = 600.0  # a version's load and warm-up
 DATATYPES = {"int64": "INT64", "float32": "FP32"}
-SERVER = {"name": "rnnserve", "version": "0.2.0", "extensions": ["model_repository", "binary_tensor_data"]}
+SERVER = {"name": "rnnserve", "version": "0.2.0", "extensions": ["model_repository", "binary_tensor_data", "generate"]}
 
 
 # --- readiness and the engine that serves a model ---

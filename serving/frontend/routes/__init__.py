@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
-from serving.frontend.routes import control, docs, lm, metrics, v1, v2
+from serving.frontend.routes import control, docs, lm, metrics, v1, v2, v2_generate
 from serving.frontend.schemas import (ControlResponse, GenerateRequest, GenerateResponse, InferRequest, InferResponse,
                                       ModelMetadata, ModelVersionState, PredictRequest, PredictResponse,
-                                      ServerMetadata, SessionCreated, StepRequest, StepResponse)
+                                      ServerMetadata, SessionCreated, StepRequest, StepResponse,
+                                      TritonGenerateRequest, TritonGenerateResponse)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,14 @@ TABLE = [
           options={"response_model": InferResponse, "response_model_exclude_none": True}),
     Route("POST", "/v2/models/{name}/versions/{version}/infer", v2.model_version_infer, "v2_infer", InferRequest,
           queued=True, binary=True, options={"response_model": InferResponse, "response_model_exclude_none": True}),
+    Route("POST", "/v2/models/{name}/generate", v2_generate.generate, "v2_generate", TritonGenerateRequest,
+          options={"response_model": TritonGenerateResponse}),
+    Route("POST", "/v2/models/{name}/versions/{version}/generate", v2_generate.generate_version, "v2_generate",
+          TritonGenerateRequest, options={"response_model": TritonGenerateResponse}),
+    Route("POST", "/v2/models/{name}/generate_stream", v2_generate.generate_stream, "v2_generate_stream",
+          TritonGenerateRequest, options=EVENTS),
+    Route("POST", "/v2/models/{name}/versions/{version}/generate_stream", v2_generate.generate_stream_version,
+          "v2_generate_stream", TritonGenerateRequest, options=EVENTS),
     Route("POST", "/v2/repository/index", control.index, options={"response_model": list[ModelVersionState]}),
     Route("POST", "/v2/repository/models/{name}/load", control.load, options={"response_model": ControlResponse}),
     Route("POST", "/v2/repository/models/{name}/unload", control.unload, options={"response_model": ControlResponse}),
@@ -71,8 +80,8 @@ TABLE = [
     Route("GET", "/docs", docs.page, options={"include_in_schema": False}),
     Route("GET", "/docs/{asset}", docs.asset, options={"include_in_schema": False}),
 ]
-TAGS = {"v1": "v1", "v2": "v2", "lm": "language models", "control": "model control", "metrics": "metrics",
-        "docs": "docs"}
+TAGS = {"v1": "v1", "v2": "v2", "v2_generate": "v2 generate (Triton)", "lm": "language models",
+        "control": "model control", "metrics": "metrics", "docs": "docs"}
 INFERENCE = [(route, route.pattern) for route in TABLE if route.endpoint]
 
 

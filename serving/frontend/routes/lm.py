@@ -6,11 +6,13 @@ import functools
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi import HTTPException, Request
 from fastapi.responses import StreamingResponse
+from starlette.datastructures import State
 
 from core.codec import TextCodec, softmax
 from serving.common import metrics, tracing
@@ -24,8 +26,8 @@ from serving.frontend.service import answered, check_text, engines, refusal, rep
 log = logging.getLogger(__name__)
 
 
-def language_model(request: Request, name: str, together: bool = False):
-    return served(request.app.state, name, task="lm", together=together)
+def language_model(request: Request, name: str):
+    return served(request.app.state, name, task="lm")
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Generation:
     codec: TextCodec
     body: GenerateRequest
     prompt_ids: list[int]
+    version: int  # the model version generating
     text: str = ""
     tokens: int = 0
     finish_reason: str | None = None
@@ -61,13 +64,30 @@ class Generation:
                 "unknown_prompt_tokens": self.prompt_ids.count(self.codec.vocab.unk_id)}
 
 
-async def first_tokens(request: Request, name: str, body: GenerateRequest) -> tuple[Link, Stream, Generation, list[int]]:
+class Deltas:
+    """A generation's text in parts, each what arrived since the part before, less the end that a
+    stop string may yet take back: the parts add up to the whole text exactly (Triton's streams)."""
+
+    def __init__(self, generation: Generation):
+        self.generation, self.sent = generation, 0
+        self.held = max(map(len, generation.body.stop), default=1) - 1
+
+    def next(self, final: bool = False) -> str:
+        text = self.generation.text
+        end = len(text) if final or self.generation.finish_reason else max(self.sent, len(text) - self.held)
+        part, self.sent = text[self.sent: end], end
+        return part
+
+
+async def first_tokens(state: State, name: str, body: GenerateRequest,
+                       asked_version: str | None = None) -> tuple[Link, Stream, Generation, list[int]]:
     """Start the generation on an engine and wait for its first token(s): until then a refusal or
-    the deadline is still an HTTP status. A version swapped out meanwhile (410) is tried once more."""
-    client, settings = engines(request.app.state), request.app.state.settings
+    the deadline is still an HTTP status. A version swapped out meanwhile (410) is tried once more
+    (unless the client asked for that version)."""
+    client, settings = engines(state), state.settings
     started = time.perf_counter()
     for attempt in range(2):
-        link, version = language_model(request, name, together=True)
+        link, version = served(state, name, asked_version, task="lm", together=True)
         if body.top_k > len(version.codec.vocab):
             raise HTTPException(400, f"top_k is at most the vocabulary size {len(version.codec.vocab)}")
         with tracing.span("tokenize"):
@@ -85,7 +105,7 @@ async def first_tokens(request: Request, name: str, body: GenerateRequest) -> tu
             raise HTTPException(504, f"no first token within the deadline of {settings.request_timeout_s:g}s") from None
         if tokens:  # a failure after them goes in the stream
             metrics.TIME_TO_FIRST_TOKEN.labels(name).observe(time.perf_counter() - started)
-            return link, stream, Generation(version.codec, body, prompt), tokens
+            return link, stream, Generation(version.codec, body, prompt, version.number), tokens
         if stream.failed.status != 410 or attempt:
             raise refusal(stream.failed)
 
@@ -146,36 +166,49 @@ class OwnedStream(StreamingResponse):
             self.end()
 
 
-async def generate(name: str, body: GenerateRequest, request: Request):
-    """Generate text after a prompt; with "stream": true, server-sent events, one per token.
-
-    The first token must come within RNNSERVE_REQUEST_TIMEOUT_S (504), and so must each later one
-    (an error event when streaming); the whole stream has no deadline of its own."""
-    settings, client = request.app.state.settings, engines(request.app.state)
-    check_text(request.app.state.settings, body.prompt, "prompt")
+async def started(state: State, name: str, body: GenerateRequest, version: str | None = None
+                  ) -> tuple[Generation, AsyncIterator[list[str]], Callable[[], None]]:
+    """A generation checked and under way: its first tokens arrived (until then a refusal is an
+    HTTP status), the pieces of text to come, and how to cancel it. For HTTP and gRPC alike."""
+    settings, client = state.settings, engines(state)
+    check_text(settings, body.prompt, "prompt")
     if body.max_new_tokens > settings.max_new_tokens:
         raise HTTPException(400, f"max_new_tokens is at most {settings.max_new_tokens}")
     with answered():
-        link, stream, generation, tokens = await first_tokens(request, name, body)
+        link, stream, generation, tokens = await first_tokens(state, name, body, version)
     pieces = rest(client, link, stream, generation, tokens, settings.request_timeout_s,
                   settings.stream_interval_ms / 1000)
+    return generation, pieces, lambda: client.cancel(link, stream.id)
 
-    if body.stream:
-        if outcome := request.scope.get("rnnserve.outcome"):  # counted apart from whole answers
-            outcome.endpoint = "generate_stream"
 
-        async def events():
-            try:
-                async for new in pieces:
-                    yield b"".join(map(event, new))
-                yield f"data: {json.dumps(generation.summary())}\n\n"
-            except Exception as e:  # the headers are sent: the error goes in the stream
-                error = str(e) if isinstance(e, GenerationFailed) else f"generation failed: {type(e).__name__}: {e}"
-                if not isinstance(e, GenerationFailed):
-                    log.exception("generate %s failed while streaming", name)
-                yield f"data: {json.dumps({'error': error, 'request_id': REQUEST_ID.get()})}\n\n"
-        return OwnedStream(events(), lambda: client.cancel(link, stream.id), media_type="text/event-stream")
+def sse(data: dict) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
 
+
+def event_stream(request: Request, name: str, pieces: AsyncIterator[list[str]], cancel: Callable[[], None],
+                 events_of: Callable[[list[str]], bytes], last: Callable[[], bytes], endpoint: str) -> OwnedStream:
+    """Server-sent events: events_of(the pieces that arrived together), then last() once the
+    generation ends; a failure after the headers is an error event, {"error": ...}. Counted in
+    /metrics under `endpoint`, apart from whole answers."""
+    if outcome := request.scope.get("rnnserve.outcome"):
+        outcome.endpoint = endpoint
+
+    async def events():
+        try:
+            async for new in pieces:
+                yield events_of(new)
+            yield last()
+        except Exception as e:  # the headers are sent: the error goes in the stream
+            error = str(e) if isinstance(e, GenerationFailed) else f"generation failed: {type(e).__name__}: {e}"
+            if not isinstance(e, GenerationFailed):
+                log.exception("generate %s failed while streaming", name)
+            yield sse({"error": error, "request_id": REQUEST_ID.get()})
+    return OwnedStream(events(), cancel, media_type="text/event-stream")
+
+
+async def to_the_end(request: Request, pieces: AsyncIterator[list[str]], cancel: Callable[[], None]):
+    """Run a generation to its end for one whole answer: 499 if the client leaves first, 504 if a
+    token misses its deadline, 500 if the engine fails it."""
     async def run():
         async for _ in pieces:
             pass
@@ -193,8 +226,20 @@ async def generate(name: str, body: GenerateRequest, request: Request):
             task.result()
         finally:
             gone.cancel()
-            client.cancel(link, stream.id)
-        return json_response(generation.summary())
+            cancel()
+
+
+async def generate(name: str, body: GenerateRequest, request: Request):
+    """Generate text after a prompt; with "stream": true, server-sent events, one per token.
+
+    The first token must come within RNNSERVE_REQUEST_TIMEOUT_S (504), and so must each later one
+    (an error event when streaming); the whole stream has no deadline of its own."""
+    generation, pieces, cancel = await started(request.app.state, name, body)
+    if body.stream:
+        return event_stream(request, name, pieces, cancel, lambda new: b"".join(map(event, new)),
+                            lambda: sse(generation.summary()), "generate_stream")
+    await to_the_end(request, pieces, cancel)
+    return json_response(generation.summary())
 
 
 async def watch_disconnect(request: Request):

@@ -1,0 +1,66 @@
+"""Triton's generate extension, for clients of Triton's LLM backends: POST
+/v2/models/{name}[/versions/{version}]/generate answers {"model_name", "model_version",
+"text_output"}; .../generate_stream answers the same objects as server-sent events, each with the
+text that arrived since the one before. {"text_input", "parameters": {"max_tokens", "temperature",
+"top_k", "top_p", "seed", "stop", "stream", "exclude_input_in_output"}} in, as vLLM's backend takes
+them. The same generation as :generate (serving/frontend/routes/lm.py): engine, deadlines,
+cancellation when the client leaves, metrics, and, for a seed, text. An error before the first
+token is its HTTP status and {"error": ...}; after it, an event {"error": ...}, as Triton sends it.
+"""
+from fastapi import HTTPException, Request
+
+from serving.frontend.responses import json_response
+from serving.frontend.routes import lm
+from serving.frontend.schemas import GenerateRequest, TritonGenerateRequest
+
+
+def asked(body: TritonGenerateRequest) -> GenerateRequest:
+    p = body.parameters
+    return GenerateRequest(prompt=body.text_input, max_new_tokens=p.max_tokens, temperature=p.temperature,
+                           top_k=max(p.top_k, 0), top_p=p.top_p, seed=p.seed,
+                           stop=[p.stop] if isinstance(p.stop, str) else p.stop)
+
+
+def whole(body: TritonGenerateRequest, generation: lm.Generation) -> str:
+    """A whole answer's text_output: the prompt and the text after it, or the text alone."""
+    return ("" if body.parameters.exclude_input_in_output else body.text_input) + generation.text
+
+
+async def answer(request: Request, name: str, body: TritonGenerateRequest, version: str | None, streaming: bool):
+    p = body.parameters
+    if p.stream and not streaming:
+        raise HTTPException(400, f"stream: true answers server-sent events: POST /v2/models/{name}/generate_stream")
+    generation, pieces, cancel = await lm.started(request.app.state, name, asked(body), version)
+    head = {"model_name": name, "model_version": str(generation.version)}
+    if not streaming:
+        await lm.to_the_end(request, pieces, cancel)
+        return json_response(head | {"text_output": whole(body, generation)})
+    if p.stream is False:
+        return lm.event_stream(request, name, pieces, cancel, lambda new: b"",
+                               lambda: lm.sse(head | {"text_output": whole(body, generation)}), "v2_generate_stream")
+    deltas = lm.Deltas(generation)
+
+    def since(final: bool) -> bytes:
+        return lm.sse(head | {"text_output": part}) if (part := deltas.next(final)) else b""
+    return lm.event_stream(request, name, pieces, cancel, lambda new: since(False), lambda: since(True),
+                           "v2_generate_stream")
+
+
+async def generate(name: str, body: TritonGenerateRequest, request: Request):
+    """Generate text after text_input; one JSON answer (Triton's generate extension)."""
+    return await answer(request, name, body, None, streaming=False)
+
+
+async def generate_version(name: str, version: str, body: TritonGenerateRequest, request: Request):
+    """Generate with this version of the model, which must be the one loaded."""
+    return await answer(request, name, body, version, streaming=False)
+
+
+async def generate_stream(name: str, body: TritonGenerateRequest, request: Request):
+    """Generate text after text_input as server-sent events (Triton's generate extension)."""
+    return await answer(request, name, body, None, streaming=True)
+
+
+async def generate_stream_version(name: str, version: str, body: TritonGenerateRequest, request: Request):
+    """Stream from this version of the model, which must be the one loaded."""
+    return await answer(request, name, body, version, streaming=True)
