@@ -82,6 +82,7 @@ def main(argv=None):
     wire.add_argument("--users", type=int, default=64)
     wire.add_argument("--seconds", type=float, default=5.0, help="per measured point")
     wire.add_argument("--repeats", type=int, default=3)
+    wire.add_argument("--protocols", action=argparse.BooleanOptionalAction, default=True, help="measure part 1")
     wire.add_argument("--tracing", action=argparse.BooleanOptionalAction, default=True, help="measure part 2")
     wire.add_argument("--out", type=Path, default=Path("results/protocols"))
     device = commands.add_parser("gpu", help="the CUDA tests and the GPU goals, one table (loadtest/gpu.py)")

@@ -7,8 +7,9 @@
    against one python -m serving; sequences/s, p50, p99, server CPU per request;
 2. python -m serving with tracing off, with RNNSERVE_TRACING=otlp exporting every request's spans
    to a receiver process on 127.0.0.1 (python -m loadtest.otlp), and the same with OpenTelemetry's
-   standard sampler keeping 1 trace in 10 (OTEL_TRACES_SAMPLER=parentbased_traceidratio); one
-   short text per V1 predict.
+   standard sampler keeping 1 trace in 10 (OTEL_TRACES_SAMPLER=parentbased_traceidratio) and
+   keeping none (its ratio 0: what tracing costs a request it does not record); one short text
+   per V1 predict. --no-protocols measures part 2 alone.
 Points are interleaved (the order turns every round) and the median of --repeats is reported.
 Writes results.json and results.md under --out.
 """
@@ -82,6 +83,25 @@ def rotated(items: list, by: int) -> list:
 
 def protocols(args) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
+    results = {"machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
+                           "date": time.strftime("%Y-%m-%d %H:%M")},
+               "model": args.model, "rows": args.rows, "users": args.users, "seconds": args.seconds,
+               "repeats": args.repeats, "protocols": {}, "tracing": {}}
+    base = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--repository", str(args.repository)]
+
+    if args.protocols:
+        results["protocols"] = protocol_cost(args, base)
+    if args.tracing:
+        results["tracing"], results["spans_received"] = tracing_cost(args, base)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (args.out / "results.md").write_text(table)
+    print(table)
+    return results
+
+
+def protocol_cost(args, base: list[str]) -> dict:
+    """Part 1: name -> median point, one server for every protocol."""
     rows = token_rows(latest(args.repository, args.model), texts("short", 2048, seed=3))
     chunks = [rows[i: i + args.rows] for i in range(0, len(rows) - args.rows + 1, args.rows)]
     path = f"/v2/models/{args.model}/infer"
@@ -90,12 +110,6 @@ def protocols(args) -> dict:
                 "v2 binary": [(path, body, b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: "
                                b"%d\r\n" % length) for body, length in binary],
                 "gRPC": [grpc_request(args.model, c) for c in chunks]}
-    results = {"machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
-                           "date": time.strftime("%Y-%m-%d %H:%M")},
-               "model": args.model, "rows": args.rows, "users": args.users, "seconds": args.seconds,
-               "repeats": args.repeats, "protocols": {}, "tracing": {}}
-    base = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--repository", str(args.repository)]
-
     port, grpc_port = free_port(), free_port()
     server = start("rnnserve", base + ["--port", str(port)], {"RNNSERVE_GRPC_PORT": str(grpc_port)}, port, "/v2/health/ready")
     raw = {}
@@ -111,14 +125,7 @@ def protocols(args) -> dict:
     finally:
         server.terminate()
         server.wait(30)
-    results["protocols"] = {k: median_point(v) for k, v in raw.items()}
-    if args.tracing:
-        results["tracing"], results["spans_received"] = tracing_cost(args, base)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out / "results.md").write_text(table)
-    print(table)
-    return results
+    return {k: median_point(v) for k, v in raw.items()}
 
 
 def tracing_cost(args, base: list[str]) -> tuple[dict, int]:
@@ -126,9 +133,9 @@ def tracing_cost(args, base: list[str]) -> tuple[dict, int]:
     receiver = Receiver(free_port())  # its gRPC server answers from threads of this process
     traced = {"RNNSERVE_TRACING": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
               "OTEL_EXPORTER_OTLP_INSECURE": "true"}
-    modes = {"off": {}, "otlp, every request": traced,
-             "otlp, 1 in 10 sampled": traced | {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                                                 "OTEL_TRACES_SAMPLER_ARG": "0.1"}}
+    ratio = lambda r: traced | {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": r}  # noqa: E731
+    modes = {"off": {}, "otlp, every request": traced, "otlp, 1 in 10 sampled": ratio("0.1"),
+             "otlp, nothing sampled": ratio("0")}
     predicts = [(f"/v1/models/{args.model}:predict", predict_body(t)) for t in texts("short", 2000, seed=4)]
     raw = {}
     try:
@@ -152,14 +159,15 @@ def tracing_cost(args, base: list[str]) -> tuple[dict, int]:
 def markdown(r: dict) -> str:
     m, p, t = r["machine"], r["protocols"], r["tracing"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores; {m['date']}. Model {r['model']}; {r['users']} users; "
-             f"{r['seconds']} s per point, median of {r['repeats']}, interleaved.", "",
-             f"| V2 infer, {r['rows']} rows per request | sequences/s | requests/s | p50 ms | p99 ms | front-end / engine "
-             "CPU ms/request | vs JSON |", "|---|---|---|---|---|---|---|"]
-    for name, v in p.items():
-        lines.append(f"| {name} | {v['sequences_per_s']:.0f} | {v['requests_per_s']:.0f} | {v['p50_ms']:.1f} | "
-                     f"{v['p99_ms']:.1f} | {v['frontend_cpu_ms_per_request']:.3f} / {v['engine_cpu_ms_per_request']:.3f} | "
-                     f"{v['sequences_per_s'] / p['v2 JSON']['sequences_per_s']:.2f}x |")
-    lines += ["", f"gRPC / binary REST: {p['gRPC']['sequences_per_s'] / p['v2 binary']['sequences_per_s']:.2f}."]
+             f"{r['seconds']} s per point, median of {r['repeats']}, interleaved."]
+    if p:
+        lines += ["", f"| V2 infer, {r['rows']} rows per request | sequences/s | requests/s | p50 ms | p99 ms | "
+                  "front-end / engine CPU ms/request | vs JSON |", "|---|---|---|---|---|---|---|"]
+        for name, v in p.items():
+            lines.append(f"| {name} | {v['sequences_per_s']:.0f} | {v['requests_per_s']:.0f} | {v['p50_ms']:.1f} | "
+                         f"{v['p99_ms']:.1f} | {v['frontend_cpu_ms_per_request']:.3f} / "
+                         f"{v['engine_cpu_ms_per_request']:.3f} | {v['sequences_per_s'] / p['v2 JSON']['sequences_per_s']:.2f}x |")
+        lines += ["", f"gRPC / binary REST: {p['gRPC']['sequences_per_s'] / p['v2 binary']['sequences_per_s']:.2f}."]
     if not t:
         return "\n".join(lines) + "\n"
     lines += ["", "| V1 predict, one short text | requests/s | p50 ms | p99 ms | front-end / engine CPU ms/request | vs off |",

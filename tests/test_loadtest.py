@@ -125,7 +125,7 @@ def test_the_protocol_benchmark_measures_every_protocol_and_tracing_mode_without
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["protocols"]) == {"v2 JSON", "v2 binary", "gRPC"}
-    assert set(results["tracing"]) == {"off", "otlp, every request", "otlp, 1 in 10 sampled"}
+    assert set(results["tracing"]) == {"off", "otlp, every request", "otlp, 1 in 10 sampled", "otlp, nothing sampled"}
     for point in [*results["protocols"].values(), *results["tracing"].values()]:
         assert point["requests"] > 0 and point["errors"] == 0, point
     assert results["protocols"]["gRPC"]["sequences_per_s"] == pytest.approx(4 * results["protocols"]["gRPC"]["requests_per_s"])

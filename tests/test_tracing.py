@@ -157,6 +157,38 @@ def test_a_caller_that_does_not_sample_its_trace_gets_no_spans(traced):
         assert not [s for _, s in receiver.spans if s.trace_id.hex() == unsampled]
 
 
+def test_a_ratio_sampler_keeps_its_share_of_requests_each_with_its_whole_trace(tmp_path):
+    """OTEL_TRACES_SAMPLER=traceidratio at 0.5, no caller traceparent: the front-end asks the sampler
+    before it makes a request span, with the trace id the span then gets, so the SDK keeps exactly
+    those (asked twice with different ids it would keep a quarter); each kept request has its
+    tokenize and queued spans, and a dropped one leaves nothing, in the engine either."""
+    repository = tiny_repository(tmp_path)
+    receiver = Receiver(free_port())
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.port}")
+        env.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        env.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+        env.setenv("OTEL_TRACES_SAMPLER_ARG", "0.5")
+        process, url = serve(repository, tracing="otlp", max_queue_delay_ms=2)
+    try:
+        with httpx.Client(base_url=url) as client:
+            for i in range(200):
+                assert client.post("/v1/models/clf:predict", json={"instances": [f"text {i}"]}).status_code == 200
+        time.sleep(1.0)  # two export periods of every process
+        with receiver.lock:
+            spans = [s for _, s in receiver.spans]
+        requests = {s.trace_id for s in spans if s.name == "POST /v1/models/{name}:predict"}
+        children = {name: {s.trace_id for s in spans if s.name == name} for name in ("tokenize", "queued")}
+        print(f"{len(requests)} of 200 requests traced")
+        assert 65 <= len(requests) <= 135  # binomial(200, 0.5): 5 standard deviations either side
+        assert children["tokenize"] == children["queued"] == requests
+    finally:
+        process.terminate()
+        process.wait(30)
+        receiver.stop()
+
+
 def test_the_receiver_prints_each_span_it_gets(tmp_path):
     """python -m loadtest.otlp prints every span as it arrives (its docstring's promise)."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
