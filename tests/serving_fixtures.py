@@ -91,6 +91,13 @@ def slowed(server, model: str, seconds: float) -> list[int]:
     return seen
 
 
+def slowed_steps(server, model: str, seconds: float):
+    """Make each generation step of `model` on `server` (a Server) take `seconds` longer."""
+    runner = server.deployment(model).runner
+    advance = runner.advance
+    runner.advance = lambda *a: (time.sleep(seconds), advance(*a))[1]
+
+
 class Server:
     """.url, .engine and .app to look inside, and stop(). Returns once wait_for answers 200."""
 

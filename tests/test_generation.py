@@ -8,7 +8,7 @@ import pytest
 
 from models.checkpoint import load_run
 from models.rnn import generate as reference_generate
-from tests.serving_fixtures import Server, tiny_repository
+from tests.serving_fixtures import Server, slowed_steps, tiny_repository
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +187,7 @@ def test_unknown_session_is_404_and_unknown_characters_are_reported(server):
 
 def test_generation_cap_answers_503(folder):
     s = Server(folder / "repo", max_generations=1)
-    runner = s.deployment("lm").runner
-    advance = runner.advance
-    runner.advance = lambda *a: (time.sleep(0.02), advance(*a))[1]
+    slowed_steps(s, "lm", 0.02)
     try:
         async def fire():
             async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
@@ -206,9 +204,7 @@ def test_generation_cap_answers_503(folder):
 
 def test_a_client_that_disconnects_ends_its_generation(folder):
     s = Server(folder / "repo")
-    runner = s.deployment("lm").runner
-    advance = runner.advance
-    runner.advance = lambda *a: (time.sleep(0.005), advance(*a))[1]
+    slowed_steps(s, "lm", 0.005)
 
     def tokens_so_far() -> float:  # the registry is the process's, shared with other tests' servers
         return float(re.search(r'rnnserve_tokens_generated_total\{model="lm"\} (\S+)',

@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from loadtest.servers import free_port
-from tests.serving_fixtures import Server, graph_logits, tiny_repository
+from tests.serving_fixtures import Server, graph_logits, slowed_steps, tiny_repository
 
 SAMPLING = {"max_tokens": 100, "temperature": 0.8, "top_k": 5, "top_p": 0.9, "seed": 11}
 
@@ -100,9 +100,7 @@ def test_64_requests_on_one_stream_each_complete_with_their_own_text(server):
 
 def test_closing_the_stream_midway_frees_the_engines_slot_at_once(repository):
     s = Server(repository, grpc_port=free_port())
-    runner = s.deployment("lm").runner
-    advance = runner.advance
-    runner.advance = lambda *a: (time.sleep(0.005), advance(*a))[1]
+    slowed_steps(s, "lm", 0.005)
     stream = Stream(s)
     try:
         stream.send("long", "the", True, max_tokens=1000)

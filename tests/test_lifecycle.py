@@ -17,8 +17,8 @@ import pytest
 
 from loadtest.servers import free_port
 from serving.frontend.app import create_app
-from tests.serving_fixtures import (FRONT_END, Server, by_front_end, client_of, sample, serve, tiny_repository,
-                                    wait_ready)
+from tests.serving_fixtures import (FRONT_END, Server, by_front_end, client_of, sample, serve, slowed_steps,
+                                    tiny_repository, wait_ready)
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +196,7 @@ def test_a_stream_whose_client_left_before_it_started_releases_its_hold(reposito
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
 
     s = Server(repository)  # its engine; a front-end of our own below
-    runner = s.deployment("lm").runner
-    advance = runner.advance
-    runner.advance = lambda *a: (time.sleep(0.005), advance(*a))[1]
+    slowed_steps(s, "lm", 0.005)
 
     async def scenario():
         app = create_app(s.settings)

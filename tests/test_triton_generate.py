@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.serving_fixtures import Server, tiny_repository
+from tests.serving_fixtures import Server, slowed_steps, tiny_repository
 
 SAMPLED = {"max_tokens": 100, "temperature": 0.8, "top_k": 5, "top_p": 0.9, "seed": 11}
 
@@ -96,9 +96,7 @@ def test_64_concurrent_streams_each_complete_with_their_own_text(server):
 
 def test_a_stream_closed_midway_frees_its_slot_at_once(folder):
     s = Server(folder / "repo")
-    runner = s.deployment("lm").runner
-    advance = runner.advance
-    runner.advance = lambda *a: (time.sleep(0.005), advance(*a))[1]
+    slowed_steps(s, "lm", 0.005)
     try:
         with httpx.stream("POST", f"{s.url}/v2/models/lm/generate_stream",
                           json={"text_input": "the", "max_tokens": 1000}) as r:

@@ -24,6 +24,7 @@ from starlette.datastructures import State
 from tritonclient.grpc import service_pb2 as pb
 
 from serving.frontend import service
+from serving.frontend.responses import problems
 from serving.frontend.routes import lm, v2_generate
 from serving.frontend.schemas import TritonGenerateRequest
 
@@ -77,14 +78,13 @@ def generation_request(request: pb.ModelInferRequest) -> TritonGenerateRequest:
         raise HTTPException(400, "sampling_parameters must be a JSON object")
     if twice := sorted(set(sampling) & set(parameters)):
         raise HTTPException(400, f"{twice} given both in sampling_parameters and as request parameters")
-    stream, exclude = values.pop("stream", None), values.pop("exclude_input_in_output", None)
-    flags = {"stream": bool(stream)} | ({} if exclude is None else {"exclude_input_in_output": exclude})  # one
-    # response unless stream is asked for, as Triton's LLM backends answer
+    flags = {"stream": bool(values.pop("stream", None))}  # one response unless asked, as Triton's LLM backends
+    if (exclude := values.pop("exclude_input_in_output", None)) is not None:
+        flags["exclude_input_in_output"] = exclude
     try:
         return TritonGenerateRequest.model_validate(values | {"parameters": sampling | parameters | flags})
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, e_['loc']))}: {e_['msg']}" for e_ in e.errors()[:5])
-        raise HTTPException(400, f"invalid request: {problems}") from None
+        raise HTTPException(400, f"invalid request: {problems(e, ())}") from None
 
 
 def text_response(request: pb.ModelInferRequest, version: int, text: str | None, final: bool) -> pb.ModelStreamInferResponse:

@@ -24,5 +24,9 @@ def refused(e: HTTPException) -> JSONResponse:
 
 def invalid(error: ValidationError, where: tuple = ("body",)) -> JSONResponse:
     """A 400 naming the first fields wrong, as FastAPI's validation would (not its 422)."""
-    problems = "; ".join(f"{'.'.join(map(str, (*where, *e['loc'])))}: {e['msg']}" for e in error.errors()[:5])
-    return refuse(400, f"invalid request: {problems}")
+    return refuse(400, f"invalid request: {problems(error, where)}")
+
+
+def problems(error: ValidationError, where: tuple) -> str:
+    """The first five fields wrong, each with where it is and what is wrong with it."""
+    return "; ".join(f"{'.'.join(map(str, (*where, *e['loc'])))}: {e['msg']}" for e in error.errors()[:5])

@@ -113,7 +113,7 @@ async def first_tokens(state: State, name: str, body: GenerateRequest,
 @functools.lru_cache(maxsize=65536)
 def event(piece: str) -> bytes:
     """One token's server-sent event (made once per piece of text)."""
-    return f"data: {json.dumps({'token': piece})}\n\n".encode()
+    return sse({"token": piece})
 
 
 class GenerationFailed(Exception):
