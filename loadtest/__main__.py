@@ -9,6 +9,7 @@
     python -m loadtest gpu [--quick] [--model imdb-gru --lm timemachine-gru --encoder NAME]
     python -m loadtest loop [--model imdb-gru]
     python -m loadtest engine [--model imdb-gru --seconds 5]
+    python -m loadtest tune MODEL [--p99-ms 100 --users 64 --texts 1 --minutes 10 --write]
 
 `run` drives Locust headless against any host and writes its CSV and HTML reports plus a
 summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py;
@@ -17,7 +18,8 @@ summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see l
 CUDA tests and the GPU goals' operating points in one command (loadtest/gpu.py); `loop`: what the
 largest bodies cost a front-end's event loop (loadtest/loop.py); `engine`: the engine's host work
 per request and row, and the whole stack against a minimal app, with negligible compute
-(loadtest/engine.py).
+(loadtest/engine.py); `tune`: the model's best serving config on this machine, measured and
+written to its config.json (loadtest/tune.py).
 """
 import argparse
 import sys
@@ -31,6 +33,7 @@ from loadtest.ipc import ipc as run_ipc
 from loadtest.loop import loop as run_loop
 from loadtest.protocols import protocols as run_protocols
 from loadtest.soak import soak as run_soak
+from loadtest.tune import tune as run_tune
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
@@ -106,7 +109,23 @@ def main(argv=None):
     host.add_argument("--stack", action=argparse.BooleanOptionalAction, default=True,
                       help="also the whole stack against the minimal FastAPI app")
     host.add_argument("--out", type=Path, default=Path("results/engine"))
+    tuner = commands.add_parser("tune", help="the model's best serving config, measured (loadtest/tune.py)")
+    tuner.add_argument("model", help="a model of the repository")
+    tuner.add_argument("--repository", type=Path, default=Path("model_repository"))
+    tuner.add_argument("--p99-ms", type=float, default=100.0, help="the latency budget")
+    tuner.add_argument("--users", type=int, default=64, help="concurrent clients")
+    tuner.add_argument("--texts", type=int, default=1, help="texts per request")
+    tuner.add_argument("--minutes", type=float, default=10.0, help="when the search stops")
+    tuner.add_argument("--seconds", type=float, default=4.0, help="per measured point")
+    tuner.add_argument("--max-accuracy-loss", type=float, default=0.5,
+                       help="accuracy points a variant (int8) may lose against fp32 to be tried")
+    tuner.add_argument("--confirm", type=int, default=2, help="measure the best point and the defaults this many "
+                       "more times each, alternately, before choosing")
+    tuner.add_argument("--write", action="store_true", help="write the winner to the model's config.json")
+    tuner.add_argument("--out", type=Path, default=Path("results/tune"))
     args = p.parse_args(argv)
+    if args.command == "tune":
+        return run_tune(args)
     if args.command == "engine":
         return run_engine(args)
     if args.command == "loop":
@@ -126,5 +145,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     summary = main()
+    if isinstance(summary, int):  # tune: 1 when no config met the budget
+        sys.exit(summary)
     if isinstance(summary, dict) and any(e["failures"] for e in summary.get("endpoints", {}).values()):
         sys.exit(1)

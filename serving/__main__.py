@@ -107,6 +107,15 @@ def mark_dead(pid: int):
         multiprocess.mark_process_dead(pid)
 
 
+def process_counts(settings: Settings) -> tuple[int, int]:
+    """(engines, HTTP front-ends) as the settings ask, else one engine per GPU and the other cores'
+    front-ends; on the CPU one engine per core (their ONNX Runtime calls run side by side) and one
+    front-end per core."""
+    gpus, cores = cuda_devices(settings), len(os.sched_getaffinity(0))
+    engines = settings.engines or gpus or cores
+    return engines, settings.workers or (max(1, cores - engines) if gpus else cores)
+
+
 def cuda_devices(settings: Settings) -> int:
     """GPUs to start an engine on: those visible, where CUDA is asked for and this ONNX Runtime has
     it (whether its libraries load, each engine checks: serving/engine/devices.py)."""
@@ -133,9 +142,7 @@ def main(argv=None):
     except ValidationError as e:  # refuse to start, saying which setting and why
         sys.exit(f"python -m serving: {e}")
     configure_logging()
-    gpus, cores = cuda_devices(settings), len(os.sched_getaffinity(0))
-    engines = settings.engines or gpus or cores  # on the CPU, one per core: their ONNX Runtime calls run side by side
-    workers = settings.workers or (max(1, cores - engines) if gpus else cores)
+    gpus, (engines, workers) = cuda_devices(settings), process_counts(settings)
     runtime = tempfile.mkdtemp(prefix="rnnserve-")  # the engines' sockets and the metrics files; removed at exit
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", runtime)
     os.environ["RNNSERVE_RUNTIME_DIR"] = runtime
