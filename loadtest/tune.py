@@ -194,7 +194,8 @@ def tune(args) -> int:
     results = {"machine": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model,
                "p99_budget_ms": args.p99_ms, "users": args.users, "texts": args.texts,
                "minutes": (time.monotonic() - started) / 60, "points": list(tuner.tried.values()),
-               "defaults": tuner.tried[label(defaults)], "confirmed": confirmed, "winner": winner}
+               "defaults": confirmed["defaults"] if confirmed else tuner.tried[label(defaults)],
+               "confirmed": confirmed, "winner": winner}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(markdown(results))
     plot(results, args.out / "tune.png")
@@ -249,10 +250,12 @@ def plot(r: dict, path: Path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     points = r["points"]
-    ax.scatter([p["p99_ms"] for p in points], [p["requests_per_s"] for p in points], color="0.6", label="tried")
+    ax.scatter([p["p99_ms"] for p in points], [p["requests_per_s"] for p in points], color="0.6",
+               label="tried (once each)")
     for p, style, name in ((r["defaults"], "s", "defaults"), (r["winner"], "*", "winner")):
         if p:
-            ax.scatter([p["p99_ms"]], [p["requests_per_s"]], marker=style, s=160, label=f"{name}: {label(p['point'])}")
+            ax.scatter([p["p99_ms"]], [p["requests_per_s"]], marker=style, s=160,
+                       label=f"{name}: {label(p['point'])}" if p["point"] else name)
     ax.axvline(r["p99_budget_ms"], color="red", linestyle="--", linewidth=1, label="p99 budget")
     ax.set_xlabel("p99 latency (ms)")
     ax.set_ylabel("requests/s")

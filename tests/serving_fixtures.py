@@ -98,6 +98,14 @@ def slowed_steps(server, model: str, seconds: float):
     runner.advance = lambda *a: (time.sleep(seconds), advance(*a))[1]
 
 
+def streams_gone(server, model: str, timeout_s: float = 10) -> float:
+    """Seconds until `model`'s engine on `server` (a Server) holds no generation (at most timeout_s)."""
+    lm, started = server.deployment(model).lm, time.monotonic()
+    while lm.streams and time.monotonic() - started < timeout_s:
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
 class Server:
     """.url, .engine and .app to look inside, and stop(). Returns once wait_for answers 200."""
 
