@@ -1,6 +1,7 @@
 """OpenTelemetry traces: python -m serving with RNNSERVE_TRACING=otlp exports, over OTLP gRPC to a
 receiver on 127.0.0.1, a trace per request under the caller's traceparent: the request span, its
 tokenize, its time queued (linked to the batch it ran in) and a generation's stream."""
+import queue
 import subprocess
 import sys
 import time
@@ -126,6 +127,26 @@ def test_a_generation_is_traced_with_its_stream(traced, stream):
     request, generation = found["POST /v1/models/{name}:generate"][1], found["generation"][1]
     assert generation.parent_span_id == request.span_id
     assert attributes(generation)["rnnserve.tokens"] >= 1
+
+
+def test_a_generation_over_the_grpc_stream_is_traced(traced):
+    """ModelStreamInfer: the stream's span, each request's tokenize and generation under it, and the
+    stream answered whole (the span ends when the stream does)."""
+    receiver, url, grpc_port = traced
+    caller, header = traceparent(6)
+    client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers={"traceparent": header})
+    text = triton.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"the time"], dtype=np.object_))
+    client.async_stream_infer("lm", [text], request_id="g1", parameters={"max_tokens": 12, "seed": 1})
+    result, error = answers.get(timeout=30)
+    client.stop_stream()
+    assert error is None and result.get_response().parameters["triton_final_response"].bool_param
+    found = check_request(receiver, caller, "inference.GRPCInferenceService/ModelStreamInfer",
+                          names={"tokenize", "generation"})
+    stream, generation = found["inference.GRPCInferenceService/ModelStreamInfer"][1], found["generation"][1]
+    assert generation.parent_span_id == stream.span_id and attributes(generation)["rnnserve.tokens"] == 12
 
 
 def test_without_a_traceparent_a_request_starts_its_own_trace(traced):

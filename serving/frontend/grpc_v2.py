@@ -1,8 +1,9 @@
 """KServe V2 over gRPC (inference.GRPCInferenceService) in every front-end, on RNNSERVE_GRPC_PORT:
 health, metadata, ModelInfer with raw_input_contents / raw_output_contents, the repository
-extension, and ModelStreamInfer: Triton's decoupled streaming of generated text (grpc_stream.py). It translates to and from the request path REST takes too (serving/frontend/service.py):
-the same engines and batches, checks, token (as `authorization` metadata), counts, and errors (as
-gRPC status codes: CODES).
+extension, and ModelStreamInfer: Triton's decoupled streaming of generated text (grpc_stream.py).
+It translates to and from the request path REST takes too (serving/frontend/service.py): the same
+engines and batches, checks, token (as `authorization` metadata), counts, and errors (as gRPC
+status codes: CODES).
 
 The service definition is the published grpc_service.proto as Triton's client ships it compiled
 (tritonclient.grpc.service_pb2): what tritonclient.grpc and KServe's clients speak, unchanged.
@@ -123,6 +124,7 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
                 raise
 
     async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None) -> pb.ModelInferResponse:
+        """A ModelInfer request's answer (also one on the stream); a refusal raises its HTTPException."""
         name = request.model_name
         if full := service.shed(service.engines(self.state), name):
             raise full

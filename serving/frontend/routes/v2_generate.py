@@ -15,6 +15,7 @@ from serving.frontend.schemas import GenerateRequest, TritonGenerateRequest
 
 
 def asked(body: TritonGenerateRequest) -> GenerateRequest:
+    """The same generation as :generate's body names it."""
     p = body.parameters
     return GenerateRequest(prompt=body.text_input, max_new_tokens=p.max_tokens, temperature=p.temperature,
                            top_k=max(p.top_k, 0), top_p=p.top_p, seed=p.seed,
@@ -27,6 +28,8 @@ def whole(body: TritonGenerateRequest, generation: lm.Generation) -> str:
 
 
 async def answer(request: Request, name: str, body: TritonGenerateRequest, version: str | None, streaming: bool):
+    """One JSON answer, or server-sent events: the whole answer in one (stream false) or a part of
+    the text in each."""
     p = body.parameters
     if p.stream and not streaming:
         raise HTTPException(400, f"stream: true answers server-sent events: POST /v2/models/{name}/generate_stream")
