@@ -12,15 +12,13 @@ SAMPLED = {"max_tokens": 100, "temperature": 0.8, "top_k": 5, "top_p": 0.9, "see
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("triton")
-    tiny_repository(folder)
-    return folder
+def repository(tmp_path_factory):
+    return tiny_repository(tmp_path_factory.mktemp("triton"))
 
 
 @pytest.fixture(scope="module")
-def server(folder):
-    s = Server(folder / "repo")
+def server(repository):
+    s = Server(repository)
     yield s
     s.stop()
 
@@ -93,8 +91,8 @@ def test_64_concurrent_streams_each_complete_with_their_own_text(server):
     assert ["".join(e["text_output"] for e in events(r.text)) for r in responses] == [solo[p] for p in prompts]
 
 
-def test_a_stream_closed_midway_frees_its_slot_at_once(folder):
-    s = Server(folder / "repo")
+def test_a_stream_closed_midway_frees_its_slot_at_once(repository):
+    s = Server(repository)
     slowed_steps(s, "lm", 0.005)
     try:
         with httpx.stream("POST", f"{s.url}/v2/models/lm/generate_stream",
