@@ -47,6 +47,7 @@ class Generate(Message):
 class OpenSession(Message):
     id: int
     model: str
+    name: str = ""  # the session's id when the client names it (a Triton sequence); else the engine draws one
 
 
 class Step(Message):

@@ -171,7 +171,7 @@ class Engine:
             self.post(sender, refused if deployment is None else deployment.lm.step_session(sender, m))
         elif isinstance(m, OpenSession):
             deployment, refused = self.route(m.id, m.model, None, lm=True)
-            if not refused and (sid := deployment.lm.open()) is None:
+            if not refused and (sid := deployment.lm.open(m.name)) is None:
                 refused = Failed(m.id, 503, f"{deployment.lm.max_sessions} sessions are live; retry shortly")
             self.post(sender, refused or SessionOpened(m.id, sid, deployment.version))
         elif isinstance(m, CloseSession):

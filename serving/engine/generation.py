@@ -106,11 +106,15 @@ class LanguageModel:
         metrics.of(metrics.ACTIVE_GENERATIONS, self.name).dec()
         return slot
 
-    def open(self) -> str | None:
+    def open(self, name: str = "") -> str | None:
+        """A new session at the zero state, its id `name` if the client gave one (a live session of
+        that name starts again); None when max_sessions are live."""
         self.expire()
+        if name:
+            self.close(name)
         if len(self.sessions) >= self.max_sessions:
             return None
-        session = Session(secrets.token_hex(8), self.take_slot())
+        session = Session(name or secrets.token_hex(8), self.take_slot())
         self.sessions[session.id] = session
         metrics.of(metrics.LIVE_SESSIONS, self.name).inc()
         return session.id

@@ -9,13 +9,14 @@ parameters. It answers text_output (BYTES): with stream true, one response per p
 as it arrives; else one response, the prompt and the text (without the prompt if
 exclude_input_in_output). It is the generation of :generate and of the REST generate extension
 (serving/frontend/routes/lm.py), checked by the same schema. Any other model's request is a
-ModelInfer: one response. The last response of a request has the parameter triton_final_response
-true; with triton_enable_empty_final_response (enable_empty_final_response=True) it is an empty one.
-A request's error is a response with error_message, and the stream goes on; closing the stream
-cancels what it was still generating.
+ModelInfer: one response. A request with a sequence_id steps that sequence of a language model
+(grpc_sequence.py): one response; a stream runs its requests of one sequence in the order they
+came, the others beside them. The last response of a request has the parameter
+triton_final_response true; with triton_enable_empty_final_response (enable_empty_final_response=True)
+it is an empty one. A request's error is a response with error_message, and the stream goes on;
+closing the stream cancels what it was still generating.
 """
 import asyncio
-import json
 import struct
 
 from fastapi import HTTPException
@@ -23,66 +24,21 @@ from pydantic import ValidationError
 from starlette.datastructures import State
 from tritonclient.grpc import service_pb2 as pb
 
-from serving.frontend import service
+from serving.frontend import grpc_sequence, service, triton_inputs
 from serving.frontend.responses import problems
 from serving.frontend.routes import lm, v2_generate
 from serving.frontend.schemas import TritonGenerateRequest
 
-LLM_INPUTS = {"text_input": "BYTES", "sampling_parameters": "BYTES", "stream": "BOOL", "exclude_input_in_output": "BOOL"}
-NOT_SAMPLING = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
-                "triton_enable_empty_final_response"}  # request parameters that tritonclient sets itself
-
-
-def element(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None):
-    """The one element of a BYTES or BOOL input, from its raw bytes (BYTES: a 4-byte little-endian
-    length, then the bytes) or its typed contents."""
-    if LLM_INPUTS.get(t.name) != t.datatype:
-        raise HTTPException(400, f"input {t.name}: a language model takes {sorted(LLM_INPUTS)}; "
-                                 f"{t.name} must be {LLM_INPUTS.get(t.name, 'none of them')}")
-    if [d for d in t.shape if d != 1]:
-        raise HTTPException(400, f"input {t.name}: one element per request, not shape {list(t.shape)}")
-    if t.datatype == "BOOL":
-        if raw is None:
-            return bool(t.contents.bool_contents[0]) if t.contents.bool_contents else None
-        if len(raw) != 1:
-            raise HTTPException(400, f"input {t.name}: one BOOL is 1 byte, not {len(raw)}")
-        return raw != b"\0"
-    if raw is None:
-        value = t.contents.bytes_contents[0] if t.contents.bytes_contents else None
-    elif len(raw) < 4 or len(raw) != 4 + struct.unpack_from("<I", raw)[0]:
-        raise HTTPException(400, f"input {t.name}: one BYTES element is a 4-byte length and that many bytes")
-    else:
-        value = raw[4:]
-    try:
-        return None if value is None else value.decode()
-    except UnicodeDecodeError:
-        raise HTTPException(400, f"input {t.name} is not UTF-8 text") from None
-
 
 def generation_request(request: pb.ModelInferRequest) -> TritonGenerateRequest:
     """A stream request's inputs and parameters as the REST generate extension's body."""
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise HTTPException(400, f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
-    values = {t.name: element(t, raw[i] if raw else None) for i, t in enumerate(request.inputs)}
-    if "sequence_id" in request.parameters:
-        raise HTTPException(400, "sequence_id: sequence sessions are served over REST (/v1/models/{name}/sessions), "
-                                 "not yet over the stream")
-    parameters = {name: getattr(p, p.WhichOneof("parameter_choice")) for name, p in request.parameters.items()
-                  if name not in NOT_SAMPLING}
-    try:
-        sampling = json.loads(values.pop("sampling_parameters", None) or "{}")
-    except json.JSONDecodeError as e:
-        raise HTTPException(400, f"sampling_parameters is not JSON: {e}") from None
-    if not isinstance(sampling, dict):
-        raise HTTPException(400, "sampling_parameters must be a JSON object")
-    if twice := sorted(set(sampling) & set(parameters)):
-        raise HTTPException(400, f"{twice} given both in sampling_parameters and as request parameters")
+    values = triton_inputs.inputs(request)
+    parameters = triton_inputs.sampling(request, values)
     flags = {"stream": bool(values.pop("stream", None))}  # one response unless asked, as Triton's LLM backends
     if (exclude := values.pop("exclude_input_in_output", None)) is not None:
         flags["exclude_input_in_output"] = exclude
     try:
-        return TritonGenerateRequest.model_validate(values | {"parameters": sampling | parameters | flags})
+        return TritonGenerateRequest.model_validate(values | {"parameters": parameters | flags})
     except ValidationError as e:
         raise HTTPException(400, f"invalid request: {problems(e, ())}") from None
 
@@ -131,15 +87,25 @@ async def generation(state: State, request: pb.ModelInferRequest, send):
         send(text_response(request, version, last, True))
 
 
-async def answer(state: State, request: pb.ModelInferRequest, infer, send):
-    """One request of the stream, answered through send(response): a language model's by
-    generation(), any other's by infer(request) (ModelInfer's answer); a refusal as error_message."""
+async def answer(state: State, request: pb.ModelInferRequest, infer, send, after: asyncio.Task | None = None):
+    """One request of the stream, answered through send(response): a sequence's step by
+    grpc_sequence (once `after`, the stream's request before it in that sequence, is answered), a
+    language model's by generation(), any other's by infer(request) (ModelInfer's answer); a
+    refusal as error_message."""
     name = request.model_name
     client = getattr(state, "engines", None)
     llm = any(t.name == "text_input" for t in request.inputs)
-    with service.counted(client, name, "grpc_stream_generate" if llm else "grpc_stream_infer") as outcome:
+    sequence = grpc_sequence.sequence_id(request)
+    endpoint = "grpc_stream_sequence" if sequence else "grpc_stream_generate" if llm else "grpc_stream_infer"
+    if after:
+        await asyncio.wait({after})
+    with service.counted(client, name, endpoint) as outcome:
         try:
-            if llm:
+            if sequence:
+                await grpc_sequence.step(state, request, sequence, send)
+            elif grpc_sequence.flag(request, "sequence_start") or grpc_sequence.flag(request, "sequence_end"):
+                raise HTTPException(400, "sequence_start and sequence_end need a sequence_id")
+            elif llm:
                 await generation(state, request, send)
             else:
                 response = await infer(request)
@@ -165,12 +131,18 @@ async def serve(state: State, requests, infer):
     client closes the stream (or the server stops), what is still running is cancelled."""
     out: asyncio.Queue = asyncio.Queue()
     running: set[asyncio.Task] = set()
+    last: dict[tuple[str, str], asyncio.Task] = {}  # (model, sequence_id) -> its latest request
 
     async def read():
         async for request in requests:
-            task = asyncio.create_task(answer(state, request, infer, out.put_nowait))
+            sequence = (request.model_name, grpc_sequence.sequence_id(request))
+            after = last.get(sequence) if sequence[1] else None
+            task = asyncio.create_task(answer(state, request, infer, out.put_nowait, after))
             running.add(task)
             task.add_done_callback(running.discard)
+            if sequence[1]:
+                last[sequence] = task
+                task.add_done_callback(lambda done, key=sequence: last.pop(key) if last.get(key) is done else None)
         if running:
             await asyncio.wait(set(running))
         out.put_nowait(None)

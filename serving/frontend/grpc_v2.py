@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
 
 from serving.common import tracing
 from serving.common.logs import start_request
-from serving.frontend import grpc_stream, service, tensors
+from serving.frontend import grpc_sequence, grpc_stream, service, tensors
 from serving.frontend.access import NEEDS_TOKEN, bearer_matches, control_closed, token_of
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None) -> pb.ModelInferResponse:
         """A ModelInfer request's answer (also one on the stream); a refusal raises its HTTPException."""
         name = request.model_name
+        service.stateless(grpc_sequence.sequence_id(request))
         if full := service.shed(service.engines(self.state), name):
             raise full
         version, logits = await service.infer_tensors(self.state, name, inputs_of(request), [o.name for o in request.outputs],

@@ -69,6 +69,13 @@ def served(state: State, name: str, version: str | None = None, task: str | None
     return link, client.version(name, deployed.version)
 
 
+def stateless(sequence_id):
+    """Triton's sequence_id on a call that keeps no state: a 400, not an answer that ignores it."""
+    if sequence_id not in (None, 0, ""):
+        raise HTTPException(400, "sequence_id: this call keeps no state; a language model's sequences are stepped on "
+                                 "ModelStreamInfer with text_input, or as sessions at /v1/models/{name}/sessions")
+
+
 def check_text(settings: Settings, text: str, what: str = "text"):
     limit = settings.max_text_chars
     if len(text) > limit:

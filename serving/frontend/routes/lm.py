@@ -266,23 +266,35 @@ def session_of(request: Request, name: str, sid: str) -> tuple[Link, TextCodec, 
     return client.links[int(engine)], codec, session
 
 
-async def ask(request: Request, link: Link, message, sid: str | None = None) -> object:
+async def ask(state: State, link: Link, message, missing: str = "", receive=None) -> object:
     """A session message's reply within the request deadline; a refusal raises its status (a
-    session the engine does not have: 404 naming the id the client holds, sid)."""
-    client = request.app.state.engines
-    future = client.request(link, message, request.app.state.settings.request_timeout_s)
-    reply = await reply_of(client, link, future, message.id, request.receive)
-    if isinstance(reply, Failed) and reply.status == 404 and sid:
-        raise HTTPException(404, f"no session {sid!r} (ended, expired, or its version was replaced)")
+    session the engine does not have: 404 saying `missing`, which names it as the client does).
+    receive: an HTTP request's, to drop the message if its client leaves."""
+    client = state.engines
+    future = client.request(link, message, state.settings.request_timeout_s)
+    reply = await reply_of(client, link, future, message.id, receive)
+    if isinstance(reply, Failed) and reply.status == 404 and missing:
+        raise HTTPException(404, missing)
     if isinstance(reply, Failed):
         raise refusal(reply)
     return reply
 
 
+def no_session(sid: str) -> str:
+    return f"no session {sid!r} (ended, expired, or its version was replaced)"
+
+
+def most_likely(codec: TextCodec, stepped: Stepped, k: int) -> list[tuple[str, float]]:
+    """The k most likely next tokens after a step, with their probabilities, most likely first."""
+    p = softmax(np.frombuffer(stepped.data, np.float32))
+    return [(codec.vocab.itos[i], float(p[i])) for i in np.argsort(-p)[:k]]
+
+
 async def create_session(name: str, request: Request) -> dict:
     """Start a sequence session at the model's zero state."""
     link, _ = language_model(request, name)
-    opened = await ask(request, link, OpenSession(engines(request.app.state).next_id(), name))
+    opened = await ask(request.app.state, link, OpenSession(engines(request.app.state).next_id(), name),
+                       receive=request.receive)
     return {"session_id": session_id(link, opened), "idle_expiry_s": request.app.state.settings.session_idle_s}
 
 
@@ -296,16 +308,17 @@ async def step_session(name: str, sid: str, body: StepRequest, request: Request)
         raise HTTPException(400, "the text has no tokens")
     with answered():
         client, timeout = engines(request.app.state), request.app.state.settings.request_timeout_s
-        stepped: Stepped = await ask(request, link, Step(client.next_id(), session, ids, client.deadline(timeout)), sid)
-        p = softmax(np.frombuffer(stepped.data, np.float32))
-        best = np.argsort(-p)[: body.top_k]
+        stepped: Stepped = await ask(request.app.state, link, Step(client.next_id(), session, ids,
+                                                                   client.deadline(timeout)), no_session(sid), request.receive)
         return json_response({"session_id": sid, "tokens": len(ids), "total_tokens": stepped.total_tokens,
                               "unknown_tokens": ids.count(codec.vocab.unk_id),
-                              "next": [{"token": codec.vocab.itos[i], "probability": float(p[i])} for i in best]})
+                              "next": [{"token": token, "probability": p}
+                                       for token, p in most_likely(codec, stepped, body.top_k)]})
 
 
 async def end_session(name: str, sid: str, request: Request) -> dict:
     """End a session and free its state."""
     link, _, session = session_of(request, name, sid)
-    done: Done = await ask(request, link, CloseSession(engines(request.app.state).next_id(), session), sid)
+    done: Done = await ask(request.app.state, link, CloseSession(engines(request.app.state).next_id(), session),
+                           no_session(sid), request.receive)
     return done.body | {"session_id": sid}

@@ -61,6 +61,7 @@ async def model_version_infer(name: str, version: str, body: InferRequest, reque
 
 
 async def infer(request: Request, name: str, body: InferRequest, version: str | None = None):
+    service.stateless((body.parameters or {}).get("sequence_id"))
     with service.answered():
         binary = request.scope.get("rnnserve.binary", b"")  # the body after its JSON header, as the front door split it
         served_version, logits = await service.infer_tensors(

@@ -1,0 +1,91 @@
+"""Triton's sequences on ModelStreamInfer: the requests that name one sequence_id advance one state
+of a language model, as a stateful model behind Triton's sequence batcher does, each answering the
+next-token distribution after its text (the step of the REST sessions, serving/frontend/routes/lm.py).
+
+sequence_start begins the sequence at the zero state (one of that id that is live begins again),
+sequence_end ends it after its step; a sequence idle for RNNSERVE_SESSION_IDLE_S ends too, and so
+does every sequence of a version that is replaced. The id (uint64 or string, one namespace per
+model) names the state on the engine that runs the model's generations, so a later request may
+come on any stream, to any front-end; a stream runs its own requests of a sequence in the order
+they came (grpc_stream.py). A request carries text_input (BYTES) and may ask for top_k (a
+request parameter or in sampling_parameters; default 5, at most 100). It answers next_tokens
+(BYTES [k], the most likely first), next_probabilities (FP32 [k]) and total_tokens (INT64 [1]:
+read by the sequence so far).
+"""
+import struct
+
+import numpy as np
+from fastapi import HTTPException
+from starlette.datastructures import State
+from tritonclient.grpc import service_pb2 as pb
+
+from serving.common.messages import CloseSession, OpenSession, Step, Stepped
+from serving.frontend import service, triton_inputs
+from serving.frontend.routes import lm
+
+TOP_K = 5
+
+
+def sequence_id(request: pb.ModelInferRequest) -> str | None:
+    """The request's sequence_id, None outside a sequence (no id, 0 or "", as Triton reads it)."""
+    if "sequence_id" not in request.parameters:
+        return None
+    p = request.parameters["sequence_id"]
+    value = getattr(p, p.WhichOneof("parameter_choice") or "string_param")
+    return None if value in (0, "") else str(value)
+
+
+def flag(request: pb.ModelInferRequest, name: str) -> bool:
+    return name in request.parameters and request.parameters[name].bool_param
+
+
+def asked(request: pb.ModelInferRequest) -> tuple[str, int]:
+    """A sequence request's text and top_k; anything else it asks for is a 400."""
+    values = triton_inputs.inputs(request)
+    parameters = triton_inputs.sampling(request, values)
+    if other := sorted(set(values) - {"text_input"}) + sorted(set(parameters) - {"top_k"}):
+        raise HTTPException(400, f"{other}: a sequence request reads text_input and answers the next token's top_k; "
+                                 "it does not generate (for that, send no sequence_id)")
+    top_k = parameters.get("top_k", TOP_K)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 100:
+        raise HTTPException(400, f"top_k must be an integer from 1 to 100, not {top_k!r}")
+    if not values.get("text_input"):
+        raise HTTPException(400, "a sequence request needs text_input")
+    return values["text_input"], top_k
+
+
+def strings(values: list[str]) -> bytes:
+    """BYTES elements as Triton lays them out: each a 4-byte little-endian length, then the bytes."""
+    return b"".join(struct.pack("<I", len(data)) + data for data in (v.encode() for v in values))
+
+
+async def step(state: State, request: pb.ModelInferRequest, sid: str, send):
+    """Advance sequence `sid` over the request's text (opening it first, ending it after, as the
+    request says) and send the next token's top k."""
+    name, start, end = request.model_name, flag(request, "sequence_start"), flag(request, "sequence_end")
+    text, top_k = asked(request)
+    link, version = service.served(state, name, request.model_version or None, task="lm", together=True)
+    service.check_text(state.settings, text, "text_input")
+    if not (ids := version.codec.ids(text)):
+        raise HTTPException(400, "text_input has no tokens")
+    client, session = service.engines(state), f"triton {name} {sid}"  # the engine's name for it
+    missing = f"no sequence {sid!r} of model {name!r}: begin it with sequence_start (it ended, expired, " \
+              "or its version was replaced)"
+    with service.answered():
+        if start:
+            await lm.ask(state, link, OpenSession(client.next_id(), name, session))
+        stepped: Stepped = await lm.ask(state, link, Step(client.next_id(), session, ids,
+                                                          client.deadline(state.settings.request_timeout_s)), missing)
+        if end:
+            await lm.ask(state, link, CloseSession(client.next_id(), session), missing)
+    best = lm.most_likely(version.codec, stepped, top_k)
+    tensor = pb.ModelInferResponse.InferOutputTensor
+    send(pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
+        model_name=name, model_version=str(version.number), id=request.id,
+        parameters={"triton_final_response": pb.InferParameter(bool_param=True)},
+        outputs=[tensor(name="next_tokens", datatype="BYTES", shape=[len(best)]),
+                 tensor(name="next_probabilities", datatype="FP32", shape=[len(best)]),
+                 tensor(name="total_tokens", datatype="INT64", shape=[1])],
+        raw_output_contents=[strings([token for token, _ in best]),
+                             np.array([p for _, p in best], "<f4").tobytes(),
+                             np.array([stepped.total_tokens], "<i8").tobytes()])))
