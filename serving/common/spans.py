@@ -29,7 +29,7 @@ class Span:
     context = SimpleNamespace(trace_flags=SimpleNamespace(sampled=True))  # what BatchSpanProcessor.on_end asks
 
     def __init__(self, name: str, trace_id: int, parent_id: int = 0, attributes: dict | None = None, *,
-                 kind: int = INTERNAL, remote: bool = False, trace_state: str = "", links: list = (),
+                 kind: int = INTERNAL, remote: bool = False, trace_state: str = "", links: list | tuple = (),
                  start_ns: int | None = None):
         self.name, self.kind, self.trace_id, self.span_id = name, kind, trace_id, IDS.generate_span_id()
         self.parent_id, self.remote, self.trace_state, self.links = parent_id, remote, trace_state, links
