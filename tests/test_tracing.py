@@ -221,8 +221,8 @@ def test_a_caller_that_does_not_sample_its_trace_gets_no_spans(traced):
 
 def test_a_ratio_sampler_keeps_its_share_of_requests_each_with_its_whole_trace(tmp_path):
     """OTEL_TRACES_SAMPLER=traceidratio at 0.5, no caller traceparent: the front-end asks the sampler
-    before it makes a request span, with the trace id the span then gets, so the SDK keeps exactly
-    those (asked twice with different ids it would keep a quarter); each kept request has its
+    before it makes a request span, with the trace id the span then gets, so its decision is the
+    span's (asked twice with different ids it would keep a quarter); each kept request has its
     tokenize and queued spans, and a dropped one leaves nothing, in the engine either."""
     repository = tiny_repository(tmp_path)
     receiver = Receiver(free_port())

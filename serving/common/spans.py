@@ -2,10 +2,10 @@
 the SDK's BatchSpanProcessor and OTLP gRPC exporter (so OTEL_BSP_* and OTEL_EXPORTER_OTLP_* work as
 they do for the SDK): the collector gets what the SDK would send (ids, parent, kind, times,
 attributes, links, the status and event of an exception, the resource, the "rnnserve" scope) for
-a fifth of the CPU. The SDK's span cleans every attribute, asks the sampler for every child and
-calls its processors; its encoder hashes the resource (JSON) for every span. Here a child of a
-kept span is kept (what every standard sampler decides for it), and the exporter's thread encodes
-a batch with one resource and one scope.
+about a seventh of the CPU (docs/benchmarks.md). The SDK's span cleans every attribute, asks the
+sampler for every child and calls its processors; its encoder hashes the resource (as JSON) for
+every span. Here a child of a kept span is kept (what every standard sampler decides for it), and
+a batch is encoded with one resource and one scope.
 """
 import time
 import traceback
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 CURRENT: ContextVar = ContextVar("span", default=None)  # the recorded span the running code is under
 PROCESSOR = None  # a BatchSpanProcessor over Exporter once export() has run
-IDS = None  # the SDK's RandomIdGenerator
+IDS = None  # the tracer provider's id generator
 INTERNAL, SERVER = 1, 2  # OTLP's span kinds
 HAS_IS_REMOTE, IS_REMOTE = 0x100, 0x200  # OTLP's span flags: whether the parent (or a link) is remote
 ERROR = 2  # OTLP's status code
@@ -70,48 +70,58 @@ def export(provider, scope: str):
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue
-    from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans
-    from opentelemetry.proto.trace.v1.trace_pb2 import Span as Message
-    from opentelemetry.proto.trace.v1.trace_pb2 import Status
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    def value(v) -> AnyValue:
+    def put(value, v):
+        """An attribute's value into an AnyValue message (set field by field: upb's keyword
+        constructors cost three times as much)."""
         if isinstance(v, str):
-            return AnyValue(string_value=v)
-        if isinstance(v, bool):
-            return AnyValue(bool_value=v)
-        if isinstance(v, (list, tuple)):
-            return AnyValue(array_value=ArrayValue(values=[value(x) for x in v]))
-        return AnyValue(int_value=v) if isinstance(v, int) else AnyValue(double_value=v)
+            value.string_value = v
+        elif isinstance(v, bool):
+            value.bool_value = v
+        elif isinstance(v, int):
+            value.int_value = v
+        elif isinstance(v, float):
+            value.double_value = v
+        else:
+            for x in v:
+                put(value.array_value.values.add(), x)
 
-    def pairs(attributes: dict) -> list:
-        return [KeyValue(key=k, value=value(v)) for k, v in attributes.items()]
+    def add_pairs(pairs, attributes: dict):
+        for k, v in attributes.items():
+            pair = pairs.add()
+            pair.key = k
+            put(pair.value, v)
 
-    def message(s: Span) -> Message:
-        """A span as the SDK's encoder makes it (the same fields, an unset status included)."""
+    def add_span(messages, s: Span):
+        """A span as the SDK's encoder makes it: the same fields, an unset status included."""
         flags = lambda remote: HAS_IS_REMOTE | (IS_REMOTE if remote else 0)  # noqa: E731
-        return Message(trace_id=s.trace_id.to_bytes(16, "big"), span_id=s.span_id.to_bytes(8, "big"),
-                       trace_state=s.trace_state, parent_span_id=s.parent_id.to_bytes(8, "big") if s.parent_id else b"",
-                       name=s.name, kind=s.kind, start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns,
-                       attributes=pairs(s.attributes), status=Status(code=s.status[0], message=s.status[1]),
-                       events=[Message.Event(name=n, time_unix_nano=t, attributes=pairs(a)) for n, t, a in s.events],
-                       links=[Message.Link(trace_id=t.to_bytes(16, "big"), span_id=i.to_bytes(8, "big"), flags=flags(r))
-                              for t, i, r in s.links],
-                       flags=flags(s.remote))
-
-    resource = Resource(attributes=pairs(provider.resource.attributes))
+        m = messages.add(trace_id=s.trace_id.to_bytes(16, "big"), span_id=s.span_id.to_bytes(8, "big"),
+                         trace_state=s.trace_state, parent_span_id=s.parent_id.to_bytes(8, "big") if s.parent_id else b"",
+                         name=s.name, kind=s.kind, start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns,
+                         flags=flags(s.remote))
+        add_pairs(m.attributes, s.attributes)
+        for name, time_ns, attributes in s.events:
+            add_pairs(m.events.add(name=name, time_unix_nano=time_ns).attributes, attributes)
+        for trace_id, span_id, remote in s.links:
+            m.links.add(trace_id=trace_id.to_bytes(16, "big"), span_id=span_id.to_bytes(8, "big"), flags=flags(remote))
+        m.status.SetInParent()
+        if s.status[0]:
+            m.status.code, m.status.message = s.status
 
     class Exporter(OTLPSpanExporter):
         """The SDK's OTLP gRPC exporter (endpoint, headers, TLS, retries), encoding our spans itself:
         one resource and one scope for the batch."""
         def _translate_data(self, batch: list) -> ExportTraceServiceRequest:
             request = encode_spans([s for s in batch if type(s) is not Span])  # the SDK's, as it encodes them
-            if ours := [message(s) for s in batch if type(s) is Span]:
-                request.resource_spans.append(ResourceSpans(
-                    resource=resource, schema_url=provider.resource.schema_url,
-                    scope_spans=[ScopeSpans(scope=InstrumentationScope(name=scope), spans=ours)]))
+            ours = [s for s in batch if type(s) is Span]
+            if ours:
+                resource_spans = request.resource_spans.add(schema_url=provider.resource.schema_url)
+                add_pairs(resource_spans.resource.attributes, provider.resource.attributes)
+                scope_spans = resource_spans.scope_spans.add()
+                scope_spans.scope.name = scope
+                for s in ours:
+                    add_span(scope_spans.spans, s)
             return request
 
     IDS, PROCESSOR = provider.id_generator, BatchSpanProcessor(Exporter())
