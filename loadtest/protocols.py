@@ -9,7 +9,8 @@
    to a receiver process on 127.0.0.1 (python -m loadtest.otlp), and the same with OpenTelemetry's
    standard sampler keeping 1 trace in 10 (OTEL_TRACES_SAMPLER=parentbased_traceidratio) and
    keeping none (its ratio 0: what tracing costs a request it does not record); one short text
-   per V1 predict. --no-protocols measures part 2 alone.
+   per V1 predict. --no-protocols measures part 2 alone; --baseline DIR measures the server of
+   another checkout (before a change) at each of its points too, in the same rounds.
 Points are interleaved (the order turns every round) and the median of --repeats is reported.
 Writes results.json and results.md under --out.
 """
@@ -92,7 +93,7 @@ def protocols(args) -> dict:
     if args.protocols:
         results["protocols"] = protocol_cost(args, base)
     if args.tracing:
-        results["tracing"], results["spans_received"] = tracing_cost(args, base)
+        results["tracing"], results["baseline"], results["spans_received"] = tracing_cost(args, base)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (args.out / "results.md").write_text(table)
@@ -128,32 +129,36 @@ def protocol_cost(args, base: list[str]) -> dict:
     return {k: median_point(v) for k, v in raw.items()}
 
 
-def tracing_cost(args, base: list[str]) -> tuple[dict, int]:
-    """Part 2: (mode -> median point, spans the receiver got)."""
+def tracing_cost(args, base: list[str]) -> tuple[dict, dict, int]:
+    """Part 2: (mode -> median point, the same of --baseline's checkout or {}, spans the receiver got)."""
     receiver = Receiver(free_port())  # its gRPC server answers from threads of this process
     traced = {"RNNSERVE_TRACING": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
               "OTEL_EXPORTER_OTLP_INSECURE": "true"}
     ratio = lambda r: traced | {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": r}  # noqa: E731
     modes = {"off": {}, "otlp, every request": traced, "otlp, 1 in 10 sampled": ratio("0.1"),
              "otlp, nothing sampled": ratio("0")}
+    checkouts = [None, args.baseline] if args.baseline else [None]  # None: this one
     predicts = [(f"/v1/models/{args.model}:predict", predict_body(t)) for t in texts("short", 2000, seed=4)]
     raw = {}
     try:
         for round_ in range(args.repeats):
-            for mode in rotated(list(modes), round_):
-                port = free_port()
-                server = start("rnnserve-tracing", base + ["--port", str(port)], modes[mode], port, "/v2/health/ready")
+            for checkout, mode in rotated([(c, m) for c in checkouts for m in modes], round_):
+                port, other = free_port(), {"PYTHONPATH": str(checkout.resolve())} if checkout else {}
+                server = start("rnnserve-tracing", base + ["--port", str(port)], modes[mode] | other, port,
+                               "/v2/health/ready", cwd=checkout)
                 try:
                     point = measure(server.pid, port, predicts, args.users, args.seconds, 1, 1)
                 finally:
                     server.terminate()
                     server.wait(30)
-                raw.setdefault(mode, []).append(point)
+                raw.setdefault((checkout, mode), []).append(point)
                 print(f"tracing {mode:22s} {point['requests_per_s']:8.0f} req/s p50 {point['p50_ms']:6.1f} ms "
-                      f"p99 {point['p99_ms']:6.1f} ms errors {point['errors']}")
+                      f"p99 {point['p99_ms']:6.1f} ms errors {point['errors']}{' (baseline)' if checkout else ''}")
     finally:
         receiver.stop()
-    return {k: median_point(v) for k, v in raw.items()}, len(receiver.spans)
+    medians = {key: median_point(v) for key, v in raw.items()}
+    return ({m: medians[None, m] for m in modes}, {m: medians[args.baseline, m] for m in modes if args.baseline},
+            len(receiver.spans))
 
 
 def markdown(r: dict) -> str:
@@ -172,9 +177,10 @@ def markdown(r: dict) -> str:
         return "\n".join(lines) + "\n"
     lines += ["", "| V1 predict, one short text | requests/s | p50 ms | p99 ms | front-end / engine CPU ms/request | vs off |",
               "|---|---|---|---|---|---|"]
-    for mode, v in t.items():
-        lines.append(f"| tracing {mode} | {v['requests_per_s']:.0f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
-                     f"{v['frontend_cpu_ms_per_request']:.3f} / {v['engine_cpu_ms_per_request']:.3f} | "
-                     f"{v['requests_per_s'] / t['off']['requests_per_s']:.2f} |")
+    for which, points in (("", t), ("baseline: ", r.get("baseline") or {})):
+        for mode, v in points.items():
+            lines.append(f"| {which}tracing {mode} | {v['requests_per_s']:.0f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
+                         f"{v['frontend_cpu_ms_per_request']:.3f} / {v['engine_cpu_ms_per_request']:.3f} | "
+                         f"{v['requests_per_s'] / points['off']['requests_per_s']:.2f} |")
     lines.append(f"\n{r['spans_received']} spans received by the OTLP receiver.")
     return "\n".join(lines) + "\n"

@@ -149,6 +149,47 @@ def test_a_generation_over_the_grpc_stream_is_traced(traced):
     assert generation.parent_span_id == stream.span_id and attributes(generation)["rnnserve.tokens"] == 12
 
 
+def test_a_kept_request_carries_what_the_sdk_would_send(traced):
+    """Our spans are not the SDK's (serving/common/spans.py) but arrive as its would: the request
+    span's attributes, the caller's tracestate on it and its children, the span flags (parent
+    remote or not), an unset status."""
+    receiver, url, _ = traced
+    caller, header = traceparent(10)
+    r = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ["a fine film"]},
+                   headers={"traceparent": header, "tracestate": "vendor=abc", "x-request-id": "kept-1"})
+    assert r.status_code == 200
+    found = check_request(receiver, caller, "POST /v1/models/{name}:predict")
+    request, tokenize, queued = (found[n][1] for n in ("POST /v1/models/{name}:predict", "tokenize", "queued"))
+    assert attributes(request) == {"http.route": "/v1/models/{name}:predict", "url.path": "/v1/models/clf:predict",
+                                   "rnnserve.model": "clf", "rnnserve.request_id": "kept-1",
+                                   "http.response.status_code": 200}
+    assert request.trace_state == tokenize.trace_state == "vendor=abc"
+    assert (request.flags, tokenize.flags, queued.flags) == (0x300, 0x100, 0x300)  # parent remote: the caller, an engine's
+    assert request.HasField("status") and request.status.code == 0 and tokenize.kind == tokenize.SPAN_KIND_INTERNAL
+
+
+def test_a_refused_rpc_records_the_exception_as_the_sdk_does(traced):
+    receiver, url, grpc_port = traced
+    caller, header = traceparent(11)
+    with pytest.raises(triton.InferenceServerException):
+        triton.InferenceServerClient(f"127.0.0.1:{grpc_port}").get_model_metadata("nope", headers={"traceparent": header})
+    (_, request), = spans_under(receiver, caller, {"inference.GRPCInferenceService/ModelMetadata"}).values()
+    assert request.status.code == request.status.STATUS_CODE_ERROR
+    assert request.status.message == "HTTPException: 404: unknown model 'nope'"
+    (event,) = request.events
+    assert event.name == "exception" and attributes(event)["exception.type"] == "fastapi.exceptions.HTTPException"
+
+
+def test_other_libraries_spans_are_exported_too(traced):
+    """The SDK's tracer provider stays the global one, with our exporter: FastAPI's own spans for
+    the routes it serves (here the model's metadata) reach the collector beside ours."""
+    receiver, url, _ = traced
+    caller, header = traceparent(12)
+    assert httpx.get(f"{url}/v2/models/clf", headers={"traceparent": header}).status_code == 200
+    found = spans_under(receiver, caller, {"GET /v2/models/{name}"})
+    assert "GET /v2/models/{name}" in found, f"spans under the caller: {sorted(found)}"
+
+
 def test_without_a_traceparent_a_request_starts_its_own_trace(traced):
     receiver, url, _ = traced
     r = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ["plain"]}, headers={"x-request-id": "untraced-1"})
@@ -180,8 +221,8 @@ def test_a_caller_that_does_not_sample_its_trace_gets_no_spans(traced):
 
 def test_a_ratio_sampler_keeps_its_share_of_requests_each_with_its_whole_trace(tmp_path):
     """OTEL_TRACES_SAMPLER=traceidratio at 0.5, no caller traceparent: the front-end asks the sampler
-    before it makes a request span, with the trace id the span then gets, so the SDK keeps exactly
-    those (asked twice with different ids it would keep a quarter); each kept request has its
+    before it makes a request span, with the trace id the span then gets, so its decision is the
+    span's (asked twice with different ids it would keep a quarter); each kept request has its
     tokenize and queued spans, and a dropped one leaves nothing, in the engine either."""
     repository = tiny_repository(tmp_path)
     receiver = Receiver(free_port())
