@@ -115,6 +115,23 @@ def test_interleaved_sequences_keep_their_own_states_and_a_string_id_works(serve
         stream.close()
 
 
+def test_32_sequences_in_flight_on_one_stream_each_keep_their_own_state(server):
+    words = ["time", "machine", "traveller", "medical man", "psychologist", "very young man", "morlocks", "eloi"]
+    texts = {i: [f"the {words[i % 8]}", f" and the {words[(i * 3 + 1) % 8]}", f" of {words[(i + 5) % 8]}"] for i in range(32)}
+    expected = {i: session_steps(server.url, t, top_k=4) for i, t in texts.items()}
+    stream = Stream(server.settings.grpc_port)
+    try:
+        for step in range(3):  # every sequence's step, then the next: 32 sequences in flight at once
+            for i in range(32):
+                stream.send(f"{i}.{step}", texts[i][step], 1000 + i, start=step == 0, end=step == 2, top_k=4)
+        got = stream.answers(96)
+        wrong = [rid for rid in got if not close_to(got[rid], expected[int(rid.split(".")[0])][int(rid.split(".")[1])])]
+        assert len(got) == 96 and not wrong, (len(got), wrong[:5])
+    finally:
+        stream.close()
+    assert server.deployment("lm").lm.sessions == {}
+
+
 def test_a_sequence_goes_on_over_another_stream_and_start_begins_it_again(server):
     expected = session_steps(server.url, TEXTS)
     first, second = Stream(server.settings.grpc_port), Stream(server.settings.grpc_port)
