@@ -88,6 +88,8 @@ def main(argv=None):
     wire.add_argument("--protocols", action=argparse.BooleanOptionalAction, default=True, help="measure part 1")
     wire.add_argument("--tracing", action=argparse.BooleanOptionalAction, default=True, help="measure part 2")
     wire.add_argument("--baseline", type=Path, help="part 2 of another checkout (e.g. main's) too, interleaved")
+    wire.add_argument("--modes", type=lambda s: s.split(","), default=["every request", "1 in 10 sampled", "nothing sampled"],
+                      help="part 2's traced points besides off, comma-separated")
     wire.add_argument("--out", type=Path, default=Path("results/protocols"))
     device = commands.add_parser("gpu", help="the CUDA tests and the GPU goals, one table (loadtest/gpu.py)")
     device.add_argument("--repository", type=Path, default=Path("model_repository"))

@@ -9,8 +9,9 @@
    to a receiver process on 127.0.0.1 (python -m loadtest.otlp), and the same with OpenTelemetry's
    standard sampler keeping 1 trace in 10 (OTEL_TRACES_SAMPLER=parentbased_traceidratio) and
    keeping none (its ratio 0: what tracing costs a request it does not record); one short text
-   per V1 predict. --no-protocols measures part 2 alone; --baseline DIR measures the server of
-   another checkout (before a change) at each of its points too, in the same rounds.
+   per V1 predict (--modes: which of the three besides off). --no-protocols measures part 2 alone;
+   --baseline DIR measures the server of another checkout (before a change) at each of its points
+   too, in the same rounds.
 Points are interleaved (the order turns every round) and the median of --repeats is reported.
 Writes results.json and results.md under --out.
 """
@@ -137,6 +138,7 @@ def tracing_cost(args, base: list[str]) -> tuple[dict, dict, int]:
     ratio = lambda r: traced | {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": r}  # noqa: E731
     modes = {"off": {}, "otlp, every request": traced, "otlp, 1 in 10 sampled": ratio("0.1"),
              "otlp, nothing sampled": ratio("0")}
+    modes = {name: env for name, env in modes.items() if name == "off" or name.split(", ")[1] in args.modes}
     checkouts = [None, args.baseline] if args.baseline else [None]  # None: this one
     predicts = [(f"/v1/models/{args.model}:predict", predict_body(t)) for t in texts("short", 2000, seed=4)]
     raw = {}

@@ -134,15 +134,17 @@ def test_the_protocol_benchmark_measures_every_protocol_and_tracing_mode_without
 
 
 def test_the_tracing_benchmark_measures_a_baseline_checkout_in_the_same_rounds(tmp_path):
-    """--baseline DIR: the tracing points of another checkout's server too (here this one's)."""
+    """--baseline DIR: the tracing points of another checkout's server too (here this one's); --modes:
+    only the points asked for besides off."""
     tiny_repository(tmp_path)
     done = subprocess.run([sys.executable, "-m", "loadtest", "protocols", "--model", "clf", "--repository",
                            str(tmp_path / "repo"), "--no-protocols", "--users", "4", "--seconds", "0.3", "--repeats", "1",
+                           "--modes", "every request,nothing sampled",
                            "--baseline", str(Path(__file__).parents[1]), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(results["baseline"]) == set(results["tracing"]) and len(results["tracing"]) == 4
+    assert set(results["baseline"]) == set(results["tracing"]) == {"off", "otlp, every request", "otlp, nothing sampled"}
     assert all(p["requests"] > 0 and p["errors"] == 0 for p in [*results["tracing"].values(), *results["baseline"].values()])
     assert "| baseline: tracing otlp, every request |" in (tmp_path / "out" / "results.md").read_text()
 
