@@ -12,8 +12,6 @@ request parameter or in sampling_parameters; default 5, at most 100). It answers
 (BYTES [k], the most likely first), next_probabilities (FP32 [k]) and total_tokens (INT64 [1]:
 read by the sequence so far).
 """
-import struct
-
 import numpy as np
 from fastapi import HTTPException
 from starlette.datastructures import State
@@ -54,11 +52,6 @@ def asked(request: pb.ModelInferRequest) -> tuple[str, int]:
     return values["text_input"], top_k
 
 
-def strings(values: list[str]) -> bytes:
-    """BYTES elements as Triton lays them out: each a 4-byte little-endian length, then the bytes."""
-    return b"".join(struct.pack("<I", len(data)) + data for data in (v.encode() for v in values))
-
-
 async def step(state: State, request: pb.ModelInferRequest, sid: str, send):
     """Advance sequence `sid` over the request's text (opening it first, ending it after, as the
     request says) and send the next token's top k."""
@@ -86,6 +79,6 @@ async def step(state: State, request: pb.ModelInferRequest, sid: str, send):
         outputs=[tensor(name="next_tokens", datatype="BYTES", shape=[len(best)]),
                  tensor(name="next_probabilities", datatype="FP32", shape=[len(best)]),
                  tensor(name="total_tokens", datatype="INT64", shape=[1])],
-        raw_output_contents=[strings([token for token, _ in best]),
+        raw_output_contents=[triton_inputs.strings([token for token, _ in best]),
                              np.array([p for _, p in best], "<f4").tobytes(),
                              np.array([stepped.total_tokens], "<i8").tobytes()])))

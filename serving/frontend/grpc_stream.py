@@ -17,7 +17,6 @@ it is an empty one. A request's error is a response with error_message, and the 
 closing the stream cancels what it was still generating.
 """
 import asyncio
-import struct
 
 from fastapi import HTTPException
 from pydantic import ValidationError
@@ -49,11 +48,10 @@ def text_response(request: pb.ModelInferRequest, version: int, text: str | None,
     if text is None:
         return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
             model_name=request.model_name, model_version=str(version), id=request.id, parameters=final_flag))
-    data = text.encode()
     return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
         model_name=request.model_name, model_version=str(version), id=request.id, parameters=final_flag,
         outputs=[pb.ModelInferResponse.InferOutputTensor(name="text_output", datatype="BYTES", shape=[1])],
-        raw_output_contents=[struct.pack("<I", len(data)) + data]))
+        raw_output_contents=[triton_inputs.strings([text])]))
 
 
 async def generation(state: State, request: pb.ModelInferRequest, send):
