@@ -1,10 +1,10 @@
 # syntax=docker/dockerfile:1
 # rnnserve serving image: ONNX Runtime (GPU build) + FastAPI/uvicorn + the torch-free core and the
-# serving package. No PyTorch and no training code. See README "Container".
+# serving package. No PyTorch and no training code. See docs/deployment.md, "The container".
 #
 #   docker build -t rnnserve .                       # GPU: onnxruntime-gpu with CUDA 13 + cuDNN 9 from PyPI
 #   docker run --gpus all -p 8000:8000 -p 8001:8001 rnnserve   # REST, gRPC; needs an NVIDIA driver >= 580 (CUDA 13)
-#   docker run -p 8000:8000 -v $PWD/model_repository:/models rnnserve   # CPU fallback, mounted models
+#   docker run -p 8000:8000 -p 8001:8001 -v $PWD/model_repository:/models rnnserve   # CPU fallback, mounted models
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
