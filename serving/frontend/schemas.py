@@ -3,6 +3,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.frontend.core.sessions import MAX_TOP_K, TOP_K
+
 
 class Request(BaseModel):
     """What a client sends: a field this API does not have is a 400, never ignored."""
@@ -153,7 +155,7 @@ class SessionCreated(BaseModel):
 
 class StepRequest(Request):
     text: str = Field(min_length=1)
-    top_k: int = Field(5, ge=1, le=100)
+    top_k: int = Field(TOP_K, ge=1, le=MAX_TOP_K)
 
 
 class TokenProbability(BaseModel):
