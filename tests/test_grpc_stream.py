@@ -1,4 +1,4 @@
-"""Triton's decoupled streaming over gRPC (serving/frontend/grpc_stream.py), spoken by
+"""Triton's decoupled streaming over gRPC (serving/frontend/grpc/stream.py), spoken by
 tritonclient.grpc unchanged: start_stream / async_stream_infer against a real server."""
 import json
 import queue
@@ -122,8 +122,10 @@ def test_a_bad_request_is_an_error_on_the_stream_and_the_stream_goes_on(server, 
         stream.send("bad", "the", True, max_tokens=0)
         stream.send("beam", "the", True, beam_width=2)
         stream.send("clf", "the", True, model="clf")
-        errors = stream.until_final(3)
+        stream.send("typed", "the", True, max_tokens="3")  # strict types, as REST's
+        errors = stream.until_final(4)
         assert any("max_tokens" in e for e in errors) and any("beam_width" in e for e in errors), errors
+        assert any("parameters.max_tokens: Input should be a valid integer" in e for e in errors), errors
         assert any("only language models generate" in e for e in errors), errors
         stream.send("good", "the", False, empty_final=False, max_tokens=5, temperature=0)
         assert stream.until_final(1)["good"] == ["the" + ours(server, "the", max_tokens=5, temperature=0)]

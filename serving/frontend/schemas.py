@@ -7,8 +7,10 @@ from serving.frontend.core.sessions import MAX_TOP_K, TOP_K
 
 
 class Request(BaseModel):
-    """What a client sends: a field this API does not have is a 400, never ignored."""
-    model_config = ConfigDict(extra="forbid")
+    """What a client sends: a field this API does not have is a 400, never ignored, and so is a
+    value of the wrong JSON type, never coerced ("5" or true for an integer, "yes" for a boolean;
+    an integer where a number is asked is a number)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class PredictRequest(Request):
