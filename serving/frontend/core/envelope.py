@@ -29,7 +29,8 @@ class Outcome:
 @contextmanager
 def counted(client: EngineClient | None, name: str, outcome: Outcome):
     """A request counted once, however it is answered: in flight while it runs, then its status
-    (500 if none was set) and latency in /metrics."""
+    and latency in /metrics; one that ended unanswered, its client gone (e.g. before it sent its
+    whole body), as 499."""
     model = name if client and client.deployed(name) else metrics.NOT_DEPLOYED
     in_flight, started = metrics.of(metrics.IN_FLIGHT, model), time.perf_counter()
     in_flight.inc()
@@ -37,7 +38,7 @@ def counted(client: EngineClient | None, name: str, outcome: Outcome):
         yield outcome
     finally:
         in_flight.dec()
-        metrics.of(metrics.REQUESTS, model, outcome.endpoint, str(outcome.status or 500)).inc()
+        metrics.of(metrics.REQUESTS, model, outcome.endpoint, str(outcome.status or LEFT)).inc()
         metrics.of(metrics.REQUEST_LATENCY, model, outcome.endpoint).observe(time.perf_counter() - started)
 
 
