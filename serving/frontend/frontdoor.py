@@ -1,7 +1,8 @@
-"""What every request meets before any route, in one ASGI layer in front of the FastAPI app:
-an id, the bearer token where one is asked for (and model control closed unless it is opened),
-shedding when the model's queue is full, the whole body read within its limits, a count of the
-answer in /metrics, and from SIGTERM on (draining) Connection: close on every answer.
+"""What every request meets before any route, in one ASGI layer in front of the FastAPI app: the
+core's request envelope (serving/frontend/core/envelope.py: an id, the bearer token where one is
+asked for, model control closed unless it is opened, shedding when the model's queue is full, a
+span, a count of the answer in /metrics), the whole body read within its limits, and from SIGTERM
+on (draining) Connection: close on every answer.
 
 The hot routes (V1 predict, V2 infer, generate, a session's step: the table's routes with a
 body) are then called directly with their validated body: FastAPI's routing, dependency solving
