@@ -44,7 +44,7 @@ def process_cpu_s(pid: int) -> float:
 
 
 def request(rid: int, model: str, version: int, rows: list[list[int]]) -> Infer:
-    """The message a front-end sends for these rows (serving/frontend/service.py)."""
+    """The message a front-end sends for these rows (serving/frontend/core/inference.py)."""
     rows = Rows.of(rows)
     return Infer(rid, model, version, rows.ids.data, rows.lengths.data, time.monotonic() + 60)
 

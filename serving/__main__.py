@@ -153,7 +153,8 @@ def main(argv=None):
     processes.start()
     try:
         serve_http(app="serving.frontend.app:create_app", factory=True, host=settings.host, port=settings.port, workers=workers,
-                   log_level="info", access_log=False, limit_concurrency=settings.max_connections,
+                   log_level="info", access_log=False,
+                   limit_concurrency=settings.max_connections + 1,  # uvicorn counts the connection asking: L serves L - 1
                    timeout_graceful_shutdown=settings.shutdown_grace_s, proxy_headers=False)
     finally:
         processes.stop(settings.shutdown_grace_s)

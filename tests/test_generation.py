@@ -140,6 +140,32 @@ def test_bad_generation_input_gets_a_clear_4xx(server, body, path):
     assert gen(server, max_new_tokens=3).status_code == 200
 
 
+@pytest.mark.parametrize("field,value", [("max_new_tokens", True), ("max_new_tokens", "5"), ("max_new_tokens", 5.0),
+                                         ("stream", "yes"), ("temperature", "0"), ("seed", "1"), ("top_k", "3"),
+                                         ("stop", "x")])
+def test_a_value_of_the_wrong_json_type_is_a_400_naming_it_never_coerced(server, field, value):
+    """docs/api.md promises a 400 for wrong types: "5" or true is no integer, "yes" no boolean."""
+    r = gen(server, **{field: value})
+    assert r.status_code == 400 and f"body.{field}" in r.json()["error"], r.text
+
+
+def test_an_integer_where_a_number_is_asked_is_that_number(server):
+    """"temperature": 0 is JSON's integer 0, a number: greedy, as 0.0 is."""
+    greedy = gen(server, temperature=0, max_new_tokens=5)
+    assert greedy.status_code == 200 and greedy.json()["text"] == gen(server, temperature=0.0, max_new_tokens=5).json()["text"]
+
+
+def test_a_steps_top_k_must_be_an_integer(server):
+    sid = httpx.post(f"{server.url}/v1/models/lm/sessions").json()["session_id"]
+    try:
+        r = httpx.post(f"{server.url}/v1/models/lm/sessions/{sid}:step", json={"text": "the", "top_k": "3"})
+        assert r.status_code == 400 and "body.top_k" in r.json()["error"], r.text
+        assert len(httpx.post(f"{server.url}/v1/models/lm/sessions/{sid}:step",
+                              json={"text": "the", "top_k": 3}).json()["next"]) == 3
+    finally:
+        httpx.delete(f"{server.url}/v1/models/lm/sessions/{sid}")
+
+
 def test_a_tiny_temperature_is_greedy_not_a_crash(server):
     """Found by the fuzzer: logits / 1e-310 overflowed to inf and NaN probabilities (a 500)."""
     assert gen(server, temperature=1e-310, max_new_tokens=20).json()["text"] == gen(

@@ -5,6 +5,7 @@ import socket
 import time
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -13,7 +14,7 @@ from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from loadtest.servers import free_port
-from serving.frontend import grpc_v2
+from serving.frontend.grpc import v2 as grpc_v2
 from tests.serving_fixtures import Server, graph_logits, serve, slowed, tiny_repository
 
 IDS, LENGTHS = np.array([[2, 3, 4], [5, 6, 0]], np.int64), np.array([3, 2], np.int64)
@@ -90,6 +91,36 @@ def test_bad_calls_get_the_status_rest_would_give_and_the_server_goes_on(server,
     model, changes, code = BAD[case]
     assert code_of(lambda: server.client.infer(model, **({"inputs": tensors()} | changes))) == code
     assert server.client.infer("clf", tensors()).as_numpy("logits").shape == (2, 2)
+
+
+def test_an_oversized_message_is_refused_with_its_request_id_as_every_refusal(server):
+    """A message over RNNSERVE_MAX_BODY_BYTES: RESOURCE_EXHAUSTED, its details and trailing metadata
+    naming the request's id (gRPC's own refusal named none); the server goes on."""
+    limit = server.settings.max_body_bytes
+    with grpc.insecure_channel(f"127.0.0.1:{server.settings.grpc_port}",
+                               options=[("grpc.max_send_message_length", 4 * limit)]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        tensor = pb.ModelInferRequest.InferInputTensor
+        request = pb.ModelInferRequest(model_name="clf", inputs=[tensor(name="input_ids", datatype="INT64", shape=[1, 1]),
+                                                                 tensor(name="lengths", datatype="INT64", shape=[1])],
+                                       raw_input_contents=[b"\0" * (limit + 1), b"\0" * 8])
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ModelInfer(request, metadata=[("x-request-id", "big-1")])
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, raised.value.details()
+        assert "(request big-1)" in raised.value.details() and f"at most {limit}" in raised.value.details()
+        assert ("x-request-id", "big-1") in raised.value.trailing_metadata()
+    assert server.client.infer("clf", tensors()).as_numpy("logits").shape == (2, 2)
+
+
+def test_model_ready_answers_as_rest_does(server):
+    """Triton's answer on both: a model or version not served is not ready (gRPC ready: false, REST
+    400 saying why), a served one is."""
+    assert server.client.is_model_ready("clf") and server.client.is_model_ready("clf", "1")
+    assert not server.client.is_model_ready("nope") and not server.client.is_model_ready("clf", "9")
+    for path in ("/v2/models/nope/ready", "/v2/models/clf/versions/9/ready"):
+        r = httpx.get(server.url + path)
+        assert r.status_code == 400 and "not ready" in r.json()["error"], r.text
+    assert httpx.get(server.url + "/v2/models/clf/ready").json() == {"name": "clf", "ready": True}
 
 
 def test_mismatched_raw_contents_are_invalid(server):

@@ -1,4 +1,4 @@
-"""Triton's sequences on ModelStreamInfer (serving/frontend/grpc_sequence.py), spoken by
+"""Triton's sequences on ModelStreamInfer (serving/frontend/grpc/sequence.py), spoken by
 tritonclient.grpc unchanged: sequence_id / sequence_start / sequence_end step one state of the
 language model, each answer the step of a REST session over the same text."""
 import queue

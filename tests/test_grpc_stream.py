@@ -1,7 +1,8 @@
-"""Triton's decoupled streaming over gRPC (serving/frontend/grpc_stream.py), spoken by
+"""Triton's decoupled streaming over gRPC (serving/frontend/grpc/stream.py), spoken by
 tritonclient.grpc unchanged: start_stream / async_stream_infer against a real server."""
 import json
 import queue
+import re
 import time
 
 import httpx
@@ -98,11 +99,28 @@ def test_64_requests_on_one_stream_each_complete_with_their_own_text(server):
         stream.close()
 
 
+def counted(server, status: int) -> float:
+    """The stream's generations counted with `status` in /metrics so far (every server of the
+    test process shares the counters)."""
+    found = re.search(r'rnnserve_requests_total\{endpoint="grpc_stream_generate",model="lm",status="%d"\} (\S+)' % status,
+                      httpx.get(server.url + "/metrics").text)
+    return float(found[1]) if found else 0.0
+
+
+def left_once(server, before: dict, timeout_s: float = 10) -> bool:
+    """Whether one more generation is counted 499 (a client that left) and none more 504, within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while counted(server, 499) < before[499] + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return counted(server, 499) == before[499] + 1 and counted(server, 504) == before[504]
+
+
 def test_closing_the_stream_midway_frees_the_engines_slot_at_once(repository):
     s = Server(repository, grpc_port=free_port())
     slowed_steps(s, "lm", 0.005)
     stream = Stream(s)
     try:
+        before = {status: counted(s, status) for status in (499, 504)}
         stream.send("long", "the", True, max_tokens=1000)
         for _ in range(10):
             result, error = stream.responses.get(timeout=30)
@@ -112,6 +130,24 @@ def test_closing_the_stream_midway_frees_the_engines_slot_at_once(repository):
         stream.close()
         print(f"the engine dropped the generation {streams_gone(s, 'lm'):.3f}s after the client closed the stream")
         assert lm.streams == {}
+        assert left_once(s, before)  # counted once the stream's task has ended: as a client that left
+    finally:
+        s.stop()
+
+
+def test_a_stream_closed_before_the_first_token_is_counted_as_a_client_that_left(repository):
+    """Closing the stream while a generation waits for its first token cancels it: counted 499, as a
+    client that left, never as a deadline (it was counted 504 when the wait turned the
+    cancellation into a status)."""
+    s = Server(repository, grpc_port=free_port())
+    slowed_steps(s, "lm", 1.0)  # the first token comes after a second
+    stream = Stream(s)
+    try:
+        before = {status: counted(s, status) for status in (499, 504)}
+        stream.send("slow", "the", True, max_tokens=5)
+        time.sleep(0.3)
+        stream.close()
+        assert left_once(s, before)
     finally:
         s.stop()
 
@@ -122,8 +158,10 @@ def test_a_bad_request_is_an_error_on_the_stream_and_the_stream_goes_on(server, 
         stream.send("bad", "the", True, max_tokens=0)
         stream.send("beam", "the", True, beam_width=2)
         stream.send("clf", "the", True, model="clf")
-        errors = stream.until_final(3)
+        stream.send("typed", "the", True, max_tokens="3")  # strict types, as REST's
+        errors = stream.until_final(4)
         assert any("max_tokens" in e for e in errors) and any("beam_width" in e for e in errors), errors
+        assert any("parameters.max_tokens: Input should be a valid integer" in e for e in errors), errors
         assert any("only language models generate" in e for e in errors), errors
         stream.send("good", "the", False, empty_final=False, max_tokens=5, temperature=0)
         assert stream.until_final(1)["good"] == ["the" + ours(server, "the", max_tokens=5, temperature=0)]

@@ -113,3 +113,61 @@ def test_the_core_imports_in_one_direction():
         return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
 
     assert not [m for m in graph if reaches(m, m)], graph
+
+
+FRONTS = {  # inside the front-end: the core and the adapters over it -> what each must never import
+    "serving/frontend/core": {"fastapi", "starlette", "grpc", "tritonclient", "uvicorn", "serving.frontend.routes",
+                              "serving.frontend.grpc", "serving.frontend.frontdoor", "serving.frontend.responses",
+                              "serving.frontend.app"},
+    "serving/frontend/grpc": {"fastapi", "starlette", "serving.frontend.routes", "serving.frontend.frontdoor",
+                              "serving.frontend.responses", "serving.frontend.app"},
+    "serving/frontend/routes": {"grpc", "tritonclient", "serving.frontend.grpc"},
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, in full and by each of its parents (a.b.c: a, a.b, a.b.c)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module, *(f"{node.module}.{a.name}" for a in node.names)] \
+            if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+        for module in modules:
+            parts = module.split(".")
+            names |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return names
+
+
+@pytest.mark.parametrize("folder", sorted(FRONTS))
+def test_every_front_is_an_adapter_over_one_core(folder):
+    """REST and gRPC both call the core, neither imports the other, and the core imports no web
+    framework nor gRPC (Triton's HTTP and gRPC front-ends over one request path)."""
+    broken = {str(path.relative_to(ROOT)): sorted(imported_modules(path) & FRONTS[folder])
+              for path in (ROOT / folder).rglob("*.py") if imported_modules(path) & FRONTS[folder]}
+    assert broken == {}, f"{folder}/ must not import {sorted(FRONTS[folder])}"
+
+
+def test_the_front_rules_catch_grpc_importing_a_rest_route(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from serving.frontend.routes import lm\nfrom fastapi import HTTPException\n")
+    assert imported_modules(planted) & FRONTS["serving/frontend/grpc"] == {"fastapi", "serving.frontend.routes"}
+    assert imported_modules(planted) & FRONTS["serving/frontend/core"] == {"fastapi", "serving.frontend.routes"}
+
+
+def constants(path: Path) -> set:
+    return {node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)}
+
+
+def test_the_front_ends_rules_are_written_once():
+    """The core's error is defined once; the 410 re-encode retry, the "no session" answers and a
+    step's top_k bounds each live in one core module, and the REST schema takes the bounds from it."""
+    frontend = sorted((ROOT / "serving/frontend").rglob("*.py"))
+    where = lambda test: sorted(str(p.relative_to(ROOT / "serving/frontend")) for p in frontend if test(p))
+    assert where(lambda p: re.search(r"^class Refused\b", p.read_text(), re.M)) == ["core/refused.py"]
+    assert where(lambda p: 410 in constants(p)) == ["core/inference.py", "grpc/status.py"]  # the retry; its gRPC code
+    assert where(lambda p: any(isinstance(c, str) and c.startswith("no session") for c in constants(p))) == [
+        "core/sessions.py"]
+    assert where(lambda p: "http.disconnect" in constants(p)) == ["frontdoor.py", "responses.py"]  # the body; the watch
+    assert where(lambda p: "MAX_TOP_K" in p.read_text()) == ["core/sessions.py", "schemas.py"]
+    assert 100 not in constants(ROOT / "serving/frontend/grpc/sequence.py")
+    assert where(lambda p: "HTTPException" in p.read_text()) == ["app.py", "routes/docs.py"]  # FastAPI's own

@@ -201,7 +201,7 @@ def test_a_stream_whose_client_left_before_it_started_releases_its_hold(reposito
     async def scenario():
         app = create_app(s.settings)
         async with app.app.router.lifespan_context(app.app):
-            while not app.state.engines.ready:
+            while not app.front.engines.ready:
                 await asyncio.sleep(0.01)
             messages = [{"type": "http.request", "body": body, "more_body": False}]
             sent = []

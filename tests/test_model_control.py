@@ -63,7 +63,7 @@ def test_index_load_and_unload(two_versions):
         answer = httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": TEXTS})
         assert np.abs(probabilities(answer) - [alone(two_versions, t, version=1) for t in TEXTS]).max() < 1e-5
         assert httpx.get(f"{s.url}/v2/models/clf").json()["versions"] == ["1"]
-        assert httpx.get(f"{s.url}/v2/models/clf/versions/2/ready").status_code == 404
+        assert httpx.get(f"{s.url}/v2/models/clf/versions/2/ready").status_code == 400  # not ready: Triton's answer
 
         assert httpx.post(f"{s.url}/v2/repository/models/clf/unload").json()["state"] == "UNAVAILABLE"
         assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good"]}).status_code == 404

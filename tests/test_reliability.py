@@ -313,6 +313,21 @@ def test_overload_answers_503_fast_and_memory_stays_bounded(repository, tmp_path
         process.wait(15)
 
 
+def test_the_least_max_connections_serves_one_connection_at_a_time(repository, tmp_path):
+    """RNNSERVE_MAX_CONNECTIONS=1, the least it accepts: the one open connection is served (uvicorn
+    counts the connection asking among its limit, so it once refused every request); a second one
+    open at the same time is refused with 503."""
+    process, url = start(repository, tmp_path, max_connections=1)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.post("/v1/models/clf:predict", json={"instances": ["good"]}).status_code == 200
+            assert client.get("/v2/health/ready").status_code == 200  # the same connection, again
+            with httpx.Client(base_url=url, timeout=30) as other:  # while the first is still open
+                assert other.get("/v2/health/live").status_code == 503
+    finally:
+        process.kill()
+
+
 def test_slow_bodies_time_out_alone_and_oversized_bodies_are_refused(repository):
     """50 connections send headers and a little body, then nothing: meanwhile everyone else is
     served as usual, while the 50 are still unanswered; each then gets 408 at the body timeout."""

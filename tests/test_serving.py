@@ -145,7 +145,9 @@ def test_v2_endpoints_return_the_documented_shapes(server, repository):
                     "parameters": dict(zip(("provider", "device"), device_here()))}
     assert get("/v2/models/clf/versions/1").json() == meta
     assert get("/v2/models/clf/ready").status_code == 200 and get("/v2/models/clf/versions/1/ready").status_code == 200
-    assert get("/v2/models/clf/versions/2/ready").status_code == 404
+    for unready in ("/v2/models/clf/versions/2/ready", "/v2/models/nope/ready"):  # Triton's answer: 400, saying why
+        r = get(unready)
+        assert r.status_code == 400 and r.json()["error"].startswith("not ready: ") and r.json()["request_id"], r.text
     r = httpx.post(f"{server.url}/v2/models/clf/infer", content=v2_body())  # no content-type, as some clients send
     assert r.status_code == 200, r.text
     body = r.json()
@@ -318,7 +320,7 @@ def test_a_model_that_does_not_match_its_checksum_is_refused(repository, tmp_pat
 
 
 def test_the_serving_process_imports_no_pytorch():
-    code = "import sys, serving.__main__, serving.frontend.app, serving.frontend.grpc_v2; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, serving.__main__, serving.frontend.app, serving.frontend.grpc.v2; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -398,6 +400,21 @@ def test_a_malformed_binary_request_gets_400_and_the_server_goes_on(server, case
     assert r.json()["error"] and r.json()["request_id"]
     ok = httpx.post(f"{server.url}/v2/models/clf/infer", content=GOOD[0], headers=GOOD[1])
     assert ok.status_code == 200 and len(ok.json()["outputs"][0]["data"]) == 4
+
+
+@pytest.mark.parametrize("body,headers,says", [
+    (*GOOD, None),
+    (GOOD[0], {}, "needs the Inference-Header-Content-Length header"),  # a binary body read as JSON: named
+    (v2_body(ids__shape=["2", 3]), {}, "body.inputs.0.shape.0: Input should be a valid integer"),  # never coerced
+    (json.dumps({"inputs": json.loads(v2_body())["inputs"], "parameters": {"binary_data_output": "yes"}}).encode(), {},
+     "binary_data_output must be true or false"),
+])
+def test_a_v2_request_is_read_strictly_and_its_refusal_says_what_to_fix(server, body, headers, says):
+    r = httpx.post(f"{server.url}/v2/models/clf/infer", content=body, headers=headers)
+    if says is None:
+        assert r.status_code == 200, r.text
+    else:
+        assert r.status_code == 400 and says in r.json()["error"], r.text
 
 
 def test_binary_output_is_given_when_asked_and_json_otherwise(server, repository):

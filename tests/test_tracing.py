@@ -175,9 +175,9 @@ def test_a_refused_rpc_records_the_exception_as_the_sdk_does(traced):
         triton.InferenceServerClient(f"127.0.0.1:{grpc_port}").get_model_metadata("nope", headers={"traceparent": header})
     (_, request), = spans_under(receiver, caller, {"inference.GRPCInferenceService/ModelMetadata"}).values()
     assert request.status.code == request.status.STATUS_CODE_ERROR
-    assert request.status.message == "HTTPException: 404: unknown model 'nope'"
+    assert request.status.message == "Refused: unknown model 'nope'"
     (event,) = request.events
-    assert event.name == "exception" and attributes(event)["exception.type"] == "fastapi.exceptions.HTTPException"
+    assert event.name == "exception" and attributes(event)["exception.type"] == "serving.frontend.core.refused.Refused"
 
 
 def test_other_libraries_spans_are_exported_too(traced):

@@ -106,6 +106,18 @@ def test_a_stream_closed_midway_frees_its_slot_at_once(repository):
         s.stop()
 
 
+@pytest.mark.parametrize("body,says", [
+    ({"text_input": "the", "parameters": {"max_tokens": "3"}}, "parameters.max_tokens"),
+    ({"text_input": "the", "max_tokens": "3"}, "parameters.max_tokens"),  # at the top level too
+    ({"text_input": "the", "parameters": {"exclude_input_in_output": "true"}}, "parameters.exclude_input_in_output"),
+    ({"text_input": "the", "parameters": {"temperature": "0"}}, "parameters.temperature"),
+    ({"text_input": "the", "parameters": {"max_tokens": 10 ** 9}}, "max_tokens is at most"),  # its own name
+])
+def test_a_bad_value_is_refused_naming_the_field_as_the_client_sent_it(server, body, says):
+    r = httpx.post(f"{server.url}/v2/models/lm/generate", json=body, timeout=30)
+    assert r.status_code == 400 and says in r.json()["error"] and "max_new_tokens" not in r.json()["error"], r.text
+
+
 @pytest.mark.parametrize("path,body,status", [
     ("lm/generate", {"text_input": ""}, 400),
     ("lm/generate", {"parameters": {"max_tokens": 5}}, 400),

@@ -1,5 +1,5 @@
 """Prometheus metrics of the server, served at GET /metrics (every inference request is counted
-once, whatever answered it: serving/frontend/service.py's counted(), for REST and gRPC alike).
+once, whatever answered it: serving/frontend/core/envelope.py's counted(), for REST and gRPC alike).
 
 A language model's steps are recorded under the model label "<model>:step": its time per step and
 step batch size are the inference-time and batch-size histograms under that name."""

@@ -107,7 +107,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="request body, counted as it arrives (chunked "
                                                                    "too); beyond it 413")
     body_timeout_s: float = Field(10.0, gt=0, description="the whole body must arrive within this; else 408")
-    max_connections: int = Field(1024, ge=1, description="per worker, open connections and requests; beyond them "
+    max_connections: int = Field(1024, ge=1, description="per worker, open connections and requests (1: one at a "
+                                                         "time); beyond them "
                                                          "uvicorn answers 503")
 
     # gRPC connections (docs/api.md#connections-and-limits)

@@ -90,7 +90,7 @@ def answer(link: Link, rid: int, reply):
 
 class EngineClient:
     def __init__(self, addresses: list[str], repository: Path):
-        self.context = zmq.asyncio.Context(shadow=zmq.Context.instance().underlying)  # inproc:// engines share it
+        self.context = zmq.asyncio.Context.instance()
         self.repository = Path(repository)
         self.links = [Link(i, a, self.context.socket(zmq.DEALER)) for i, a in enumerate(addresses)]
         self.ids = itertools.count(1)
@@ -106,7 +106,7 @@ class EngineClient:
             link.socket.setsockopt(zmq.RCVHWM, 0)
             monitor = link.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             link.socket.connect(link.address)
-            self.send(link, Hello())  # queued until connected (an inproc:// engine reports no connection events)
+            self.send(link, Hello())  # queued until connected
             self.tasks += [asyncio.create_task(self.read(link), name=f"engine-{link.index}-replies"),
                            asyncio.create_task(self.watch(link, monitor), name=f"engine-{link.index}-watch")]
 

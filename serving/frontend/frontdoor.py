@@ -1,7 +1,8 @@
-"""What every request meets before any route, in one ASGI layer in front of the FastAPI app:
-an id, the bearer token where one is asked for (and model control closed unless it is opened),
-shedding when the model's queue is full, the whole body read within its limits, a count of the
-answer in /metrics, and from SIGTERM on (draining) Connection: close on every answer.
+"""What every request meets before any route, in one ASGI layer in front of the FastAPI app: the
+core's request envelope (serving/frontend/core/envelope.py: an id, the bearer token where one is
+asked for, model control closed unless it is opened, shedding when the model's queue is full, a
+span, a count of the answer in /metrics), the whole body read within its limits, and from SIGTERM
+on (draining) Connection: close on every answer.
 
 The hot routes (V1 predict, V2 infer, generate, a session's step: the table's routes with a
 body) are then called directly with their validated body: FastAPI's routing, dependency solving
@@ -13,16 +14,15 @@ import asyncio
 import logging
 import os
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from serving.common import tracing
-from serving.common.logs import start_request
-from serving.common.settings import Settings
-from serving.frontend import service, tensors
-from serving.frontend.access import NEEDS_TOKEN, bearer_matches, control_closed, token_of
-from serving.frontend.responses import invalid, refuse, refused
+from serving.frontend.core import tensors
+from serving.frontend.core.envelope import Outcome, begun, entered
+from serving.frontend.core.front import Front
+from serving.frontend.core.refused import Refused, busy, invalid, unexpected
+from serving.frontend.responses import refuse, refused
 from serving.frontend.routes import Route, inference_route
 
 log = logging.getLogger(__name__)
@@ -30,52 +30,55 @@ CLOSE = [(b"connection", b"close")]  # while draining: the client opens a new co
 WANTED = {b"x-request-id", b"content-length", b"authorization", b"inference-header-content-length",
           b"traceparent", b"tracestate"}
 CONTROL = "/v2/repository"
+SHUT_DOWN = busy("the server shut down before answering; retry")  # a request cut off past the grace period
 
 
 class FrontDoor:
-    def __init__(self, app: FastAPI, settings: Settings):
-        self.app, self.state, self.settings = app, app.state, settings
+    def __init__(self, app: FastAPI, front: Front):
+        self.app, self.state, self.front, self.settings = app, app.state, front, front.settings
         self.served_by = (b"x-rnnserve-frontend", str(os.getpid()).encode())  # which front-end answered: they share a port
-        self.token = token_of(settings)
-        self.guarded = (CONTROL, "/v1/models", "/v2/models") if settings.token_for_inference else (CONTROL,)
+        self.guarded = (CONTROL, "/v1/models", "/v2/models") if self.settings.token_for_inference else (CONTROL,)
 
     async def __call__(self, scope, receive, send):
+        """The request in its envelope (serving/frontend/core/envelope.py): an inference route's
+        counted and traced; a refusal there answered here; a request the server cut off (a
+        shutdown past its grace period) answered 503 if nothing was, and the cancellation goes on."""
         if scope["type"] != "http":  # lifespan
             return await self.app(scope, receive, send)
         headers = {k: v for k, v in scope["headers"] if k in WANTED}
-        request_id = start_request(headers.get(b"x-request-id", b"").decode("latin-1"))
-        found = inference_route(scope["method"], scope["path"])
-        if found is None:
-            return await self.enter(scope, receive, self.answering(send, request_id), headers, None)
-        route, params = found
-        with service.counted(getattr(self.state, "engines", None), params["name"], route.endpoint) as outcome:
-            scope["rnnserve.outcome"] = outcome  # a stream renames its endpoint (generate_stream)
-            with tracing.server_span(route.span, headers, **{
-                    "http.route": route.path, "url.path": scope["path"], "rnnserve.model": params["name"],
-                    "rnnserve.request_id": request_id}):
-                await self.enter(scope, receive, self.answering(send, request_id, outcome), headers, found)
-                tracing.set_attributes(**{"http.response.status_code": outcome.status})
+        path = scope["path"]
+        found = inference_route(scope["method"], path)
+        route, params = found or (None, {})
+        guard = "control" if path.startswith(CONTROL) else "inference" if path.startswith(self.guarded) else None
+        outcome = begun(headers.get(b"x-request-id", b"").decode("latin-1"), route.endpoint if route else "")
+        answer = self.answering(send, outcome)
+        scope["rnnserve.outcome"] = outcome  # a stream renames its endpoint (generate_stream)
+        attributes = {"http.route": route.path, "url.path": path, "rnnserve.model": params["name"]} if route else {}
+        try:
+            with entered(self.front, outcome, route.span if route else "", headers, headers.get(b"authorization", b""),
+                         guard, params.get("name", ""), bool(route and route.queued), **attributes):
+                try:
+                    await self.enter(scope, receive, answer, headers, found)
+                except asyncio.CancelledError:
+                    if not outcome.answered:
+                        await refused(SHUT_DOWN)(scope, receive, answer)
+                    raise
+        except Refused as e:  # refused at the door
+            if not outcome.answered:
+                await refused(e)(scope, receive, answer)
 
-    def answering(self, send, request_id: str, outcome: service.Outcome | None = None):
+    def answering(self, send, outcome: Outcome):
         """send, adding the request id, the front-end's pid and (draining) Connection: close to the
         answer's headers, and noting its status."""
         async def answer(message):
             if message["type"] == "http.response.start":
-                if outcome:
-                    outcome.status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode()),
-                                      self.served_by, *(CLOSE if self.state.draining else ())]
+                outcome.status, outcome.answered = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", outcome.request_id.encode()),
+                                      self.served_by, *(CLOSE if self.front.draining else ())]
             await send(message)
         return answer
 
     async def enter(self, scope, receive, send, headers: dict, found: tuple[Route, dict] | None):
-        if scope["path"].startswith(CONTROL) and (closed := control_closed(self.settings)):
-            return await refuse(403, closed)(scope, receive, send)
-        if self.token and scope["path"].startswith(self.guarded):
-            if not bearer_matches(self.token, headers.get(b"authorization", b"")):
-                return await refuse(401, NEEDS_TOKEN, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        if found and found[0].queued and (full := service.shed(getattr(self.state, "engines", None), found[1]["name"])):
-            return await refused(full)(scope, receive, send)
         body = await self.body(scope, receive, send, headers)
         if body is None:
             return
@@ -91,7 +94,6 @@ class FrontDoor:
         if found and found[0].body:
             return await self.direct(scope, replay, send, body, headers, found)
         await self.app(scope, replay, send)
-
     async def body(self, scope, receive, send, headers: dict) -> bytes | None:
         """The whole body: 413 past max_body_bytes (counted as it arrives, so chunked bodies too),
         408 if it has not all arrived within body_timeout_s (a slow or stalled client holds only
@@ -124,14 +126,16 @@ class FrontDoor:
         route, params = found
         scope["app"] = self.app  # as Starlette sets it: request.app
         try:
+            header_length = headers.get(b"inference-header-content-length")
             if route.binary:
-                body, scope["rnnserve.binary"] = tensors.split(body, headers.get(b"inference-header-content-length"))
-            parsed = route.body.model_validate_json(body)
+                body, scope["rnnserve.binary"] = tensors.split(body, header_length)
+            try:
+                parsed = route.body.model_validate_json(body)
+            except ValidationError as e:
+                raise tensors.unsplit(e, body) if route.binary and header_length is None else invalid(e) from None
             response = await route.handler(request=Request(scope, receive), body=parsed, **params)
-        except ValidationError as e:
-            response = invalid(e)
-        except HTTPException as e:
+        except Refused as e:
             response = refused(e)
         except Exception as e:  # what the handler did not answer itself
-            response = refused(service.unexpected(e))
+            response = refused(unexpected(e))
         await response(scope, receive, send)

@@ -3,10 +3,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.frontend.core.sessions import MAX_TOP_K, TOP_K
+
 
 class Request(BaseModel):
-    """What a client sends: a field this API does not have is a 400, never ignored."""
-    model_config = ConfigDict(extra="forbid")
+    """What a client sends: a field this API does not have is a 400, never ignored, and so is a
+    value of the wrong JSON type, never coerced ("5" or true for an integer, "yes" for a boolean;
+    an integer where a number is asked is a number)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class PredictRequest(Request):
@@ -153,7 +157,7 @@ class SessionCreated(BaseModel):
 
 class StepRequest(Request):
     text: str = Field(min_length=1)
-    top_k: int = Field(5, ge=1, le=100)
+    top_k: int = Field(TOP_K, ge=1, le=MAX_TOP_K)
 
 
 class TokenProbability(BaseModel):

@@ -27,7 +27,7 @@ class Route:
     endpoint: str = ""  # an inference endpoint's name in /metrics ("" for the rest)
     body: type | None = None  # a direct route's request schema
     queued: bool = False  # its requests wait in the model's queue: shed at the door when it is full
-    binary: bool = False  # a JSON header, then raw tensor bytes (serving/frontend/tensors.py)
+    binary: bool = False  # a JSON header, then raw tensor bytes (serving/frontend/core/tensors.py)
     options: dict = field(default_factory=dict)  # FastAPI's: response_model, responses, ...
 
     @property

@@ -1,12 +1,17 @@
 """Open Inference Protocol (KServe V2) REST: health, server and model metadata, readiness, infer.
 
 V2 infer takes tensors input_ids (INT64 [-1, -1], right-padded) and lengths (INT64 [-1]) and
-answers logits (FP32), as JSON or with the binary tensor extension (serving/frontend/tensors.py).
+answers logits (FP32), as JSON or with the binary tensor extension (serving/frontend/core/tensors.py).
 Its rows go to the engine with everyone else's.
 """
-from fastapi import HTTPException, Request
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response
 
-from serving.frontend import service, tensors
+from serving.frontend.core import front as fronts, inference, metadata, tensors
+from serving.frontend.core.front import SERVER
+from serving.frontend.core.refused import Refused, busy
+from serving.frontend.responses import json_encode, left
 from serving.frontend.schemas import InferRequest
 
 
@@ -18,35 +23,39 @@ async def live() -> dict:
 async def ready(request: Request) -> dict:
     """Every engine has loaded and warmed up its models and serves at least one (503 until then,
     and while draining)."""
-    if not service.ready(request.app.state):
-        raise HTTPException(503, "not ready", headers=service.BUSY)
+    if not fronts.ready(request.app.state.front):
+        raise busy("not ready")
     return {"ready": True}
 
 
 async def server_metadata() -> dict:
     """Server name, version and protocol extensions."""
-    return service.SERVER
+    return SERVER
 
 
 async def model_metadata(name: str, request: Request) -> dict:
     """A model's versions, platform, tensors, and where it runs."""
-    return service.v2_metadata(request.app.state, name)
+    return metadata.v2_metadata(request.app.state.front, name)
 
 
 async def model_version_metadata(name: str, version: str, request: Request) -> dict:
     """A model version's platform and tensors (404 unless it is the version serving)."""
-    return service.v2_metadata(request.app.state, name, version)
+    return metadata.v2_metadata(request.app.state.front, name, version)
 
 
 async def model_ready(name: str, request: Request) -> dict:
-    """200 when the model is loaded and ready."""
-    service.served(request.app.state, name)
-    return {"name": name, "ready": True}
+    """200 when the model is loaded and ready; 400 saying why not (Triton's answer) otherwise."""
+    return is_ready(request, name)
 
 
 async def model_version_ready(name: str, version: str, request: Request) -> dict:
-    """200 when this version is the one loaded and ready."""
-    service.served(request.app.state, name, version)
+    """200 when this version is the one loaded and ready; 400 saying why not otherwise."""
+    return is_ready(request, name, version)
+
+
+def is_ready(request: Request, name: str, version: str | None = None) -> dict:
+    if why := fronts.unready(request.app.state.front, name, version):
+        raise Refused(400, f"not ready: {why}")
     return {"name": name, "ready": True}
 
 
@@ -61,12 +70,21 @@ async def model_version_infer(name: str, version: str, body: InferRequest, reque
 
 
 async def infer(request: Request, name: str, body: InferRequest, version: str | None = None):
-    service.stateless((body.parameters or {}).get("sequence_id"))
-    with service.answered():
-        binary = request.scope.get("rnnserve.binary", b"")  # the body after its JSON header, as the front door split it
-        served_version, logits = await service.infer_tensors(
-            request.app.state, name, tensors.inputs_of(body.inputs, binary), [o.name for o in body.outputs or []],
-            version, receive=request.receive)
-        header = {"model_name": name, "model_version": str(served_version.number)}
-        return tensors.answer(header if body.id is None else header | {"id": body.id}, "logits", logits,
-                              tensors.wants_binary(body))
+    fronts.stateless((body.parameters or {}).get("sequence_id"))
+    binary = request.scope.get("rnnserve.binary", b"")  # the body after its JSON header, as the front door split it
+    served_version, logits = await inference.infer_tensors(
+        request.app.state.front, name, tensors.inputs_of(body.inputs, binary), [o.name for o in body.outputs or []],
+        version, left=left(request))
+    header = {"model_name": name, "model_version": str(served_version.number)}
+    return answer(header if body.id is None else header | {"id": body.id}, "logits", logits, tensors.wants_binary(body))
+
+
+def answer(header: dict, name: str, values: np.ndarray, binary: bool) -> Response:
+    """A V2 REST answer with one FP32 output: JSON data, or its raw bytes after the JSON header."""
+    output = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
+    if not binary:
+        return Response(json_encode(header | {"outputs": [output | {"data": values.ravel().tolist()}]}),
+                        media_type="application/json")
+    raw = values.astype("<f4", copy=False).tobytes()
+    head = json_encode(header | {"outputs": [output | {"parameters": {"binary_data_size": len(raw)}}]})
+    return Response(head + raw, media_type="application/octet-stream", headers={tensors.HEADER_LENGTH: str(len(head))})

@@ -3,28 +3,17 @@
 "text_output"}; .../generate_stream answers the same objects as server-sent events, each with the
 text that arrived since the one before. {"text_input", "parameters": {"max_tokens", "temperature",
 "top_k", "top_p", "seed", "stop", "stream", "exclude_input_in_output"}} in, as vLLM's backend takes
-them. The same generation as :generate (serving/frontend/routes/lm.py): engine, deadlines,
+them. The same generation as :generate (serving/frontend/core/generation.py): engine, deadlines,
 cancellation when the client leaves, metrics, and, for a seed, text. An error before the first
 token is its HTTP status and {"error": ...}; after it, an event {"error": ...}, as Triton sends it.
 """
-from fastapi import HTTPException, Request
+from fastapi import Request
 
-from serving.frontend.responses import json_response
+from serving.frontend.core.generation import Deltas, started_triton, to_the_end, whole
+from serving.frontend.core.refused import Refused
+from serving.frontend.responses import json_response, left
 from serving.frontend.routes import lm
-from serving.frontend.schemas import GenerateRequest, TritonGenerateRequest
-
-
-def asked(body: TritonGenerateRequest) -> GenerateRequest:
-    """The same generation as :generate's body names it."""
-    p = body.parameters
-    return GenerateRequest(prompt=body.text_input, max_new_tokens=p.max_tokens, temperature=p.temperature,
-                           top_k=max(p.top_k, 0), top_p=p.top_p, seed=p.seed,
-                           stop=[p.stop] if isinstance(p.stop, str) else p.stop)
-
-
-def whole(body: TritonGenerateRequest, generation: lm.Generation) -> str:
-    """A whole answer's text_output: the prompt and the text after it, or the text alone."""
-    return ("" if body.parameters.exclude_input_in_output else body.text_input) + generation.text
+from serving.frontend.schemas import TritonGenerateRequest
 
 
 async def answer(request: Request, name: str, body: TritonGenerateRequest, version: str | None, streaming: bool):
@@ -32,16 +21,16 @@ async def answer(request: Request, name: str, body: TritonGenerateRequest, versi
     the text in each."""
     p = body.parameters
     if p.stream and not streaming:
-        raise HTTPException(400, f"stream: true answers server-sent events: POST /v2/models/{name}/generate_stream")
-    generation, pieces, cancel = await lm.started(request.app.state, name, asked(body), version)
+        raise Refused(400, f"stream: true answers server-sent events: POST /v2/models/{name}/generate_stream")
+    generation, pieces, cancel = await started_triton(request.app.state.front, name, body, version)
     head = {"model_name": name, "model_version": str(generation.version)}
     if not streaming:
-        await lm.to_the_end(request, pieces, cancel)
+        await to_the_end(pieces, cancel, left(request))
         return json_response(head | {"text_output": whole(body, generation)})
     if p.stream is False:
         return lm.event_stream(request, name, pieces, cancel, lambda new: b"",
                                lambda: lm.sse(head | {"text_output": whole(body, generation)}), "v2_generate_stream")
-    deltas = lm.Deltas(generation)
+    deltas = Deltas(generation)
 
     def since(final: bool) -> bytes:
         return lm.sse(head | {"text_output": part}) if (part := deltas.next(final)) else b""
