@@ -135,6 +135,30 @@ def test_the_padding_rule_leaves_reading_a_prefix_alone():
                                    "state[:, :n] = 0\nuniforms[slot, : request.max_new_tokens] = draws\n"))
 
 
+def asks_whether_cuda_is_usable(tree: ast.AST) -> bool:
+    """Whether code decides "is CUDA usable here" itself: CUDA looked for in a providers list, or
+    the build and the GPUs checked together."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
+            if "CUDA" in ast.unparse(node.left) and "providers" in ast.unparse(node.comparators[0]):
+                return True
+        if isinstance(node, ast.BoolOp) and {"cuda_built", "visible_gpus"} <= {
+                n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+                for n in ast.walk(node) if isinstance(n, ast.Call)}:
+            return True
+    return False
+
+
+def test_whether_cuda_is_usable_is_decided_once():
+    """serving/engine/devices.py decides it (on_the_cpu_because, usable_gpus); the server, the
+    engines, the tuner and the tests' fixtures ask it."""
+    deciding = [str(p.relative_to(ROOT)) for p in [*product_code(), *sorted((ROOT / "tests").glob("*.py"))]
+                if p.name != "test_layout.py" and asks_whether_cuda_is_usable(ast.parse(p.read_text()))]
+    assert deciding == ["serving/engine/devices.py"]
+    assert asks_whether_cuda_is_usable(ast.parse("gpu = devices.cuda_built() and devices.visible_gpus() > 0"))
+    assert asks_whether_cuda_is_usable(ast.parse("if devices.CUDA not in settings.providers: pass"))
+
+
 def test_the_image_copies_the_core_package():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY core/ core/" in dockerfile and "COPY models" not in dockerfile

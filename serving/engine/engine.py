@@ -52,7 +52,7 @@ class Engine:
         self.next_housekeeping = self.next_poll = 0.0
         self.socket: zmq.Socket | None = None
         threaded = settings.device_thread
-        self.device = DeviceThread(f"engine-{index}-device", devices.gpu_asked_and_visible(settings.providers)
+        self.device = DeviceThread(f"engine-{index}-device", devices.usable_gpus(settings.providers) > 0
                                    if threaded is None else threaded)
         self.poller = zmq.Poller()
 
@@ -109,10 +109,9 @@ class Engine:
 
     def placement(self) -> str:
         """Which device this engine owns, as its start-up log line says."""
-        if devices.CUDA not in self.settings.providers or not devices.cuda_built():
-            return "on the CPU (RNNSERVE_PROVIDERS or this ONNX Runtime build asks for no CUDA)"
-        if not (gpus := devices.visible_gpus()):
-            return "on the CPU: no GPU is visible to this process"
+        if why := devices.on_the_cpu_because(self.settings.providers):
+            return f"on the CPU: {why}"
+        gpus = devices.visible_gpus()
         name = devices.gpu_name(self.deployments.device)
         return f"owns CUDA device {self.deployments.device} of the {gpus} visible{f' ({name})' if name else ''}"
 
