@@ -46,7 +46,7 @@ class LanguageModel:
         self.runner, self.max_generations, self.max_sessions, self.idle_s = runner, max_generations, max_sessions, idle_s
         self.vocab_size = int(runner.manifest.outputs[0].shape[-1])  # logits (batch, seq, vocab)
         slots = max_generations + max_sessions
-        self.pool = np.zeros((slots, *runner.zero_state().shape), np.float32)  # (slots, S, L, H)
+        self.pool = runner.zero_state(slots)  # (layers, slots, H) per state input: the graph's own layout
         self.free = list(range(slots))[::-1]
         self.next_token, self.emitted, self.max_new, self.request_id, self.frontend = (
             np.zeros(slots, np.int64) for _ in range(5))
@@ -71,7 +71,8 @@ class LanguageModel:
 
     def take_slot(self) -> int:
         slot = self.free.pop()
-        self.pool[slot] = 0.0  # the zero state
+        for state in self.pool:
+            state[:, slot] = 0.0  # (layers, H): the zero state
         return slot
 
     def start(self, sender: bytes, request: Generate) -> Failed | None:
@@ -214,7 +215,10 @@ class LanguageModel:
             ids, lengths = self.next_token[slots][:, None], np.ones(len(slots), np.int64)
         else:
             ids, lengths = pad(rows)
-        logits, self.pool[slots] = self.runner.advance(ids, lengths, self.pool[slots])
+        gathered = [state[:, slots] for state in self.pool]  # (layers, B, H) each: the slots' columns
+        logits, states = self.runner.advance(ids, lengths, gathered)
+        for state, new in zip(self.pool, states):
+            state[:, slots] = new  # (layers, B, H) back into the slots' columns
         metrics.of(metrics.BATCH_SIZE, self.step_label).observe(len(slots))
         return logits
 
