@@ -55,6 +55,7 @@ class Step(Message):
     session: str
     ids: list[int]
     deadline: float
+    top_k: int  # the engine answers the k most likely next tokens, not the whole distribution
 
 
 class CloseSession(Message):
@@ -119,9 +120,11 @@ class Tokens(Message):
 
 
 class Stepped(Message):
-    """A session step's answer: the next-token logits (float32) and the tokens read so far."""
+    """A session step's answer: the step's top_k most likely next tokens, most likely first, with
+    their probabilities (softmax over the whole vocabulary), and the tokens read so far."""
     id: int
-    data: bytes
+    tokens: list[int]
+    probabilities: list[float]
     total_tokens: int
 
 

@@ -22,7 +22,7 @@ from core.codec import pad
 from serving.common import metrics
 from serving.common.messages import Failed, Generate, Step, Stepped, Tokens
 from serving.engine.runner import Runner
-from serving.engine.sampling import next_tokens
+from serving.engine.sampling import most_likely, next_tokens
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class LanguageModel:
         text in one call of their own (rows of several lengths), and the last token of every other
         generation in another (one token each, no padding). Returns (front-end, reply) pairs (one
         Tokens message per front-end with the next token of each of its generations, and each
-        session step's next-token logits), and the front-ends whose replies carry a first token."""
+        session step's k most likely next tokens), and the front-ends whose replies carry a first token."""
         prefill, steps = list(self.prompts.items()), self.next_steps(time.monotonic())
         generating = np.array([slot for slot, _ in prefill] + self.decoding.tolist(), np.int64)
         if not len(generating) and not steps:
@@ -200,9 +200,10 @@ class LanguageModel:
         self.prompts.clear()
         self.decoding = generating[~ended]
         metrics.of(metrics.INFERENCE_TIME, self.step_label).observe(time.perf_counter() - started)
-        for row, (sender, request, session) in zip(read[len(prefill):], steps):
+        best = most_likely(read[len(prefill):], np.array([r.top_k for _, r, _ in steps], np.int64)) if steps else []
+        for (tokens, p), (sender, request, session) in zip(best, steps):
             session.last_used, session.tokens = time.monotonic(), session.tokens + len(request.ids)
-            replies.append((sender, Stepped(request.id, row.astype(np.float32).tobytes(), session.tokens)))
+            replies.append((sender, Stepped(request.id, tokens, p, session.tokens)))
         return replies, firsts
 
     def advance(self, slots, rows: list[list[int]] | None) -> np.ndarray:

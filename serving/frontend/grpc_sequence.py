@@ -67,11 +67,11 @@ async def step(state: State, request: pb.ModelInferRequest, sid: str, send):
     with service.answered():
         if start:
             await lm.ask(state, link, OpenSession(client.next_id(), name, session))
-        stepped: Stepped = await lm.ask(state, link, Step(client.next_id(), session, ids,
-                                                          client.deadline(state.settings.request_timeout_s)), missing)
+        deadline = client.deadline(state.settings.request_timeout_s)
+        stepped: Stepped = await lm.ask(state, link, Step(client.next_id(), session, ids, deadline, top_k), missing)
         if end:
             await lm.ask(state, link, CloseSession(client.next_id(), session), missing)
-    best = lm.most_likely(version.codec, stepped, top_k)
+    best = lm.most_likely(version.codec, stepped)
     tensor = pb.ModelInferResponse.InferOutputTensor
     send(pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
         model_name=name, model_version=str(version.number), id=request.id,

@@ -9,12 +9,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 from fastapi import HTTPException, Request
 from fastapi.responses import StreamingResponse
 from starlette.datastructures import State
 
-from core.codec import TextCodec, softmax
+from core.codec import TextCodec
 from serving.common import metrics, tracing
 from serving.common.logs import REQUEST_ID
 from serving.common.messages import CloseSession, Done, Failed, Generate, OpenSession, SessionOpened, Step, Stepped
@@ -284,10 +283,9 @@ def no_session(sid: str) -> str:
     return f"no session {sid!r} (ended, expired, or its version was replaced)"
 
 
-def most_likely(codec: TextCodec, stepped: Stepped, k: int) -> list[tuple[str, float]]:
-    """The k most likely next tokens after a step, with their probabilities, most likely first."""
-    p = softmax(np.frombuffer(stepped.data, np.float32))
-    return [(codec.vocab.itos[i], float(p[i])) for i in np.argsort(-p)[:k]]
+def most_likely(codec: TextCodec, stepped: Stepped) -> list[tuple[str, float]]:
+    """The step's top_k most likely next tokens (the engine's), with their probabilities, most likely first."""
+    return [(codec.vocab.itos[i], p) for i, p in zip(stepped.tokens, stepped.probabilities)]
 
 
 async def create_session(name: str, request: Request) -> dict:
@@ -309,11 +307,12 @@ async def step_session(name: str, sid: str, body: StepRequest, request: Request)
     with answered():
         client, timeout = engines(request.app.state), request.app.state.settings.request_timeout_s
         stepped: Stepped = await ask(request.app.state, link, Step(client.next_id(), session, ids,
-                                                                   client.deadline(timeout)), no_session(sid), request.receive)
+                                                                   client.deadline(timeout), body.top_k),
+                                     no_session(sid), request.receive)
         return json_response({"session_id": sid, "tokens": len(ids), "total_tokens": stepped.total_tokens,
                               "unknown_tokens": ids.count(codec.vocab.unk_id),
                               "next": [{"token": token, "probability": p}
-                                       for token, p in most_likely(codec, stepped, body.top_k)]})
+                                       for token, p in most_likely(codec, stepped)]})
 
 
 async def end_session(name: str, sid: str, request: Request) -> dict:
