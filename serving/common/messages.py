@@ -32,6 +32,8 @@ class Infer(Message):
 
 
 class Generate(Message):
+    """A generation to start. Its first token's deadline is the front-end's to keep (it sends Cancel
+    past it): the engine is sent none."""
     id: int
     model: str
     version: int
@@ -41,7 +43,6 @@ class Generate(Message):
     top_k: int
     top_p: float
     seed: int | None
-    deadline: float  # for the first token
 
 
 class OpenSession(Message):

@@ -95,8 +95,7 @@ async def first_tokens(state: State, name: str, body: GenerateRequest,
             raise HTTPException(400, "the prompt has no tokens")
         rid = client.next_id()
         stream = client.generate(link, Generate(rid, name, version.number, prompt, body.max_new_tokens,
-                                                body.temperature, body.top_k, body.top_p, body.seed,
-                                                client.deadline(settings.request_timeout_s)))
+                                                body.temperature, body.top_k, body.top_p, body.seed))
         try:
             tokens = await stream.next(settings.request_timeout_s)
         except (TimeoutError, asyncio.CancelledError):
