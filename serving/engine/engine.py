@@ -34,12 +34,12 @@ from serving.engine.runner import ModelLoadError
 
 log = logging.getLogger(__name__)
 IDLE_S = 0.05  # the longest the loop sleeps: housekeeping and stop() are never further away
-TOKENS_EVERY_S = 0.002  # how long generation tokens may wait to go out with the next steps
 
 
 class Engine:
     def __init__(self, settings: Settings, address: str, index: int = 0, device: int = 0):
         self.settings, self.address, self.index = settings, address, index
+        self.tokens_every_s = settings.stream_interval_ms / 1000  # how long generation tokens may wait for the next steps
         asked = settings.runtime_dir / f"engine-{index}-control.json" if settings.runtime_dir else None
         self.deployments = Deployments(settings, device, asked)
         self.frontends: set[bytes] = set()
@@ -117,7 +117,7 @@ class Engine:
 
     def wait_s(self) -> float:
         """How long the next poll may sleep: 0 when work is due."""
-        now, wait = time.monotonic(), TOKENS_EVERY_S if self.outbox else IDLE_S  # held tokens go out soon
+        now, wait = time.monotonic(), self.tokens_every_s if self.outbox else IDLE_S  # held tokens go out soon
         for deployment in self.deployments.all():
             if deployment.lm and deployment.lm.has_work():
                 return 0.0
@@ -271,14 +271,15 @@ class Engine:
 
     def flush(self):
         """One frame per front-end with everything for it, and the queue depths it sheds by. Only
-        generation tokens may wait, at most TOKENS_EVERY_S: a front-end then wakes once for
-        several steps (a generation's first token never waits)."""
+        generation tokens may wait, at most stream_interval_ms since the front-end's last frame: it
+        then wakes once for several steps, and writes each stream's tokens of those steps at once (a
+        generation's first token never waits). The only pacing of tokens: front-ends write what comes."""
         if not self.outbox:
             return
         now, held = time.monotonic(), {}
         depths = Depths({d.name: len(d.batcher) for d in self.deployments.current.values()})
         for frontend, messages in self.outbox.items():
-            if frontend not in self.urgent and now - self.sent.get(frontend, 0.0) < TOKENS_EVERY_S and all(
+            if frontend not in self.urgent and now - self.sent.get(frontend, 0.0) < self.tokens_every_s and all(
                     isinstance(m, Tokens) for m in messages):
                 held[frontend] = messages
                 continue
