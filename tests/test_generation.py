@@ -7,13 +7,18 @@ import httpx
 import numpy as np
 import pytest
 
+from core.codec import TextCodec
 from core.repository import ServingConfig
+from core.tokenize import Tokenizer, Vocab
 from models.checkpoint import load_run
 from models.rnn import generate as reference_generate
 from serving.common.messages import Step, Stepped
 from serving.common.settings import Settings
 from serving.engine.generation import LanguageModel
 from serving.engine.runner import Runner
+from serving.frontend.client import Stream
+from serving.frontend.routes.lm import Generation, rest
+from serving.frontend.schemas import GenerateRequest
 from tests.serving_fixtures import Server, cpu_session, slowed_steps, tiny_repository
 from tests.test_sampling import most_likely_before
 
@@ -147,6 +152,22 @@ def test_a_step_keeps_the_pool_in_the_graphs_layout_and_answers_the_top_k(folder
     assert stepped.tokens == [i for i, _ in expected]
     assert np.abs(np.array(stepped.probabilities) - [p for _, p in expected]).max() <= 1e-6
     assert lm.sessions[first].slot != slot
+
+
+def test_tokens_that_arrive_before_the_rest_is_read_all_count():
+    """The engine may send the last tokens of a generation (tokens held up to stream_interval_ms)
+    before the front-end reads past its first: the text has every token, not only the first."""
+    codec = TextCodec(Tokenizer("char"), Vocab.build([list("abc")]), 12)
+    stream, ids = Stream(1), codec.ids("abcab")
+    stream.push(ids[0], last=False)
+    first = asyncio.run(stream.next(1))  # what first_tokens took
+    for i, token in enumerate(ids[1:], 1):  # the other four, arrived before the rest is read
+        stream.push(token, last=i == 4)
+    generation = Generation(codec, GenerateRequest(prompt="a", max_new_tokens=5), [1], 1)
+
+    async def read():
+        return [piece async for pieces in rest(None, None, stream, generation, first, 1) for piece in pieces]
+    assert "".join(asyncio.run(read())) == "abcab" and generation.tokens == 5 and generation.finish_reason == "length"
 
 
 def test_sessions_expire_and_are_capped(folder):

@@ -126,7 +126,7 @@ async def rest(client: EngineClient, link: Link, stream: Stream, generation: Gen
     span = tracing.start("generation")
     try:
         while True:
-            pieces = generation.add(tokens, stream.last and not stream.failed)
+            pieces = generation.add(tokens, stream.last and not stream.tokens and not stream.failed)  # none waits
             if generation.finish_reason == "stop":
                 client.cancel(link, stream.id)
             yield pieces
