@@ -51,7 +51,8 @@ class Features:
         """(B, T, hidden) float32, right-padded with zeros: each text's first `crop` vectors (all if None)."""
         spans = [(self.offsets[i], self.offsets[i] + min(self.lengths[i], crop or self.lengths[i])) for i in indices]
         lengths = np.array([b - a for a, b in spans], np.int64)
-        return torch.from_numpy(right_padded(np.concatenate([self.vectors[a:b] for a, b in spans]), lengths, np.float32))
+        vectors = np.concatenate([self.vectors[a:b] for a, b in spans])  # (sum of lengths, hidden)
+        return torch.from_numpy(right_padded(vectors, lengths, np.float32))
 
 
 @torch.no_grad()

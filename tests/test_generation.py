@@ -131,7 +131,7 @@ def test_a_step_keeps_the_pool_in_the_graphs_layout_and_answers_the_top_k(folder
     graph_inputs = {i.name: i.shape for i in runner.session.get_inputs()}
     spec, pool = runner.manifest.state, list(lm.pool)
     assert [p.shape for p in pool] == [(spec.layers, 4, spec.hidden_size)] * len(spec.inputs)
-    assert all(graph_inputs[name][0] == spec.layers and graph_inputs[name][2] == spec.hidden_size for name in spec.inputs)
+    assert all(graph_inputs[n][0] == spec.layers and graph_inputs[n][2] == spec.hidden_size for n in spec.inputs)
     first, second = lm.open(), lm.open()
     ids, slot = [3, 4, 5, 6], lm.sessions[second].slot
     for k in (5, 3):  # two steps: the pool's arrays stay the same objects

@@ -39,7 +39,7 @@ IDLE_S = 0.05  # the longest the loop sleeps: housekeeping and stop() are never 
 class Engine:
     def __init__(self, settings: Settings, address: str, index: int = 0, device: int = 0):
         self.settings, self.address, self.index = settings, address, index
-        self.tokens_every_s = settings.stream_interval_ms / 1000  # how long generation tokens may wait for the next steps
+        self.tokens_every_s = settings.stream_interval_ms / 1000  # how long generation tokens may wait
         asked = settings.runtime_dir / f"engine-{index}-control.json" if settings.runtime_dir else None
         self.deployments = Deployments(settings, device, asked)
         self.frontends: set[bytes] = set()
