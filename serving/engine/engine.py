@@ -23,7 +23,7 @@ import zmq
 
 from core.repository import UnknownModel
 from serving.common.messages import (Cancel, Catalog, CloseSession, Control, Deployed, Depths, Done, Failed, Generate,
-                                     Hello, Infer, OpenSession, SessionOpened, Step, Tokens, decode_requests,
+                                     Hello, Infer, OpenSession, SessionOpened, Step, decode_requests,
                                      encode)
 from serving.common.settings import Settings
 from serving.engine import devices
@@ -39,14 +39,11 @@ IDLE_S = 0.05  # the longest the loop sleeps: housekeeping and stop() are never 
 class Engine:
     def __init__(self, settings: Settings, address: str, index: int = 0, device: int = 0):
         self.settings, self.address, self.index = settings, address, index
-        self.tokens_every_s = settings.stream_interval_ms / 1000  # how long generation tokens may wait
         asked = settings.runtime_dir / f"engine-{index}-control.json" if settings.runtime_dir else None
         self.deployments = Deployments(settings, device, asked)
         self.frontends: set[bytes] = set()
         self.loading: list[tuple[Future, bytes | None, int | None]] = []  # (load, who asked, their request id)
         self.outbox: dict[bytes, list] = {}
-        self.urgent: set[bytes] = set()  # front-ends whose outbox holds a first token
-        self.sent: dict[bytes, float] = {}  # when each front-end was last sent a frame
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self.next_housekeeping = self.next_poll = 0.0
@@ -89,9 +86,7 @@ class Engine:
                         deployment.last_used = time.monotonic()
                     deployment.batcher.publish()
                     if deployment.lm and deployment.lm.has_work():
-                        replies, firsts = deployment.lm.step()
-                        self.post_all(replies)
-                        self.urgent |= firsts
+                        self.post_all(deployment.lm.step())
                         deployment.last_used = time.monotonic()
                 self.housekeeping()
                 self.flush()
@@ -117,7 +112,7 @@ class Engine:
 
     def wait_s(self) -> float:
         """How long the next poll may sleep: 0 when work is due."""
-        now, wait = time.monotonic(), self.tokens_every_s if self.outbox else IDLE_S  # held tokens go out soon
+        now, wait = time.monotonic(), IDLE_S
         for deployment in self.deployments.all():
             if deployment.lm and deployment.lm.has_work():
                 return 0.0
@@ -270,19 +265,12 @@ class Engine:
             self.post(frontend, message)
 
     def flush(self):
-        """One frame per front-end with everything for it, and the queue depths it sheds by. Only
-        generation tokens may wait, at most stream_interval_ms since the front-end's last frame: it
-        then wakes once for several steps, and writes each stream's tokens of those steps at once (a
-        generation's first token never waits). The only pacing of tokens: front-ends write what comes."""
+        """One frame per front-end with everything for it, and the queue depths it sheds by. Nothing
+        waits here: a front-end paces its streams' writes itself (stream_interval_ms), and tokens held
+        here would hold back the next generation's first one behind a burst of writes."""
         if not self.outbox:
             return
-        now, held = time.monotonic(), {}
         depths = Depths({d.name: len(d.batcher) for d in self.deployments.current.values()})
         for frontend, messages in self.outbox.items():
-            if frontend not in self.urgent and now - self.sent.get(frontend, 0.0) < self.tokens_every_s and all(
-                    isinstance(m, Tokens) for m in messages):
-                held[frontend] = messages
-                continue
             self.socket.send_multipart([frontend, encode([*messages, depths])])
-            self.sent[frontend] = now
-        self.outbox, self.urgent = held, set()
+        self.outbox = {}

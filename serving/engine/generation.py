@@ -176,17 +176,16 @@ class LanguageModel:
                 steps.append((sender, request, session))
         return steps
 
-    def step(self) -> tuple[list[tuple[bytes, object]], set[bytes]]:
+    def step(self) -> list[tuple[bytes, object]]:
         """One step of every slot with work: the prompts of new generations and the sessions' new
         text in one call of their own (rows of several lengths), and the last token of every other
         generation in another (one token each, no padding). Returns (front-end, reply) pairs (one
         Tokens message per front-end with the next token of each of its generations, and each
-        session step's k most likely next tokens), and the front-ends whose replies carry a first token."""
+        session step's k most likely next tokens)."""
         prefill, steps = list(self.prompts.items()), self.next_steps(time.monotonic())
         generating = np.array([slot for slot, _ in prefill] + self.decoding.tolist(), np.int64)
         if not len(generating) and not steps:
-            return [], set()
-        firsts = {self.senders[f] for f in self.frontend[[slot for slot, _ in prefill]].tolist()}
+            return []
         started = time.perf_counter()
         try:
             read = self.advance([slot for slot, _ in prefill] + [session.slot for _, _, session in steps],
@@ -196,7 +195,7 @@ class LanguageModel:
         except Exception as e:  # a failing step fails what was in it, and only that
             log.exception("a step of %d generations and %d session steps failed on %s", len(generating), len(steps),
                           self.name)
-            return self.fail(generating, steps, f"generation failed: {type(e).__name__}: {e}"), set()
+            return self.fail(generating, steps, f"generation failed: {type(e).__name__}: {e}")
         self.prompts.clear()
         self.decoding = generating[~ended]
         metrics.of(metrics.INFERENCE_TIME, self.step_label).observe(time.perf_counter() - started)
@@ -204,7 +203,7 @@ class LanguageModel:
         for (tokens, p), (sender, request, session) in zip(best, steps):
             session.last_used, session.tokens = time.monotonic(), session.tokens + len(request.ids)
             replies.append((sender, Stepped(request.id, tokens, p, session.tokens)))
-        return replies, firsts
+        return replies
 
     def advance(self, slots, rows: list[list[int]] | None) -> np.ndarray:
         """One call: these slots' states over their rows (None: each slot's last sampled token), the

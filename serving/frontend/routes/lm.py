@@ -119,21 +119,25 @@ class GenerationFailed(Exception):
 
 
 async def rest(client: EngineClient, link: Link, stream: Stream, generation: Generation, tokens: list[int],
-               timeout_s: float):
-    """Yields the text pieces of the tokens that arrived, as they arrive (the engine paces them:
-    stream_interval_ms; what arrives together goes in one write), until the generation ends; each
-    token must come within timeout_s of the one before."""
+               timeout_s: float, interval_s: float):
+    """Yields the text pieces of the tokens that arrived, the first ones at once, then at most
+    every interval_s (what arrives meanwhile goes together: one write for several tokens), until
+    the generation ends; each token must come within timeout_s of the one before."""
+    loop = asyncio.get_running_loop()
     span = tracing.start("generation")
     try:
         while True:
             pieces = generation.add(tokens, stream.last and not stream.tokens and not stream.failed)  # none waits
             if generation.finish_reason == "stop":
                 client.cancel(link, stream.id)
+            written = loop.time()
             yield pieces
             if stream.failed:
                 raise GenerationFailed(stream.failed.error)
             if generation.finish_reason:
                 return
+            if (pause := written + interval_s - loop.time()) > 0 and not stream.last:
+                await asyncio.sleep(pause)
             try:
                 tokens = await stream.next(timeout_s)
             except TimeoutError:
@@ -170,7 +174,8 @@ async def started(state: State, name: str, body: GenerateRequest, version: str |
         raise HTTPException(400, f"max_new_tokens is at most {settings.max_new_tokens}")
     with answered():
         link, stream, generation, tokens = await first_tokens(state, name, body, version)
-    pieces = rest(client, link, stream, generation, tokens, settings.request_timeout_s)
+    pieces = rest(client, link, stream, generation, tokens, settings.request_timeout_s,
+                  settings.stream_interval_ms / 1000)
     return generation, pieces, lambda: client.cancel(link, stream.id)
 
 
