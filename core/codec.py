@@ -3,6 +3,7 @@ and load tests: the encode rule, padding rows into a batch, and the softmax. A v
 `python -m core.repository model_repository/imdb-gru/1 "A moving, beautifully acted film."`.
 """
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -39,11 +40,17 @@ class TextCodec:
 
 def pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad with 0: (B, T_max) int64 ids and (B,) int64 lengths."""
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    ids = np.zeros((len(rows), int(lengths.max())), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-    return ids, lengths
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+    return right_padded(np.fromiter(chain.from_iterable(rows), np.int64, int(lengths.sum())), lengths), lengths
+
+
+def right_padded(flat: np.ndarray, lengths: np.ndarray, dtype=None) -> np.ndarray:
+    """The rule, written once: rows given end to end, (total, ...) with (B,) lengths, right-padded
+    with 0 -> (B, T_max, ...) in `dtype` (else flat's), by one scatter (a boolean mask fills in
+    row-major order, the order the rows come in)."""
+    padded = np.zeros((len(lengths), int(lengths.max(initial=0)), *flat.shape[1:]), dtype or flat.dtype)
+    padded[np.arange(padded.shape[1]) < lengths[:, None]] = flat
+    return padded
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:

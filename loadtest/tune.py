@@ -60,7 +60,7 @@ def current_values(model_dir: Path) -> dict:
     """What each tuned setting comes to on this machine with the model's config.json and the
     server's settings as they are (RNNSERVE_* in this environment)."""
     settings, config = Settings(), read_config(model_dir.parent)
-    provider = devices.CUDA if devices.gpu_asked_and_visible(settings.providers) else "CPUExecutionProvider"
+    provider = devices.CUDA if devices.usable_gpus(settings.providers) else "CPUExecutionProvider"
     limits = Limits.of(settings, config, provider)
     engines, workers = process_counts(settings)
     return {"max_batch_size": limits.max_batch_size, "max_queue_delay_ms": 1000 * limits.max_queue_delay_s,

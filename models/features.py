@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from core.codec import pad
+from core.codec import pad, right_padded
 from models.data import CACHE
 from models.encoder import encode
 
@@ -50,10 +50,9 @@ class Features:
     def batch(self, indices: list[int], crop: int | None = None) -> torch.Tensor:
         """(B, T, hidden) float32, right-padded with zeros: each text's first `crop` vectors (all if None)."""
         spans = [(self.offsets[i], self.offsets[i] + min(self.lengths[i], crop or self.lengths[i])) for i in indices]
-        out = np.zeros((len(spans), max(b - a for a, b in spans), self.vectors.shape[1]), np.float32)
-        for row, (a, b) in enumerate(spans):
-            out[row, : b - a] = self.vectors[a:b]
-        return torch.from_numpy(out)
+        lengths = np.array([b - a for a, b in spans], np.int64)
+        vectors = np.concatenate([self.vectors[a:b] for a, b in spans])  # (sum of lengths, hidden)
+        return torch.from_numpy(right_padded(vectors, lengths, np.float32))
 
 
 @torch.no_grad()

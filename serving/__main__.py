@@ -120,9 +120,7 @@ def cuda_devices(settings: Settings) -> int:
     """GPUs to start an engine on: those visible, where CUDA is asked for and this ONNX Runtime has
     it (whether its libraries load, each engine checks: serving/engine/devices.py)."""
     from serving.engine import devices  # ONNX Runtime: in this process, not in the front-ends
-    if devices.CUDA not in settings.providers or not devices.cuda_built():
-        return 0
-    return devices.visible_gpus()
+    return devices.usable_gpus(settings.providers)
 
 
 def main(argv=None):

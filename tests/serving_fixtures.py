@@ -32,7 +32,7 @@ from tests.test_export import make_run
 
 def device_here() -> tuple[str, str]:
     """(execution provider, device) a server with the default settings runs its models on here."""
-    gpu = devices.cuda_built() and devices.visible_gpus() > 0
+    gpu = devices.usable_gpus(Settings().providers) > 0
     return ("CUDAExecutionProvider", "cuda:0") if gpu else ("CPUExecutionProvider", "cpu")
 
 

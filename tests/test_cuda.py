@@ -31,7 +31,7 @@ from serving.common.settings import Settings
 from tests.serving_fixtures import Server, graph_logits, serve, tiny_repository
 from tests.test_encoder import tiny_encoder
 
-GPU_HERE = devices.cuda_built() and devices.visible_gpus() > 0
+GPU_HERE = devices.usable_gpus() > 0
 NO_GPU = "needs a GPU and onnxruntime-gpu (the CUDA execution provider): none here; cpu-stand-in runs the same path"
 DEVICES = [pytest.param("cuda", marks=pytest.mark.skipif(not GPU_HERE, reason=NO_GPU)), "cpu-stand-in"]
 ROWS, TOKENS = DEVICE_BATCH["CUDA"]

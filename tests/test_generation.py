@@ -4,11 +4,23 @@ import re
 import time
 
 import httpx
+import numpy as np
 import pytest
 
+from core.codec import TextCodec
+from core.repository import ServingConfig
+from core.tokenize import Tokenizer, Vocab
 from models.checkpoint import load_run
 from models.rnn import generate as reference_generate
-from tests.serving_fixtures import Server, slowed_steps, tiny_repository
+from serving.common.messages import Step, Stepped
+from serving.common.settings import Settings
+from serving.engine.generation import LanguageModel
+from serving.engine.runner import Runner
+from serving.frontend.client import Stream
+from serving.frontend.routes.lm import Generation, rest
+from serving.frontend.schemas import GenerateRequest
+from tests.serving_fixtures import Server, cpu_session, slowed_steps, tiny_repository
+from tests.test_sampling import most_likely_before
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +118,56 @@ def test_feeding_a_session_in_steps_equals_feeding_it_whole(server):
     assert pa.keys() == pb.keys() and max(abs(pa[k] - pb[k]) for k in pa) < 1e-5
     assert httpx.delete(f"{server.url}/v1/models/lm/sessions/{a}").status_code == 200
     assert httpx.post(f"{server.url}/v1/models/lm/sessions/{a}:step", json={"text": "x"}).status_code == 404
+
+
+def test_a_step_keeps_the_pool_in_the_graphs_layout_and_answers_the_top_k(folder):
+    """In one engine, no server: the pool is one (layers, slots, H) array per state input of the
+    graph, kept across steps (never rebuilt or reordered); a session step leaves in its slot the
+    state the graph itself returns for its text, touches no other slot, and answers the top k of
+    the graph's logits as the front-end computed them before."""
+    version = folder / "repo" / "lm" / "1"
+    runner = Runner.load(version, Settings(providers=["CPUExecutionProvider"]), ServingConfig())
+    lm = LanguageModel(runner, max_generations=2, max_sessions=2, idle_s=60, max_new_tokens=8)
+    graph_inputs = {i.name: i.shape for i in runner.session.get_inputs()}
+    spec, pool = runner.manifest.state, list(lm.pool)
+    assert [p.shape for p in pool] == [(spec.layers, 4, spec.hidden_size)] * len(spec.inputs)
+    assert all(graph_inputs[n][0] == spec.layers and graph_inputs[n][2] == spec.hidden_size for n in spec.inputs)
+    first, second = lm.open(), lm.open()
+    ids, slot = [3, 4, 5, 6], lm.sessions[second].slot
+    for k in (5, 3):  # two steps: the pool's arrays stay the same objects
+        assert lm.step_session(b"f", Step(k, second, ids, time.monotonic() + 60, k)) is None
+        replies = lm.step()
+        assert all(now is before for now, before in zip(lm.pool, pool))
+    graph = cpu_session(version / "model.onnx")
+    state = [np.zeros((spec.layers, 1, spec.hidden_size), np.float32) for _ in spec.inputs]
+    for _ in range(2):
+        logits, *state = graph.run(None, {"input_ids": np.array([ids]), "lengths": np.array([len(ids)]),
+                                          **dict(zip(spec.inputs, state))})
+    for kept, alone in zip(lm.pool, state):  # (layers, slots, H) and (layers, 1, H)
+        assert np.abs(kept[:, slot] - alone[:, 0]).max() < 1e-6
+        assert not np.delete(kept, slot, axis=1).any()  # the other slots: still the zero state
+    [(_, stepped)] = replies
+    assert isinstance(stepped, Stepped) and stepped.total_tokens == 8
+    expected = most_likely_before(logits[0, -1], 3)
+    assert stepped.tokens == [i for i, _ in expected]
+    assert np.abs(np.array(stepped.probabilities) - [p for _, p in expected]).max() <= 1e-6
+    assert lm.sessions[first].slot != slot
+
+
+def test_tokens_that_arrive_before_the_rest_is_read_all_count():
+    """The engine may send the last tokens of a generation before the front-end reads past its
+    first: the text has every token, not only the first."""
+    codec = TextCodec(Tokenizer("char"), Vocab.build([list("abc")]), 12)
+    stream, ids = Stream(1), codec.ids("abcab")
+    stream.push(ids[0], last=False)
+    first = asyncio.run(stream.next(1))  # what first_tokens took
+    for i, token in enumerate(ids[1:], 1):  # the other four, arrived before the rest is read
+        stream.push(token, last=i == 4)
+    generation = Generation(codec, GenerateRequest(prompt="a", max_new_tokens=5), [1], 1)
+
+    async def read():
+        return [piece async for pieces in rest(None, None, stream, generation, first, 1, 0) for piece in pieces]
+    assert "".join(asyncio.run(read())) == "abcab" and generation.tokens == 5 and generation.finish_reason == "length"
 
 
 def test_sessions_expire_and_are_capped(folder):

@@ -86,17 +86,77 @@ def test_importing_a_part_loads_none_of_what_it_must_not(modules, absent):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def pads_rows(tree: ast.AST) -> bool:
+    """Whether code right-pads rows itself: writes through a length mask (`x[arange < lengths[:, None]] = ...`)
+    or row by row, each up to its own length (`x[i, : len(r)] = r`, `x[i, : b - a] = v[a:b]`)."""
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        for index in [t.slice for t in targets if isinstance(t, ast.Subscript)]:
+            if isinstance(index, ast.Compare) and "[:, None]" in ast.unparse(index):
+                return True
+            if isinstance(index, ast.Tuple) and len(index.elts) >= 2 and isinstance(index.elts[0], ast.Name):
+                cut = index.elts[1]  # up to the row's own length: len(r), or an end minus a start
+                if isinstance(cut, ast.Slice) and cut.lower is None and (
+                        isinstance(cut.upper, ast.Call) and ast.unparse(cut.upper.func) == "len"
+                        or isinstance(cut.upper, ast.BinOp) and isinstance(cut.upper.op, ast.Sub)):
+                    return True
+    return False
+
+
 def test_the_shared_rules_are_written_once():
-    """pad, softmax and the encode rule (an empty text is one unknown token) live in core/codec.py."""
-    defined, rule = {}, []
+    """pad, softmax, right-padding itself and the encode rule (an empty text is one unknown token)
+    live in core/codec.py."""
+    defined, rule, padding = {}, [], []
     for path in product_code():
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.name in ("pad", "softmax"):
                 defined.setdefault(node.name, []).append(str(path.relative_to(ROOT)))
         if re.search(r"\bor \[(1|[\w.]*unk_id)\]", path.read_text()):
             rule.append(str(path.relative_to(ROOT)))
+        if pads_rows(tree):
+            padding.append(str(path.relative_to(ROOT)))
     assert defined == {"pad": ["core/codec.py"], "softmax": ["core/codec.py"]}
     assert rule == ["core/codec.py"]
+    assert padding == ["core/codec.py"]
+
+
+@pytest.mark.parametrize("code", [
+    "ids = np.zeros((len(rows), longest), np.int64)\nfor i, r in enumerate(rows):\n    ids[i, : len(r)] = r\n",
+    "out[row, : b - a] = vectors[a:b]\n",
+    "padded[np.arange(padded.shape[1]) < lengths[:, None]] = ids\n",
+])
+def test_the_padding_rule_is_caught_whatever_its_name(code):
+    assert pads_rows(ast.parse(code))
+
+
+def test_the_padding_rule_leaves_reading_a_prefix_alone():
+    assert not pads_rows(ast.parse("x = out[j, : lengths[j]]\nrows = ids[np.arange(t) < lengths[:, None]]\n"
+                                   "state[:, :n] = 0\nuniforms[slot, : request.max_new_tokens] = draws\n"))
+
+
+def asks_whether_cuda_is_usable(tree: ast.AST) -> bool:
+    """Whether code decides "is CUDA usable here" itself: CUDA looked for in a providers list, or
+    the build and the GPUs checked together."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
+            if "CUDA" in ast.unparse(node.left) and "providers" in ast.unparse(node.comparators[0]):
+                return True
+        if isinstance(node, ast.BoolOp) and {"cuda_built", "visible_gpus"} <= {
+                n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+                for n in ast.walk(node) if isinstance(n, ast.Call)}:
+            return True
+    return False
+
+
+def test_whether_cuda_is_usable_is_decided_once():
+    """serving/engine/devices.py decides it (on_the_cpu_because, usable_gpus); the server, the
+    engines, the tuner and the tests' fixtures ask it."""
+    deciding = [str(p.relative_to(ROOT)) for p in [*product_code(), *sorted((ROOT / "tests").glob("*.py"))]
+                if p.name != "test_layout.py" and asks_whether_cuda_is_usable(ast.parse(p.read_text()))]
+    assert deciding == ["serving/engine/devices.py"]
+    assert asks_whether_cuda_is_usable(ast.parse("gpu = devices.cuda_built() and devices.visible_gpus() > 0"))
+    assert asks_whether_cuda_is_usable(ast.parse("if devices.CUDA not in settings.providers: pass"))
 
 
 def test_the_image_copies_the_core_package():

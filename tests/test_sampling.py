@@ -1,5 +1,6 @@
 """Sampling over the whole batch: for a seed, the same tokens as one stream sampled alone, and the
-same texts as the server gave before it sampled in batches (recorded from a2e04d7)."""
+same texts as the server gave before it sampled in batches (recorded from a2e04d7); a session
+step's top k, taken in the engine, as the front-end took it before."""
 import asyncio
 import json
 from pathlib import Path
@@ -8,7 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.engine.sampling import next_tokens
+from core.codec import softmax
+from serving.engine.sampling import most_likely, next_tokens
 from tests.serving_fixtures import Server, tiny_repository
 
 RECORDED = json.loads((Path(__file__).parent / "fixtures" / "generation_a2e04d7.json").read_text())
@@ -44,6 +46,26 @@ def test_a_batch_samples_what_each_row_would_alone(vocab):
     expected = [sampled_alone(logits[i], temperature[i], int(top_k[i]), top_p[i], np.random.default_rng(seeds[i]))
                 for i in range(batch)]
     assert next_tokens(logits, temperature, top_k, top_p, uniform).tolist() == expected
+
+
+def most_likely_before(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The front-end's top k of a step's logits before the engine took it (routes/lm.py at 120d4d0)."""
+    p = softmax(logits)
+    return [(int(i), float(p[i])) for i in np.argsort(-p)[:k]]
+
+
+@pytest.mark.parametrize("vocab", [2, 47, 30000])
+def test_the_engines_top_k_is_what_the_front_end_took_before(vocab):
+    """Same ids in the same order, probabilities within 1e-6, k of 1 to 100 (past the vocabulary:
+    all of it), rows of several k in one call."""
+    rng = np.random.default_rng(vocab)
+    logits = (rng.standard_normal((32, vocab)) * rng.choice([0.1, 1, 5], (32, 1))).astype(np.float32)
+    k = rng.choice([1, 3, 12, 100], 32)
+    for row, n, (tokens, p) in zip(logits, k, most_likely(logits, k)):
+        expected = most_likely_before(row, int(n))
+        assert tokens == [i for i, _ in expected] and len(tokens) == min(n, vocab)
+        assert np.abs(np.array(p) - [q for _, q in expected]).max() <= 1e-6
+    assert most_likely(logits[:0], k[:0]) == []
 
 
 @pytest.fixture(scope="module")

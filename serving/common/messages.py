@@ -32,6 +32,8 @@ class Infer(Message):
 
 
 class Generate(Message):
+    """A generation to start. Its first token's deadline is the front-end's to keep (it sends Cancel
+    past it): the engine is sent none."""
     id: int
     model: str
     version: int
@@ -41,7 +43,6 @@ class Generate(Message):
     top_k: int
     top_p: float
     seed: int | None
-    deadline: float  # for the first token
 
 
 class OpenSession(Message):
@@ -55,6 +56,7 @@ class Step(Message):
     session: str
     ids: list[int]
     deadline: float
+    top_k: int  # the engine answers the k most likely next tokens, not the whole distribution
 
 
 class CloseSession(Message):
@@ -119,9 +121,11 @@ class Tokens(Message):
 
 
 class Stepped(Message):
-    """A session step's answer: the next-token logits (float32) and the tokens read so far."""
+    """A session step's answer: the step's top_k most likely next tokens, most likely first, with
+    their probabilities (softmax over the whole vocabulary), and the tokens read so far."""
     id: int
-    data: bytes
+    tokens: list[int]
+    probabilities: list[float]
     total_tokens: int
 
 

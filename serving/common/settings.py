@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(1000, ge=1, description="the most a generate request may ask for")
     stream_interval_ms: float = Field(5.0, ge=0, description="a generation's tokens are written at most this often "
                                                              "(those that arrive meanwhile go in one write); the "
-                                                             "first at once; 0: each as it arrives")
+                                                             "first at once; 0: each as it arrives. The only "
+                                                             "pacing: engines send every step's tokens at once")
     max_generations: int = Field(256, ge=1, description="concurrent generations per model; beyond it 503")
     max_sessions: int = Field(1024, ge=1, description="live sequence sessions per model; beyond it 503")
     session_idle_s: float = Field(300.0, ge=0, description="a session unused this long expires")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Gauge
 
+from core.codec import right_padded
 from serving.common import metrics, tracing
 from serving.common.messages import Failed, Result, Results
 from serving.engine.device_thread import DeviceThread
@@ -131,7 +132,7 @@ class Batcher:
         for request in batch:
             queue_time.observe(now - request.arrived)
         lengths = np.frombuffer(b"".join([r.lengths for r in batch]), np.int32).astype(np.int64)
-        padded = padded_rows(np.frombuffer(b"".join([r.ids for r in batch]), np.int32), lengths)
+        padded = right_padded(np.frombuffer(b"".join([r.ids for r in batch]), np.int32), lengths, np.int64)  # (rows, T)
         calls = [(call, padded[call, : lengths[call[-1]]], lengths[call])  # ascending: its last row is its longest
                  for call in plan_calls(lengths, self.limits.max_batch_size, self.limits.max_batch_tokens)]
         self.formed.append(Formed(batch, len(lengths), calls, device.submit(self.run_calls, batch, calls, now)))
@@ -194,14 +195,6 @@ class Batcher:
         return gathered
 
 
-def padded_rows(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Rows end to end (their lengths) right-padded with 0 by one scatter, (rows, longest) int64 as
-    the graph takes them: a boolean mask fills in row-major order, the order the ids come in."""
-    padded = np.zeros((len(lengths), int(lengths.max())), np.int64)
-    padded[np.arange(padded.shape[1]) < lengths[:, None]] = ids
-    return padded
-
-
 def results(batch: list[Pending], outputs: np.ndarray):
     """A classifier's answers: per front-end one Results message, its requests' rows of logits."""
     mine: dict[bytes, tuple[list[int], list[int], list[np.ndarray]]] = {}
@@ -222,10 +215,8 @@ def sequences(batch: list[Pending], outputs: list[np.ndarray]):
     """A language model's answers (V2 infer): per request (n, T, V), zero past each row's length."""
     start = 0
     for request in batch:
-        mine = outputs[start: start + request.count]
-        data = np.zeros((len(mine), max(len(o) for o in mine), mine[0].shape[-1]), np.float32)
-        for i, out in enumerate(mine):
-            data[i, : len(out)] = out
+        mine = outputs[start: start + request.count]  # (T_i, V) each
+        data = right_padded(np.concatenate(mine), np.fromiter(map(len, mine), np.int64, len(mine)))  # (n, T, V)
         start += len(mine)
         yield request.sender, Result(request.id, data.tobytes(), list(data.shape))
 

@@ -33,9 +33,20 @@ def visible_gpus() -> int:
     return devices
 
 
-def gpu_asked_and_visible(providers: list[str]) -> bool:
-    """Whether an engine with these providers runs on a GPU: CUDA asked for, built and a GPU visible."""
-    return CUDA in providers and cuda_built() and visible_gpus() > 0
+def on_the_cpu_because(providers) -> str:
+    """The rule "is CUDA usable here", written once: why an engine with these providers runs on the
+    CPU, "" where it runs on a GPU (CUDA asked for, this ONNX Runtime has it, a GPU visible).
+    Whether CUDA's libraries load, each engine finds when it opens a session (why_not_cuda)."""
+    if CUDA not in providers or not cuda_built():
+        return "RNNSERVE_PROVIDERS or this ONNX Runtime build asks for no CUDA"
+    if not visible_gpus():
+        return "no GPU is visible to this process"
+    return ""
+
+
+def usable_gpus(providers=(CUDA,)) -> int:
+    """The GPUs an engine with these providers runs on (0: it runs on the CPU)."""
+    return 0 if on_the_cpu_because(providers) else visible_gpus()
 
 
 def cuda_built() -> bool:

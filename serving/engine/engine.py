@@ -23,7 +23,7 @@ import zmq
 
 from core.repository import UnknownModel
 from serving.common.messages import (Cancel, Catalog, CloseSession, Control, Deployed, Depths, Done, Failed, Generate,
-                                     Hello, Infer, OpenSession, SessionOpened, Step, Tokens, decode_requests,
+                                     Hello, Infer, OpenSession, SessionOpened, Step, decode_requests,
                                      encode)
 from serving.common.settings import Settings
 from serving.engine import devices
@@ -34,7 +34,6 @@ from serving.engine.runner import ModelLoadError
 
 log = logging.getLogger(__name__)
 IDLE_S = 0.05  # the longest the loop sleeps: housekeeping and stop() are never further away
-TOKENS_EVERY_S = 0.002  # how long generation tokens may wait to go out with the next steps
 
 
 class Engine:
@@ -45,14 +44,12 @@ class Engine:
         self.frontends: set[bytes] = set()
         self.loading: list[tuple[Future, bytes | None, int | None]] = []  # (load, who asked, their request id)
         self.outbox: dict[bytes, list] = {}
-        self.urgent: set[bytes] = set()  # front-ends whose outbox holds a first token
-        self.sent: dict[bytes, float] = {}  # when each front-end was last sent a frame
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self.next_housekeeping = self.next_poll = 0.0
         self.socket: zmq.Socket | None = None
         threaded = settings.device_thread
-        self.device = DeviceThread(f"engine-{index}-device", devices.gpu_asked_and_visible(settings.providers)
+        self.device = DeviceThread(f"engine-{index}-device", devices.usable_gpus(settings.providers) > 0
                                    if threaded is None else threaded)
         self.poller = zmq.Poller()
 
@@ -89,9 +86,7 @@ class Engine:
                         deployment.last_used = time.monotonic()
                     deployment.batcher.publish()
                     if deployment.lm and deployment.lm.has_work():
-                        replies, firsts = deployment.lm.step()
-                        self.post_all(replies)
-                        self.urgent |= firsts
+                        self.post_all(deployment.lm.step())
                         deployment.last_used = time.monotonic()
                 self.housekeeping()
                 self.flush()
@@ -109,16 +104,15 @@ class Engine:
 
     def placement(self) -> str:
         """Which device this engine owns, as its start-up log line says."""
-        if devices.CUDA not in self.settings.providers or not devices.cuda_built():
-            return "on the CPU (RNNSERVE_PROVIDERS or this ONNX Runtime build asks for no CUDA)"
-        if not (gpus := devices.visible_gpus()):
-            return "on the CPU: no GPU is visible to this process"
+        if why := devices.on_the_cpu_because(self.settings.providers):
+            return f"on the CPU: {why}"
+        gpus = devices.visible_gpus()
         name = devices.gpu_name(self.deployments.device)
         return f"owns CUDA device {self.deployments.device} of the {gpus} visible{f' ({name})' if name else ''}"
 
     def wait_s(self) -> float:
         """How long the next poll may sleep: 0 when work is due."""
-        now, wait = time.monotonic(), TOKENS_EVERY_S if self.outbox else IDLE_S  # held tokens go out soon
+        now, wait = time.monotonic(), IDLE_S
         for deployment in self.deployments.all():
             if deployment.lm and deployment.lm.has_work():
                 return 0.0
@@ -271,18 +265,12 @@ class Engine:
             self.post(frontend, message)
 
     def flush(self):
-        """One frame per front-end with everything for it, and the queue depths it sheds by. Only
-        generation tokens may wait, at most TOKENS_EVERY_S: a front-end then wakes once for
-        several steps (a generation's first token never waits)."""
+        """One frame per front-end with everything for it, and the queue depths it sheds by. Nothing
+        waits here: a front-end paces its streams' writes itself (stream_interval_ms), and tokens held
+        here would hold back the next generation's first one behind a burst of writes."""
         if not self.outbox:
             return
-        now, held = time.monotonic(), {}
         depths = Depths({d.name: len(d.batcher) for d in self.deployments.current.values()})
         for frontend, messages in self.outbox.items():
-            if frontend not in self.urgent and now - self.sent.get(frontend, 0.0) < TOKENS_EVERY_S and all(
-                    isinstance(m, Tokens) for m in messages):
-                held[frontend] = messages
-                continue
             self.socket.send_multipart([frontend, encode([*messages, depths])])
-            self.sent[frontend] = now
-        self.outbox, self.urgent = held, set()
+        self.outbox = {}

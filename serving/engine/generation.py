@@ -22,7 +22,7 @@ from core.codec import pad
 from serving.common import metrics
 from serving.common.messages import Failed, Generate, Step, Stepped, Tokens
 from serving.engine.runner import Runner
-from serving.engine.sampling import next_tokens
+from serving.engine.sampling import most_likely, next_tokens
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class LanguageModel:
         self.runner, self.max_generations, self.max_sessions, self.idle_s = runner, max_generations, max_sessions, idle_s
         self.vocab_size = int(runner.manifest.outputs[0].shape[-1])  # logits (batch, seq, vocab)
         slots = max_generations + max_sessions
-        self.pool = np.zeros((slots, *runner.zero_state().shape), np.float32)  # (slots, S, L, H)
+        self.pool = runner.zero_state(slots)  # (layers, slots, H) per state input: the graph's own layout
         self.free = list(range(slots))[::-1]
         self.next_token, self.emitted, self.max_new, self.request_id, self.frontend = (
             np.zeros(slots, np.int64) for _ in range(5))
@@ -71,7 +71,8 @@ class LanguageModel:
 
     def take_slot(self) -> int:
         slot = self.free.pop()
-        self.pool[slot] = 0.0  # the zero state
+        for state in self.pool:
+            state[:, slot] = 0.0  # (layers, H): the zero state
         return slot
 
     def start(self, sender: bytes, request: Generate) -> Failed | None:
@@ -175,17 +176,16 @@ class LanguageModel:
                 steps.append((sender, request, session))
         return steps
 
-    def step(self) -> tuple[list[tuple[bytes, object]], set[bytes]]:
+    def step(self) -> list[tuple[bytes, object]]:
         """One step of every slot with work: the prompts of new generations and the sessions' new
         text in one call of their own (rows of several lengths), and the last token of every other
         generation in another (one token each, no padding). Returns (front-end, reply) pairs (one
         Tokens message per front-end with the next token of each of its generations, and each
-        session step's next-token logits), and the front-ends whose replies carry a first token."""
+        session step's k most likely next tokens)."""
         prefill, steps = list(self.prompts.items()), self.next_steps(time.monotonic())
         generating = np.array([slot for slot, _ in prefill] + self.decoding.tolist(), np.int64)
         if not len(generating) and not steps:
-            return [], set()
-        firsts = {self.senders[f] for f in self.frontend[[slot for slot, _ in prefill]].tolist()}
+            return []
         started = time.perf_counter()
         try:
             read = self.advance([slot for slot, _ in prefill] + [session.slot for _, _, session in steps],
@@ -195,14 +195,15 @@ class LanguageModel:
         except Exception as e:  # a failing step fails what was in it, and only that
             log.exception("a step of %d generations and %d session steps failed on %s", len(generating), len(steps),
                           self.name)
-            return self.fail(generating, steps, f"generation failed: {type(e).__name__}: {e}"), set()
+            return self.fail(generating, steps, f"generation failed: {type(e).__name__}: {e}")
         self.prompts.clear()
         self.decoding = generating[~ended]
         metrics.of(metrics.INFERENCE_TIME, self.step_label).observe(time.perf_counter() - started)
-        for row, (sender, request, session) in zip(read[len(prefill):], steps):
+        best = most_likely(read[len(prefill):], np.array([r.top_k for _, r, _ in steps], np.int64)) if steps else []
+        for (tokens, p), (sender, request, session) in zip(best, steps):
             session.last_used, session.tokens = time.monotonic(), session.tokens + len(request.ids)
-            replies.append((sender, Stepped(request.id, row.astype(np.float32).tobytes(), session.tokens)))
-        return replies, firsts
+            replies.append((sender, Stepped(request.id, tokens, p, session.tokens)))
+        return replies
 
     def advance(self, slots, rows: list[list[int]] | None) -> np.ndarray:
         """One call: these slots' states over their rows (None: each slot's last sampled token), the
@@ -214,7 +215,10 @@ class LanguageModel:
             ids, lengths = self.next_token[slots][:, None], np.ones(len(slots), np.int64)
         else:
             ids, lengths = pad(rows)
-        logits, self.pool[slots] = self.runner.advance(ids, lengths, self.pool[slots])
+        gathered = [state[:, slots] for state in self.pool]  # (layers, B, H) each: the slots' columns
+        logits, states = self.runner.advance(ids, lengths, gathered)
+        for state, new in zip(self.pool, states):
+            state[:, slots] = new  # (layers, B, H) back into the slots' columns
         metrics.of(metrics.BATCH_SIZE, self.step_label).observe(len(slots))
         return logits
 

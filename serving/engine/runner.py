@@ -151,8 +151,7 @@ class Runner:
         -> every output of the graph: logits first, then (LMs) the new state."""
         feeds = {"input_ids": ids, "lengths": lengths}
         if spec := self.manifest.state:
-            state = state or [np.zeros((spec.layers, len(lengths), spec.hidden_size), np.float32) for _ in spec.inputs]
-            feeds |= dict(zip(spec.inputs, state))
+            feeds |= dict(zip(spec.inputs, state or self.zero_state(len(lengths))))
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
@@ -166,16 +165,16 @@ class Runner:
         language model's (B, T, V) from the zero state."""
         return self.run(ids, lengths)[0]
 
-    def advance(self, ids: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """LMs: each row's tokens, (B, T) right-padded with (B,) lengths, from its state
-        (B, S, layers, H) -> the next-token logits (B, V) at each row's last token and the state
-        there (B, S, layers, H)."""
-        logits, *states = self.run(ids, lengths, [np.ascontiguousarray(state[:, k].swapaxes(0, 1))
-                                                  for k in range(state.shape[1])])
-        last = logits[np.arange(len(lengths)), lengths - 1]  # (B, V)
-        return last, np.stack(states, axis=1).swapaxes(0, 2)  # (layers, S, B, H) -> (B, S, layers, H)
+    def advance(self, ids: np.ndarray, lengths: np.ndarray,
+                state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """LMs: each row's tokens, (B, T) right-padded with (B,) lengths, from its state (one
+        (layers, B, H) array per state input, as the graph takes them) -> the next-token logits
+        (B, V) at each row's last token and the state there, in the same layout."""
+        logits, *states = self.run(ids, lengths, state)  # (B, T, V), then (layers, B, H) each
+        return logits[np.arange(len(lengths)), lengths - 1], states  # (B, V) at each row's last token
 
-    def zero_state(self) -> np.ndarray:
-        """(S, layers, H): S = 2 for LSTM (h, c), else 1."""
+    def zero_state(self, rows: int) -> list[np.ndarray]:
+        """The zero state of `rows` rows: one (layers, rows, H) array per state input of the graph
+        (h; and c for an LSTM)."""
         spec = self.manifest.state
-        return np.zeros((len(spec.inputs), spec.layers, spec.hidden_size), np.float32)
+        return [np.zeros((spec.layers, rows, spec.hidden_size), np.float32) for _ in spec.inputs]

@@ -1,4 +1,5 @@
-"""The next token of every generation in a step, sampled in one vectorized pass over the batch.
+"""The next token of every generation in a step, sampled in one vectorized pass over the batch,
+and the k most likely next tokens of every session step in another.
 
 Greedy rows take the argmax; the others divide by their temperature, keep their top k and their
 nucleus (top p), and draw with their own seeded generator: each generation draws its uniforms
@@ -7,6 +8,8 @@ gives the same text whatever else shares the step, and the same text as the serv
 sampled each stream on its own (tests/fixtures/generation_a2e04d7.json).
 """
 import numpy as np
+
+from core.codec import softmax
 
 
 def next_tokens(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
@@ -40,3 +43,15 @@ def next_tokens(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, 
     cdf /= cdf[:, -1:]
     tokens[sampled] = (cdf <= uniform[sampled, None]).sum(axis=1)  # = searchsorted(cdf, u, side="right")
     return tokens
+
+
+def most_likely(logits: np.ndarray, k: np.ndarray) -> list[tuple[list[int], list[float]]]:
+    """(B, V) logits and (B,) k -> each row's k most likely token ids and their probabilities
+    (softmax over the whole vocabulary, in float32), most likely first (ties: the lower id first)."""
+    p = softmax(logits.astype(np.float32, copy=False))  # (B, V)
+    vocab, most = p.shape[1], min(int(k.max(initial=1)), p.shape[1])
+    top = np.argpartition(-p, most - 1, axis=1)[:, :most] if most < vocab else np.tile(np.arange(vocab), (len(p), 1))
+    q = np.take_along_axis(p, top, axis=1)  # (B, most), unordered
+    order = np.lexsort((top, -q))  # (B, most): by probability, then id
+    top, q = np.take_along_axis(top, order, axis=1), np.take_along_axis(q, order, axis=1)
+    return [(t[:n].tolist(), r[:n].tolist()) for t, r, n in zip(top, q, k.tolist())]

@@ -88,8 +88,7 @@ async def first_tokens(front: Front, name: str, body: GenerateRequest,
             raise Refused(400, "the prompt has no tokens")
         rid = client.next_id()
         stream = client.generate(link, Generate(rid, name, version.number, prompt, body.max_new_tokens,
-                                                body.temperature, body.top_k, body.top_p, body.seed,
-                                                client.deadline(timeout_s)))
+                                                body.temperature, body.top_k, body.top_p, body.seed))
         try:
             tokens = await stream.next(timeout_s)
         except TimeoutError:
@@ -116,7 +115,7 @@ async def rest(client: EngineClient, link: Link, stream: Stream, generation: Gen
     span = tracing.start("generation")
     try:
         while True:
-            pieces = generation.add(tokens, stream.last and not stream.failed)
+            pieces = generation.add(tokens, stream.last and not stream.tokens and not stream.failed)  # none waits
             if generation.finish_reason == "stop":
                 client.cancel(link, stream.id)
             written = loop.time()

@@ -2,9 +2,8 @@
 client holds) and Triton's sequences on gRPC (an id the client chose), each stepped over more
 text and answering the next token's most likely k. The state lives on the engine that runs the
 model's generations; its bounds and its "no session" answers are written here once."""
-import numpy as np
 
-from core.codec import TextCodec, softmax
+from core.codec import TextCodec
 from serving.common.messages import CloseSession, Failed, OpenSession, SessionOpened, Step, Stepped
 from serving.frontend.client import Link
 from serving.frontend.core.front import Front, check_text, engines, served
@@ -78,12 +77,13 @@ async def open_session(front: Front, name: str, left: Left | None = None) -> str
     return session_id(link, opened)
 
 
-async def step(front: Front, link: Link, session: str, ids: list[int], missing: Refused,
+async def step(front: Front, link: Link, session: str, ids: list[int], top_k: int, missing: Refused,
                left: Left | None = None) -> Stepped:
-    """Advance a session's state over ids, within the request deadline."""
+    """Advance a session's state over ids, within the request deadline; the engine answers the next
+    token's top_k."""
     client = engines(front)
-    return await ask(front, link, Step(client.next_id(), session, ids, client.deadline(front.settings.request_timeout_s)),
-                     missing, left)
+    deadline = client.deadline(front.settings.request_timeout_s)
+    return await ask(front, link, Step(client.next_id(), session, ids, deadline, top_k), missing, left)
 
 
 async def close(front: Front, link: Link, session: str, missing: Refused, left: Left | None = None):
@@ -91,8 +91,8 @@ async def close(front: Front, link: Link, session: str, missing: Refused, left: 
     return await ask(front, link, CloseSession(engines(front).next_id(), session), missing, left)
 
 
-async def step_sequence(front: Front, name: str, sid: str, version: str | None, text: str, start: bool, end: bool
-                        ) -> tuple[TextCodec, int, list[int], Stepped]:
+async def step_sequence(front: Front, name: str, sid: str, version: str | None, text: str, top_k: int, start: bool,
+                        end: bool) -> tuple[TextCodec, int, list[int], Stepped]:
     """A step of Triton's sequence `sid` (opened first, ended after, as the request says): the
     codec and version that read it, its ids, and the engine's answer."""
     link, served_version = served(front, name, version, task="lm", together=True)
@@ -100,13 +100,12 @@ async def step_sequence(front: Front, name: str, sid: str, version: str | None, 
     session, missing = f"triton {name} {sid}", no_sequence(sid, name)  # the engine's name for it
     if start:
         await ask(front, link, OpenSession(engines(front).next_id(), name, session))
-    stepped = await step(front, link, session, ids, missing)
+    stepped = await step(front, link, session, ids, top_k, missing)
     if end:
         await close(front, link, session, missing)
     return served_version.codec, served_version.number, ids, stepped
 
 
-def most_likely(codec: TextCodec, stepped: Stepped, k: int) -> list[tuple[str, float]]:
-    """The k most likely next tokens after a step, with their probabilities, most likely first."""
-    p = softmax(np.frombuffer(stepped.data, np.float32))
-    return [(codec.vocab.itos[i], float(p[i])) for i in np.argsort(-p)[:k]]
+def most_likely(codec: TextCodec, stepped: Stepped) -> list[tuple[str, float]]:
+    """The step's top_k most likely next tokens (the engine's), with their probabilities, most likely first."""
+    return [(codec.vocab.itos[i], p) for i, p in zip(stepped.tokens, stepped.probabilities)]

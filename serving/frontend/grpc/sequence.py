@@ -54,9 +54,9 @@ async def step(front: Front, request: pb.ModelInferRequest, sid: str, send):
     name = request.model_name
     text, top_k = asked(request)
     codec, version, _, stepped = await sessions.step_sequence(
-        front, name, sid, request.model_version or None, text, flag(request, "sequence_start"),
+        front, name, sid, request.model_version or None, text, top_k, flag(request, "sequence_start"),
         flag(request, "sequence_end"))
-    best = sessions.most_likely(codec, stepped, top_k)
+    best = sessions.most_likely(codec, stepped)
     tensor = pb.ModelInferResponse.InferOutputTensor
     send(pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
         model_name=name, model_version=str(version), id=request.id,

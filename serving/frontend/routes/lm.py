@@ -90,11 +90,11 @@ async def step_session(name: str, sid: str, body: StepRequest, request: Request)
     front = request.app.state.front
     link, codec, session = sessions.session_of(front, name, sid)
     ids = sessions.token_ids(front, codec, body.text, "text")
-    stepped = await sessions.step(front, link, session, ids, sessions.no_session(sid, name), left(request))
+    stepped = await sessions.step(front, link, session, ids, body.top_k, sessions.no_session(sid, name), left(request))
     return json_response({"session_id": sid, "tokens": len(ids), "total_tokens": stepped.total_tokens,
                           "unknown_tokens": ids.count(codec.vocab.unk_id),
                           "next": [{"token": token, "probability": p}
-                                   for token, p in sessions.most_likely(codec, stepped, body.top_k)]})
+                                   for token, p in sessions.most_likely(codec, stepped)]})
 
 
 async def end_session(name: str, sid: str, request: Request) -> dict:
