@@ -17,7 +17,7 @@ from serving.common.settings import Settings
 from serving.engine.generation import LanguageModel
 from serving.engine.runner import Runner
 from serving.frontend.client import Stream
-from serving.frontend.routes.lm import Generation, rest
+from serving.frontend.core.generation import Generation, rest
 from serving.frontend.schemas import GenerateRequest
 from tests.serving_fixtures import Server, cpu_session, slowed_steps, tiny_repository
 from tests.test_sampling import most_likely_before
