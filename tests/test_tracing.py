@@ -1,11 +1,13 @@
 """OpenTelemetry traces: python -m serving with RNNSERVE_TRACING=otlp exports, over OTLP gRPC to a
 receiver on 127.0.0.1, a trace per request under the caller's traceparent: the request span, its
 tokenize, its time queued (linked to the batch it ran in) and a generation's stream."""
+import ast
 import os
 import queue
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -237,6 +239,23 @@ def test_a_kept_span_reaches_the_collector_as_the_sdks_tracer_sends_it():
     assert len({span.SerializeToString() for _, _, span in receiver.kept}) == 2  # a request and a tokenize, twice each
     assert len({(r.SerializeToString(), s.SerializeToString()) for r, s, _ in receiver.kept}) == 1
     assert receiver.kept[0][1].name == "rnnserve"
+
+
+def test_tracing_uses_only_the_public_names_of_opentelemetry():
+    """spans.py and tracing.py import no private module or name of OpenTelemetry, read or set no
+    private attribute of anything, and subclass nothing of it (no method of the SDK overridden):
+    a patch release of the SDK can change only what it documents."""
+    for path in (Path("serving/common/spans.py"), Path("serving/common/tracing.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module.startswith("opentelemetry"):
+                names = node.module.split(".") + [a.name for a in node.names]
+                assert not [n for n in names if n.startswith("_")], f"{path}:{node.lineno} imports {names}"
+            if isinstance(node, ast.Attribute):
+                private = node.attr.startswith("_") and not node.attr.startswith("__")
+                assert not private, f"{path}:{node.lineno} uses .{node.attr}"
+            if isinstance(node, ast.ClassDef):
+                assert not node.bases, f"{path}:{node.lineno} subclasses {[ast.unparse(b) for b in node.bases]}"
 
 
 def test_a_refused_rpc_records_the_exception_as_the_sdk_does(traced):
