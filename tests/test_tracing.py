@@ -1,10 +1,13 @@
 """OpenTelemetry traces: python -m serving with RNNSERVE_TRACING=otlp exports, over OTLP gRPC to a
 receiver on 127.0.0.1, a trace per request under the caller's traceparent: the request span, its
 tokenize, its time queued (linked to the batch it ran in) and a generation's stream."""
+import ast
+import os
 import queue
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -150,9 +153,9 @@ def test_a_generation_over_the_grpc_stream_is_traced(traced):
 
 
 def test_a_kept_request_carries_what_the_sdk_would_send(traced):
-    """Our spans are not the SDK's (serving/common/spans.py) but arrive as its would: the request
-    span's attributes, the caller's tracestate on it and its children, the span flags (parent
-    remote or not), an unset status."""
+    """Our spans are recorded by serving/common/spans.py, not by the SDK's tracer, but arrive as its
+    would: the request span's attributes, the caller's tracestate on it and its children, the span
+    flags (parent remote or not), an unset status."""
     receiver, url, _ = traced
     caller, header = traceparent(10)
     r = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ["a fine film"]},
@@ -166,6 +169,93 @@ def test_a_kept_request_carries_what_the_sdk_would_send(traced):
     assert request.trace_state == tokenize.trace_state == "vendor=abc"
     assert (request.flags, tokenize.flags, queued.flags) == (0x300, 0x100, 0x300)  # parent remote: the caller, an engine's
     assert request.HasField("status") and request.status.code == 0 and tokenize.kind == tokenize.SPAN_KIND_INTERNAL
+
+
+SAME_SPANS = """
+from opentelemetry import trace
+from opentelemetry.propagate import extract
+from serving.common import tracing
+
+tracing.configure("otlp", "frontend")
+headers = {"traceparent": "00-%s-00000000000000aa-01", "tracestate": "vendor=abc"}
+attributes = {"rnnserve.model": "clf", "rnnserve.rows": 3, "rnnserve.score": 0.5, "rnnserve.ok": True}
+try:
+    with tracing.server_span("ours", headers, **attributes):
+        with tracing.span("tokenize", texts=1):
+            pass
+        raise ValueError("bad row")
+except ValueError:
+    pass
+tracer = trace.get_tracer("rnnserve")
+try:
+    with tracer.start_as_current_span("the SDK's", extract(headers), kind=trace.SpanKind.SERVER, attributes=attributes):
+        with tracer.start_as_current_span("tokenize", attributes={"texts": 1}):
+            pass
+        raise ValueError("bad row")
+except ValueError:
+    pass
+tracing.shutdown()
+""" % TRACE
+
+
+class Requests(Receiver):
+    """A receiver that keeps each span's resource and scope too: (resource, scope, span) in .kept."""
+
+    def __init__(self, port: int):
+        super().__init__(port)
+        self.kept = []
+
+    def Export(self, request, context):
+        with self.lock:
+            self.kept += [(r.resource, s.scope, span) for r in request.resource_spans for s in r.scope_spans
+                          for span in s.spans]
+        return super().Export(request, context)
+
+
+def test_a_kept_span_reaches_the_collector_as_the_sdks_tracer_sends_it():
+    """serving/common/spans.py records spans itself and hands them to the SDK as ReadableSpans: the
+    same request (a caller's traceparent and tracestate, attributes of each type, a child, an
+    exception) made by our hooks and by the SDK's own tracer in one process arrives the same, but
+    for ids, times and the stack trace's frames, under the same resource and scope."""
+    receiver = Requests(free_port())
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+    try:
+        subprocess.run([sys.executable, "-c", SAME_SPANS], env=os.environ | env, check=True, timeout=60)
+    finally:
+        receiver.stop()
+    assert len(receiver.kept) == 4, [s.name for _, _, s in receiver.kept]
+    for _, _, span in receiver.kept:  # what differs by nature: ids, times, the frames, the request's name
+        request = span.parent_span_id.hex() == "00000000000000aa"
+        for field in ("span_id", "start_time_unix_nano", "end_time_unix_nano"):
+            span.ClearField(field)
+        if not request:
+            span.ClearField("parent_span_id")
+        span.name = "request" if request else span.name
+        for event in span.events:
+            (stack,) = [a for a in event.attributes if a.key == "exception.stacktrace"]
+            assert stack.value.string_value.endswith("ValueError: bad row\n")
+            stack.value.string_value = ""
+            event.ClearField("time_unix_nano")
+    assert len({span.SerializeToString() for _, _, span in receiver.kept}) == 2  # a request and a tokenize, twice each
+    assert len({(r.SerializeToString(), s.SerializeToString()) for r, s, _ in receiver.kept}) == 1
+    assert receiver.kept[0][1].name == "rnnserve"
+
+
+def test_tracing_uses_only_the_public_names_of_opentelemetry():
+    """spans.py and tracing.py import no private module or name of OpenTelemetry, read or set no
+    private attribute of anything, and subclass nothing of it (no method of the SDK overridden):
+    a patch release of the SDK can change only what it documents."""
+    for path in (Path("serving/common/spans.py"), Path("serving/common/tracing.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module.startswith("opentelemetry"):
+                names = node.module.split(".") + [a.name for a in node.names]
+                assert not [n for n in names if n.startswith("_")], f"{path}:{node.lineno} imports {names}"
+            if isinstance(node, ast.Attribute):
+                private = node.attr.startswith("_") and not node.attr.startswith("__")
+                assert not private, f"{path}:{node.lineno} uses .{node.attr}"
+            if isinstance(node, ast.ClassDef):
+                assert not node.bases, f"{path}:{node.lineno} subclasses {[ast.unparse(b) for b in node.bases]}"
 
 
 def test_a_refused_rpc_records_the_exception_as_the_sdk_does(traced):

@@ -10,7 +10,8 @@ A request's trace: its W3C traceparent (HTTP header or gRPC metadata) is the par
 and each batch is a span of its own (rows, padded tokens, calls), linked to every request it ran.
 Off, nothing of OpenTelemetry is imported and each hook is one test. On, a request whose trace the
 sampler drops (OTEL_TRACES_SAMPLER) costs one question to the sampler: no span. A kept one is
-recorded by serving/common/spans.py, not by the SDK's tracer: the same spans for less.
+recorded by serving/common/spans.py, not by the SDK's tracer, and handed to the SDK's exporter
+as the SDK's own ReadableSpan: the same spans for less.
 """
 import logging
 import os
@@ -19,7 +20,7 @@ from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 from serving.common import spans
-from serving.common.spans import CURRENT, SERVER, Span
+from serving.common.spans import CURRENT, Span
 
 log = logging.getLogger(__name__)
 PROVIDER = None  # the SDK's TracerProvider once configure() has run with tracing on
@@ -63,12 +64,12 @@ def server_span(name: str, headers: dict, **attributes):
     carrier = {text(k): text(v) for k, v in headers.items() if text(k) in ("traceparent", "tracestate")}
     context = OTEL.extract(carrier) if carrier else None
     parent = OTEL.trace.get_current_span(context).get_span_context() if context else OTEL.trace.INVALID_SPAN_CONTEXT
-    trace_id = parent.trace_id if parent.is_valid else spans.IDS.generate_trace_id()
+    trace_id = parent.trace_id if parent.is_valid else spans.SDK.ids.generate_trace_id()
     sampled = SAMPLER.should_sample(context, trace_id, name, OTEL.SERVER, attributes)
     if not sampled.decision.is_sampled():
         return nullcontext()
-    return Span(name, trace_id, parent.span_id if parent.is_valid else 0, dict(sampled.attributes), kind=SERVER,
-                remote=parent.is_remote, trace_state=sampled.trace_state.to_header() if sampled.trace_state else "")
+    return Span(name, trace_id, parent if parent.is_valid else None, dict(sampled.attributes), kind=OTEL.SERVER,
+                trace_state=sampled.trace_state)
 
 
 def span(name: str, **attributes):
@@ -87,7 +88,7 @@ def traceparent() -> str:
     """The current span as a W3C traceparent, to send with an engine message ("" when none is
     recorded: the engine then makes no span for it)."""
     current = CURRENT.get()
-    return f"00-{current.trace_id:032x}-{current.span_id:016x}-01" if current else ""
+    return f"00-{current.context.trace_id:032x}-{current.context.span_id:016x}-01" if current else ""
 
 
 def set_attributes(**attributes):
@@ -110,14 +111,16 @@ def batch_span(model: str, requests: list, started: float):
     if not SAMPLER or not traced:
         yield None
         return
-    parents = [(int(r.trace[3:35], 16), int(r.trace[36:52], 16)) for r in traced]  # 00-{trace id}-{span id}-01
+    parents = [spans.remote(int(r.trace[3:35], 16), int(r.trace[36:52], 16)) for r in traced]  # 00-{trace}-{span}-01
     begun = epoch_ns(started)
-    batch = Span("batch", spans.IDS.generate_trace_id(), 0, {"rnnserve.model": model, "rnnserve.requests": len(requests)},
-                 links=[(t, s, True) for t, s in parents], start_ns=begun)
-    for request, (trace_id, span_id) in zip(traced, parents):
-        Span("queued", trace_id, span_id, remote=True, links=[(batch.trace_id, batch.span_id, False)],
-             start_ns=epoch_ns(request.arrived)).end(begun)
-    if SAMPLER.should_sample(None, batch.trace_id, "batch", OTEL.INTERNAL, batch.attributes).decision.is_sampled():
+    batch = Span("batch", spans.SDK.ids.generate_trace_id(), None,
+                 {"rnnserve.model": model, "rnnserve.requests": len(requests)},
+                 links=[spans.link(p) for p in parents], start_ns=begun)
+    to_batch = [spans.link(batch.context)]
+    for request, parent in zip(traced, parents):
+        Span("queued", parent.trace_id, parent, links=to_batch, start_ns=epoch_ns(request.arrived)).end(begun)
+    kept = SAMPLER.should_sample(None, batch.context.trace_id, "batch", OTEL.INTERNAL, batch.attributes)
+    if kept.decision.is_sampled():
         with batch:
             yield batch
     else:
