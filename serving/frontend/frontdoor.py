@@ -94,6 +94,7 @@ class FrontDoor:
         if found and found[0].body:
             return await self.direct(scope, replay, send, body, headers, found)
         await self.app(scope, replay, send)
+
     async def body(self, scope, receive, send, headers: dict) -> bytes | None:
         """The whole body: 413 past max_body_bytes (counted as it arrives, so chunked bodies too),
         408 if it has not all arrived within body_timeout_s (a slow or stalled client holds only
