@@ -53,13 +53,17 @@ def test_import_rules(part):
     assert broken == {}, f"{part}/ must not import {sorted(FORBIDDEN[part])}"
 
 
+def broken(folder: str, forbidden: set[str], read) -> dict[str, list[str]]:
+    """Each module under `folder` that imports any of `forbidden` (as `read` names its imports)."""
+    return {str(path.relative_to(ROOT)): sorted(read(path) & forbidden)
+            for path in (ROOT / folder).rglob("*.py") if read(path) & forbidden}
+
+
 @pytest.mark.parametrize("folder", sorted(PROCESSES))
 def test_each_process_imports_only_its_own_side(folder):
     """serving/ is laid out as the processes it runs: the engines (engine/), the front-ends
     (frontend/), and what both speak (common/)."""
-    broken = {str(path.relative_to(ROOT)): sorted(imported(path) & PROCESSES[folder])
-              for path in (ROOT / folder).rglob("*.py") if imported(path) & PROCESSES[folder]}
-    assert broken == {}, f"{folder}/ must not import {sorted(PROCESSES[folder])}"
+    assert broken(folder, PROCESSES[folder], imported) == {}, f"{folder}/ must not import {sorted(PROCESSES[folder])}"
 
 
 def test_the_process_rules_catch_a_front_end_that_loads_onnx_runtime(tmp_path):
@@ -202,9 +206,7 @@ def imported_modules(path: Path) -> set[str]:
 def test_every_front_is_an_adapter_over_one_core(folder):
     """REST and gRPC both call the core, neither imports the other, and the core imports no web
     framework nor gRPC (Triton's HTTP and gRPC front-ends over one request path)."""
-    broken = {str(path.relative_to(ROOT)): sorted(imported_modules(path) & FRONTS[folder])
-              for path in (ROOT / folder).rglob("*.py") if imported_modules(path) & FRONTS[folder]}
-    assert broken == {}, f"{folder}/ must not import {sorted(FRONTS[folder])}"
+    assert broken(folder, FRONTS[folder], imported_modules) == {}, f"{folder}/ must not import {sorted(FRONTS[folder])}"
 
 
 def test_the_front_rules_catch_grpc_importing_a_rest_route(tmp_path):
