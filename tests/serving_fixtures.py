@@ -1,6 +1,7 @@
 """A real server on 127.0.0.1 over a repository of tiny exported models: in this process (an
 engine in a thread and a uvicorn front-end in another, talking over a ZeroMQ ipc socket as the
 processes of python -m serving do), or python -m serving itself where its processes are tested."""
+import atexit
 import functools
 import os
 import re
@@ -36,10 +37,22 @@ def device_here() -> tuple[str, str]:
     return ("CUDAExecutionProvider", "cuda:0") if gpu else ("CPUExecutionProvider", "cpu")
 
 
-def tiny_repository(folder: Path) -> Path:
-    """A BiLSTM classifier (labels neg, pos; word tokens; max_len 12) and a char GRU LM."""
+@functools.cache
+def tiny_models() -> Path:
+    """tiny_repository's runs and exports, made (with their parity checks) once per test session
+    in a folder removed when it ends; every test gets its own copy."""
+    folder = Path(tempfile.mkdtemp(prefix="rnnserve-tiny-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     export_run(make_run(folder / "runs" / "clf", "classifier", "bilstm"), folder / "repo", cases=5)
     export_run(make_run(folder / "runs" / "lm", "lm", "gru"), folder / "repo", cases=5)
+    return folder
+
+
+def tiny_repository(folder: Path) -> Path:
+    """A BiLSTM classifier (labels neg, pos; word tokens; max_len 12) and a char GRU LM: their runs
+    under folder/runs and the repository folder/repo, returned (a copy: tests may change it)."""
+    for part in ("runs", "repo"):
+        shutil.copytree(tiny_models() / part, folder / part)
     return folder / "repo"
 
 
