@@ -8,6 +8,17 @@ from safetensors import safe_open
 from models.checkpoint import load_run
 from models.train import main
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Train on one thread: the same numbers (measured: the IMDB run's accuracy is identical), and a
+    fraction of the CPU on a shared box, where the intra-op threads spin waiting for each other
+    (that run took 137 s of CPU on two threads under load, 15 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 WORDS = {"pos": ["good", "great", "fine", "superb"], "neg": ["bad", "awful", "poor", "dull"]}
 
 
@@ -78,6 +89,7 @@ def test_load_run_refuses_incomplete_or_mismatched_runs(tiny_csv, tmp_path):
 def test_short_real_imdb_run_beats_chance_clearly(tmp_path):
     """A pipeline test on a slice of the real data set, not an accuracy claim."""
     metrics = main(["classifier", "--data", "imdb", "--arch", "gru", "--out", str(tmp_path / "imdb"),
-                    "--limit", "4000", "--max-len", "128", "--epochs", "4", "--lr", "0.005", "--min-freq", "3",
-                    "--embed-dim", "64", "--hidden-size", "64"])
-    assert metrics["test_accuracy"] > 0.62, metrics  # 4000 test reviews: 50% +- 0.8% by chance
+                    "--limit", "4000", "--max-len", "128", "--epochs", "3", "--lr", "0.01", "--min-freq", "3",
+                    "--embed-dim", "32", "--hidden-size", "32"])
+    # 4000 test reviews: 50% +- 0.8% by chance; seeds 0, 1, 2 of this run gave 71%, 71%, 67%
+    assert metrics["test_accuracy"] > 0.62, metrics
