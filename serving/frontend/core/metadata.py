@@ -6,9 +6,16 @@ from serving.frontend.core.front import Front, engines, served
 DATATYPES = {"int64": "INT64", "float32": "FP32"}
 
 
+def row_dims(tensor: Tensor) -> list[int]:
+    """A tensor's dims past the batch dimension (-1 for a variable one); one of a single value per
+    row (lengths, [B]) has dims [1], so that Triton's clients (perf_analyzer) can shape it: it is
+    read as [B, 1] or [B] (serving/frontend/core/tensors.py)."""
+    dims = [d if isinstance(d, int) else -1 for d in tensor.shape[1:]]
+    return dims if dims else [1]
+
+
 def tensor_metadata(tensor: Tensor) -> dict:
-    return {"name": tensor.name, "datatype": DATATYPES[tensor.dtype],
-            "shape": [d if isinstance(d, int) else -1 for d in tensor.shape]}
+    return {"name": tensor.name, "datatype": DATATYPES[tensor.dtype], "shape": [-1, *row_dims(tensor)]}
 
 
 def v2_metadata(front: Front, name: str, version: str | None = None) -> dict:
@@ -22,12 +29,8 @@ def v2_metadata(front: Front, name: str, version: str | None = None) -> dict:
 
 
 def tensor_config(tensor: Tensor) -> dict:
-    """A tensor as Triton's model configuration lists it: dims without the batch dimension (-1 for
-    a variable one). A tensor of one value per row (lengths, [B]) is dims [1] reshaped to [], as
-    Triton writes it, and is read as either shape."""
-    dims = [d if isinstance(d, int) else -1 for d in tensor.shape[1:]]
-    config = {"name": tensor.name, "data_type": "TYPE_" + DATATYPES[tensor.dtype], "dims": dims if dims else [1]}
-    return config | ({} if dims else {"reshape": {"shape": []}})
+    """A tensor as Triton's model configuration lists it: dims without the batch dimension."""
+    return {"name": tensor.name, "data_type": "TYPE_" + DATATYPES[tensor.dtype], "dims": row_dims(tensor)}
 
 
 def model_config(front: Front, name: str, version: str | None = None) -> dict:
