@@ -140,8 +140,8 @@ class Batcher:
         padded = right_padded(np.frombuffer(b"".join([r.ids for r in batch]), np.int32), lengths, np.int64)  # (rows, T)
         calls = [(call, padded[call, : lengths[call[-1]]], lengths[call])  # ascending: its last row is its longest
                  for call in plan_calls(lengths, self.limits.max_batch_size, self.limits.max_batch_tokens)]
-        self.formed.append(Formed(batch, len(lengths), calls, device.submit(self.run_calls, batch, calls, now),
-                                  time.perf_counter() - started))
+        input_s = time.perf_counter() - started  # taken before the submit: on the CPU the calls run inside it
+        self.formed.append(Formed(batch, len(lengths), calls, device.submit(self.run_calls, batch, calls, now), input_s))
 
     def run_calls(self, batch: list[Pending], calls: list[Call], now: float) -> tuple[list[np.ndarray] | None, list[float]]:
         """On the device thread: each call through ONNX Runtime, in the batch's span; the outputs, and
