@@ -8,7 +8,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from loadtest.servers import free_port
-from tests.serving_fixtures import Server, graph_logits, tiny_repository
+from tests.serving_fixtures import Server, graph_logits, serve, tiny_repository
 
 IDS, LENGTHS = np.array([[2, 3, 4], [5, 6, 0]], np.int64), np.array([3, 2], np.int64)
 
@@ -120,3 +120,23 @@ def test_an_unknown_model_or_version_is_not_found(server):
         with pytest.raises(InferenceServerException) as raised:
             call()
         assert raised.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_every_engines_counts_are_summed(repository):
+    """python -m serving with two engines: the classifier is served by both (two instances), and
+    the statistics sum what each engine ran (requests sent together go to the engine with the
+    least waiting, so both take some)."""
+    process, url = serve(repository, "--workers", "1", "--engines", "2")
+    try:
+        client = triton_http.InferenceServerClient(url[len("http://"):], concurrency=8)
+        assert client.get_model_config("clf")["instance_group"][0]["count"] == 2
+        before = stats_of(client, "clf")
+        n = 48
+        for pending in [client.async_infer("clf", tensors(triton_http)) for _ in range(n)]:
+            pending.get_result()
+        after = stats_of(client, "clf")
+        assert after["inference_count"] - before["inference_count"] == n * len(LENGTHS)
+        assert after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"] == n
+    finally:
+        process.terminate()
+        process.wait(30)
