@@ -196,7 +196,7 @@ def test_model_control_is_closed_without_a_token(server):
 
 
 def test_extensions_rnnserve_does_not_have_answer_unimplemented(server):
-    assert code_of(lambda: server.client.get_inference_statistics("clf")) == "StatusCode.UNIMPLEMENTED"
+    assert code_of(lambda: server.client.get_trace_settings()) == "StatusCode.UNIMPLEMENTED"
     assert code_of(lambda: server.client.get_system_shared_memory_status()) == "StatusCode.UNIMPLEMENTED"
     assert server.client.is_server_ready()
 

@@ -140,7 +140,7 @@ def test_v2_endpoints_return_the_documented_shapes(server, repository):
     meta = get("/v2/models/clf").json()
     assert meta == {"name": "clf", "versions": ["1"], "platform": "onnxruntime_onnx",
                     "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
-                               {"name": "lengths", "datatype": "INT64", "shape": [-1]}],
+                               {"name": "lengths", "datatype": "INT64", "shape": [-1, 1]}],
                     "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}],
                     "parameters": dict(zip(("provider", "device"), device_here()))}
     assert get("/v2/models/clf/versions/1").json() == meta

@@ -71,7 +71,7 @@ class Cancel(Message):
 
 class Control(Message):
     id: int
-    verb: str  # load | unload | index
+    verb: str  # load | unload | index | statistics
     model: str = ""
     version: int | None = None
 
@@ -85,6 +85,8 @@ class Deployed(msgspec.Struct, array_like=True):
     variant: str
     device: str  # "cuda:N" or "cpu"
     max_queue_size: int  # the model's own limit: front-ends shed by it
+    max_batch_size: int = 0  # its batching, as the model configuration extension reports it
+    max_queue_delay_s: float = 0.0
 
 
 class Catalog(Message):

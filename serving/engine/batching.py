@@ -22,6 +22,7 @@ from serving.common import metrics, tracing
 from serving.common.messages import Failed, Result, Results
 from serving.engine.device_thread import DeviceThread
 from serving.engine.runner import Runner
+from serving.engine.statistics import Statistics
 
 log = logging.getLogger(__name__)
 MAX_FORMED = 2  # batches of a model on the device at once: the one computing, and the next, padded, behind it
@@ -50,7 +51,8 @@ class Formed:
     requests: list[Pending]
     rows: int
     calls: list[Call]
-    outputs: Future  # (each call's output, seconds)
+    outputs: Future  # (each call's output, each call's seconds)
+    input_s: float  # forming and padding it
 
 
 class Batcher:
@@ -63,6 +65,7 @@ class Batcher:
         self.rows = 0
         self.by_id: dict[tuple[bytes, int], Pending] = {}  # for cancels
         self.formed: deque[Formed] = deque()  # batches on the device, oldest first
+        self.stats = Statistics()  # what the statistics extension reports
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -128,29 +131,35 @@ class Batcher:
                 self.by_id.pop((request.sender, request.id), None)
         if not batch:
             return
+        started = time.perf_counter()
         queue_time = metrics.of(metrics.QUEUE_TIME, self.runner.name)
         for request in batch:
             queue_time.observe(now - request.arrived)
+            self.stats.add("queue", 1, now - request.arrived)
         lengths = np.frombuffer(b"".join([r.lengths for r in batch]), np.int32).astype(np.int64)
         padded = right_padded(np.frombuffer(b"".join([r.ids for r in batch]), np.int32), lengths, np.int64)  # (rows, T)
         calls = [(call, padded[call, : lengths[call[-1]]], lengths[call])  # ascending: its last row is its longest
                  for call in plan_calls(lengths, self.limits.max_batch_size, self.limits.max_batch_tokens)]
-        self.formed.append(Formed(batch, len(lengths), calls, device.submit(self.run_calls, batch, calls, now)))
+        input_s = time.perf_counter() - started  # taken before the submit: on the CPU the calls run inside it
+        self.formed.append(Formed(batch, len(lengths), calls, device.submit(self.run_calls, batch, calls, now), input_s))
 
-    def run_calls(self, batch: list[Pending], calls: list[Call], now: float) -> tuple[list[np.ndarray] | None, float]:
+    def run_calls(self, batch: list[Pending], calls: list[Call], now: float) -> tuple[list[np.ndarray] | None, list[float]]:
         """On the device thread: each call through ONNX Runtime, in the batch's span; the outputs, and
-        the seconds they took; none when every request of the batch was cancelled or timed out while
+        the seconds each took; none when every request of the batch was cancelled or timed out while
         it waited behind the batch before it."""
         if all(r.cancelled or r.deadline < time.monotonic() for r in batch):
-            return None, 0.0
-        started = time.perf_counter()
+            return None, []
+        outputs, seconds = [], []
         with tracing.batch_span(self.runner.name, batch, now) as span:
-            outputs = [self.runner.run_call(ids, lengths) for _, ids, lengths in calls]
+            for _, ids, lengths in calls:
+                started = time.perf_counter()
+                outputs.append(self.runner.run_call(ids, lengths))
+                seconds.append(time.perf_counter() - started)
             if span:
                 span.set_attributes({"rnnserve.rows": sum(len(c) for c, _, _ in calls),
                                      "rnnserve.padded_tokens": sum(ids.size for _, ids, _ in calls),
                                      "rnnserve.tokens": sum(int(lengths.sum()) for _, _, lengths in calls)})
-        return outputs, time.perf_counter() - started
+        return outputs, seconds
 
     def finish(self, post, wait: bool = False):
         """Answer the formed batches whose calls are done, oldest first (wait: every formed batch),
@@ -165,16 +174,21 @@ class Batcher:
                 outputs, seconds = formed.outputs.result()
                 if outputs is None:  # nobody waits for it: the front-ends answered (504) or dropped them
                     continue
+                started = time.perf_counter()
                 gathered = self.gathered(formed, outputs)
             except Exception as e:
                 log.exception("batch of %d rows failed on %s", formed.rows, name)
                 for request in formed.requests:
                     post(request.sender, Failed(request.id, 500, f"inference failed: {type(e).__name__}: {e}"))
+                self.stats.failed(formed.requests, time.monotonic())
                 continue
-            metrics.of(metrics.INFERENCE_TIME, name).observe(seconds)
+            metrics.of(metrics.INFERENCE_TIME, name).observe(sum(seconds))
             answers = results if isinstance(gathered, np.ndarray) else sequences
             for sender, message in answers(formed.requests, gathered):
                 post(sender, message)
+            self.stats.ran(formed.requests, formed.rows, [len(call) for call, _, _ in formed.calls],
+                           {"compute_input": formed.input_s, "compute_infer": sum(seconds),
+                            "compute_output": time.perf_counter() - started, "calls": seconds}, time.monotonic())
 
     def gathered(self, formed: Formed, outputs: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
         """The calls' outputs in the batch's row order: a classifier's (rows, C) logits, a language

@@ -200,6 +200,9 @@ class Engine:
         try:
             if m.verb == "index":
                 return self.post(sender, Done(m.id, self.deployments.index()))
+            if m.verb == "statistics":  # of every version it serves or is retiring
+                return self.post(sender, Done(m.id, [d.batcher.stats.row(d.name, d.version)
+                                                     for d in self.deployments.all()]))
             if m.verb == "unload":
                 self.deployments.unload(m.model)
                 self.post(sender, Done(m.id, {"name": m.model, "version": None, "state": "UNAVAILABLE"}))
@@ -223,9 +226,9 @@ class Engine:
             self.broadcast_catalog()
 
     def catalog(self) -> Catalog:
-        return Catalog([Deployed(d.name, d.version, d.runner.task, d.runner.provider,
-                                                          d.runner.variant, d.runner.device, d.runner.limits.max_queue_size)
-                                                 for d in self.deployments.current.values()])
+        return Catalog([Deployed(d.name, d.version, d.runner.task, d.runner.provider, d.runner.variant, d.runner.device,
+                                 d.runner.limits.max_queue_size, d.runner.limits.max_batch_size,
+                                 d.runner.limits.max_queue_delay_s) for d in self.deployments.current.values()])
 
     def broadcast_catalog(self):
         for frontend in self.frontends:

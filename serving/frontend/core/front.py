@@ -7,7 +7,8 @@ from serving.common.settings import Settings
 from serving.frontend.client import EngineClient, Link
 from serving.frontend.core.refused import Refused, busy
 
-SERVER = {"name": "rnnserve", "version": "0.2.0", "extensions": ["model_repository", "binary_tensor_data", "generate"]}
+SERVER = {"name": "rnnserve", "version": "0.2.0", "extensions": ["model_repository", "binary_tensor_data", "generate",
+                                                                  "model_configuration", "statistics"]}
 
 
 @dataclass(eq=False)

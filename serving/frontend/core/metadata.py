@@ -1,13 +1,21 @@
-"""What the front-end says about the models it serves: V1's and V2's metadata, and their names."""
+"""What the front-end says about the models it serves: V1's and V2's metadata, Triton's model
+configuration, and their names."""
 from core.repository import Tensor
 from serving.frontend.core.front import Front, engines, served
 
 DATATYPES = {"int64": "INT64", "float32": "FP32"}
 
 
+def row_dims(tensor: Tensor) -> list[int]:
+    """A tensor's dims past the batch dimension (-1 for a variable one); one of a single value per
+    row (lengths, [B]) has dims [1], so that Triton's clients (perf_analyzer) can shape it: it is
+    read as [B, 1] or [B] (serving/frontend/core/tensors.py)."""
+    dims = [d if isinstance(d, int) else -1 for d in tensor.shape[1:]]
+    return dims if dims else [1]
+
+
 def tensor_metadata(tensor: Tensor) -> dict:
-    return {"name": tensor.name, "datatype": DATATYPES[tensor.dtype],
-            "shape": [d if isinstance(d, int) else -1 for d in tensor.shape]}
+    return {"name": tensor.name, "datatype": DATATYPES[tensor.dtype], "shape": [-1, *row_dims(tensor)]}
 
 
 def v2_metadata(front: Front, name: str, version: str | None = None) -> dict:
@@ -18,6 +26,33 @@ def v2_metadata(front: Front, name: str, version: str | None = None) -> dict:
             "inputs": [tensor_metadata(t) for t in manifest.inputs[:2]],
             "outputs": [tensor_metadata(t) for t in manifest.outputs[:1]],
             "parameters": {"provider": deployed.provider, "device": deployed.device}}
+
+
+def tensor_config(tensor: Tensor) -> dict:
+    """A tensor as Triton's model configuration lists it: dims without the batch dimension."""
+    return {"name": tensor.name, "data_type": "TYPE_" + DATATYPES[tensor.dtype], "dims": row_dims(tensor)}
+
+
+def model_config(front: Front, name: str, version: str | None = None) -> dict:
+    """A model's configuration as Triton's model configuration extension gives it (model_config.proto
+    in its JSON form): how it is batched, on what and by how many engines, and, for a language
+    model, that its streams are decoupled (any number of responses per request)."""
+    link, served_version = served(front, name, version)
+    manifest, deployed = served_version.manifest, link.catalog[name]
+    engines_serving = sum(name in (other.catalog or {}) for other in engines(front).links)
+    gpu = deployed.device.startswith("cuda")
+    return {"name": name, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
+            "version_policy": {"specific": {"versions": [served_version.number]}},
+            "max_batch_size": deployed.max_batch_size,
+            "input": [tensor_config(t) | {"optional": False} for t in manifest.inputs[:2]],
+            "output": [tensor_config(t) for t in manifest.outputs[:1]],
+            "dynamic_batching": {"max_queue_delay_microseconds": round(deployed.max_queue_delay_s * 1e6),
+                                 "default_queue_policy": {"max_queue_size": deployed.max_queue_size}},
+            "instance_group": [{"name": name, "kind": "KIND_GPU" if gpu else "KIND_CPU", "count": engines_serving,
+                                "gpus": [int(deployed.device.split(":")[1])] if gpu else []}],
+            "model_transaction_policy": {"decoupled": manifest.task == "lm"},
+            "parameters": {"provider": {"string_value": deployed.provider},
+                           "variant": {"string_value": deployed.variant}}}
 
 
 def v1_metadata(front: Front, name: str) -> dict:

@@ -1,6 +1,7 @@
 """V2 tensors however they travel, read and checked by one set of rules: JSON `data`, the binary
 tensor extension's raw bytes after a JSON header (REST), and gRPC's raw_input_contents or typed
-contents. Our models take input_ids (INT64 [B, T], right-padded) and lengths (INT64 [B]).
+contents. Our models take input_ids (INT64 [B, T], right-padded) and lengths (INT64 [B], or [B, 1] as Triton's
+clients send it from the model configuration's dims [1]).
 
 A binary REST body is the JSON header, whose length the Inference-Header-Content-Length header
 gives, then each input's raw little-endian row-major bytes in the order the JSON lists them, each
@@ -125,6 +126,8 @@ def rows_from(inputs: list[Input], vocab_size: int, max_instances: int) -> Rows:
         if t.datatype != "INT64":
             raise Refused(400, f"input {t.name}: datatype must be INT64, not {t.datatype}")
     ids_t, len_t = tensors["input_ids"], tensors["lengths"]
+    if len(len_t.shape) == 2 and len_t.shape[1] == 1:  # [B, 1]: the model configuration's dims [1]
+        len_t = len_t._replace(shape=len_t.shape[:1])
     if len(ids_t.shape) != 2 or len(len_t.shape) != 1 or ids_t.shape[0] != len_t.shape[0]:
         raise Refused(400, f"shapes must be input_ids [B, T] and lengths [B], got {ids_t.shape} and {len_t.shape}")
     batch, seq = ids_t.shape

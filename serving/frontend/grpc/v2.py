@@ -1,6 +1,6 @@
 """KServe V2 over gRPC (inference.GRPCInferenceService) in every front-end, on RNNSERVE_GRPC_PORT:
-health, metadata, ModelInfer with raw_input_contents / raw_output_contents, the repository
-extension, and ModelStreamInfer: Triton's decoupled streaming of generated text (stream.py).
+health, metadata, ModelInfer with raw_input_contents / raw_output_contents, the repository,
+model configuration and statistics extensions, and ModelStreamInfer: Triton's decoupled streaming of generated text (stream.py).
 It translates to and from the front-end's core (serving/frontend/core/), as REST does: the same
 envelope (id, token as `authorization` metadata, span, count), engines and batches, checks, and
 errors (as gRPC status codes: status.py).
@@ -14,10 +14,11 @@ import logging
 from contextlib import contextmanager
 
 import grpc
-from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2 as pb, service_pb2_grpc
 
 from serving.common.logs import REQUEST_ID
-from serving.frontend.core import control, front as fronts, inference, metadata, tensors
+from serving.frontend.core import control, front as fronts, inference, metadata, statistics, tensors
 from serving.frontend.core.envelope import begun, entered, shed
 from serving.frontend.core.front import SERVER, Front
 from serving.frontend.core.refused import Refused
@@ -103,6 +104,18 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
                                         inputs=[tensor(**t) for t in meta["inputs"]],
                                         outputs=[tensor(**t) for t in meta["outputs"]])
 
+    @rpc("inference")
+    async def ModelConfig(self, request, context):
+        """The model's configuration: the core's JSON form read into Triton's ModelConfig message."""
+        config = metadata.model_config(self.front, request.name, request.version or None)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+
+    @rpc("inference")
+    async def ModelStatistics(self, request, context):
+        """Every model version's statistics, or those of request.name (and version)."""
+        stats = await statistics.statistics(self.front, request.name, request.version or None)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+
     @rpc("inference", "grpc_infer")
     async def ModelInfer(self, request, context):
         """Logits for right-padded input_ids and lengths, batched with every other request."""
@@ -157,8 +170,8 @@ async def unimplemented(self, request, context):
     await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this extension of the protocol is not served by rnnserve")
 
 
-for _name in set(vars(service_pb2_grpc.GRPCInferenceServiceServicer)) - set(vars(Service)):  # statistics,
-    if not _name.startswith("_"):  # shared memory, trace and log settings
+for _name in set(vars(service_pb2_grpc.GRPCInferenceServiceServicer)) - set(vars(Service)):  # shared memory,
+    if not _name.startswith("_"):  # trace and log settings
         setattr(Service, _name, unimplemented)
 
 

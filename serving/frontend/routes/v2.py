@@ -1,4 +1,5 @@
-"""Open Inference Protocol (KServe V2) REST: health, server and model metadata, readiness, infer.
+"""Open Inference Protocol (KServe V2) REST: health, server and model metadata, readiness, infer,
+and Triton's model configuration and statistics extensions.
 
 V2 infer takes tensors input_ids (INT64 [-1, -1], right-padded) and lengths (INT64 [-1]) and
 answers logits (FP32), as JSON or with the binary tensor extension (serving/frontend/core/tensors.py).
@@ -8,7 +9,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 
-from serving.frontend.core import front as fronts, inference, metadata, tensors
+from serving.frontend.core import front as fronts, inference, metadata, statistics, tensors
 from serving.frontend.core.front import SERVER
 from serving.frontend.core.refused import Refused, busy
 from serving.frontend.responses import json_encode, left
@@ -41,6 +42,32 @@ async def model_metadata(name: str, request: Request) -> dict:
 async def model_version_metadata(name: str, version: str, request: Request) -> dict:
     """A model version's platform and tensors (404 unless it is the version serving)."""
     return metadata.v2_metadata(request.app.state.front, name, version)
+
+
+async def model_config(name: str, request: Request) -> dict:
+    """A model's configuration as Triton gives it: batching, tensors without the batch dimension,
+    instances, and whether its responses are decoupled."""
+    return metadata.model_config(request.app.state.front, name)
+
+
+async def model_version_config(name: str, version: str, request: Request) -> dict:
+    """A model version's configuration (404 unless it is the version serving)."""
+    return metadata.model_config(request.app.state.front, name, version)
+
+
+async def all_stats(request: Request) -> dict:
+    """Every served model version's statistics, as Triton counts them."""
+    return await statistics.statistics(request.app.state.front)
+
+
+async def model_stats(name: str, request: Request) -> dict:
+    """A model's statistics: requests, executions, and time queued and computing, per batch size too."""
+    return await statistics.statistics(request.app.state.front, name)
+
+
+async def model_version_stats(name: str, version: str, request: Request) -> dict:
+    """A model version's statistics (404 unless it is the version serving)."""
+    return await statistics.statistics(request.app.state.front, name, version)
 
 
 async def model_ready(name: str, request: Request) -> dict:
