@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from loadtest.servers import free_port
+from serving.common import metrics
 from serving.frontend.app import create_app
 from tests.serving_fixtures import (FRONT_END, Server, by_front_end, client_of, sample, serve, slowed_steps,
                                     tiny_repository, wait_ready)
@@ -163,25 +164,46 @@ def raw_post(url: str, path: str, body: bytes) -> socket.socket:
 
 def test_a_session_step_whose_client_left_is_dropped_before_it_runs(repository):
     """While the engine is busy with another session's step, a client sends its step and leaves:
-    its step never runs, so its session has read only what came after."""
+    its step never runs, so its session has read only what came after. The busy step is held until
+    the front-end has counted the client as gone (499) and told the engine, however slow the box."""
     s = Server(repository)
     runner = s.deployment("lm").runner
-    advance = runner.advance
+    advance, inside, release = runner.advance, threading.Event(), threading.Event()
+
+    def held(*a):
+        inside.set()
+        release.wait(30)
+        return advance(*a)
+
+    def gone() -> float:
+        return sum(sample.value for metric in metrics.REQUESTS.collect() for sample in metric.samples
+                   if sample.name.endswith("_total") and sample.labels["model"] == "lm"
+                   and sample.labels["status"] == "499")
+
     try:
         busy, sid = (httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"] for _ in range(2))
-        runner.advance = lambda *a: (time.sleep(1), advance(*a))[1]
+        runner.advance = held
         other = threading.Thread(target=httpx.post, args=(f"{s.url}/v1/models/lm/sessions/{busy}:step",),
-                                 kwargs={"json": {"text": "a"}, "timeout": 10})
+                                 kwargs={"json": {"text": "a"}, "timeout": 60})
         other.start()
-        time.sleep(0.2)  # the engine is inside the slow step now
+        assert inside.wait(30), "the other session's step never ran"
+        left_before = gone()
         sock = raw_post(s.url, f"/v1/models/lm/sessions/{sid}:step", b'{"text": "the time"}')
-        time.sleep(0.3)
+        time.sleep(0.3)  # read by the front-end and sent to the engine, which is held
         sock.close()
-        other.join()
+        deadline = time.monotonic() + 30
+        while gone() == left_before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert gone() == left_before + 1, "the front-end never counted the client that left"
+        time.sleep(0.1)  # the engine's Cancel is on its socket before the held step ends
         runner.advance = advance
+        release.set()
+        other.join()
         r = httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "a"}, timeout=10)
         assert r.status_code == 200 and r.json()["total_tokens"] == 1, r.text
     finally:
+        release.set()
+        runner.advance = advance
         s.stop()
 
 

@@ -67,17 +67,19 @@ def test_all_leaves_out_the_grpc_user_where_no_grpc_server_answers(server, tmp_p
 
 @pytest.mark.parametrize("scenario", ["predict", "grpc"])
 def test_a_user_whose_connection_is_refused_backs_off_instead_of_spinning(server, tmp_path, scenario):
-    """REST to a port nothing listens on, or gRPC where the server has none: in 4 s two users try a
-    handful of times, not thousands."""
+    """REST to a port nothing listens on, or gRPC where the server has none: in 6 s two users try a
+    handful of times (backing off 0.1, 0.2, 0.4 ... s), not thousands. At least one try each run:
+    on a box loaded many times over its cores, a user's start (gRPC's import, its channel) can take
+    seconds of the run."""
     closed = free_port()
     if scenario == "predict":
-        _, summary = locust(f"http://127.0.0.1:{closed}", scenario, tmp_path, users=2, duration="4s")
+        _, summary = locust(f"http://127.0.0.1:{closed}", scenario, tmp_path, users=2, duration="6s")
     else:
         nowhere = {"RNNSERVE_LOADTEST_GRPC": f"127.0.0.1:{closed}"}
-        _, summary = locust(server.url, scenario, tmp_path, users=2, duration="4s", **nowhere)
+        _, summary = locust(server.url, scenario, tmp_path, users=2, duration="6s", **nowhere)
     tries = summary["endpoints"]["Aggregated"]
-    print(f"{scenario} against a closed port: {tries['requests']} tries, {tries['failures']} failed, in 4 s")
-    assert tries["requests"] == tries["failures"] and 2 <= tries["requests"] <= 2 * 10
+    print(f"{scenario} against a closed port: {tries['requests']} tries, {tries['failures']} failed, in 6 s")
+    assert tries["requests"] == tries["failures"] and 1 <= tries["requests"] <= 2 * 10
     assert summary["exceptions"] == 0  # each try is a failure counted, not a crash in the user's code
 
 
@@ -103,8 +105,10 @@ def test_the_benchmark_harness_measures_every_stack_without_errors(tmp_path):
     for key, point in results["points"].items():
         assert point["requests"] > 0 and point["errors"] == 0, (key, point)
         assert point["cpu_server_s"] > 0
-        if key.startswith("rnnserve"):
-            assert point["frontend_cpu_ms_per_request"] > 0 and point["engine_cpu_ms_per_request"] > 0, (key, point)
+    # CPU is read in clock ticks (10 ms): a 0.3 s point of a few requests on a loaded box may read 0
+    ours = [point for key, point in results["points"].items() if key.startswith("rnnserve")]
+    for role in ("frontend_cpu_ms_per_request", "engine_cpu_ms_per_request"):
+        assert all(point[role] >= 0 for point in ours) and sum(point[role] for point in ours) > 0, role
     three = results["points"]["rnnserve|short|3|64"]
     assert three["sequences_per_s"] == pytest.approx(3 * three["requests_per_s"])
     ceiling = results["ceiling"]["onnxruntime|short|1 threads"]
