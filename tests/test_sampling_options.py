@@ -8,8 +8,12 @@ import httpx
 import numpy as np
 import pytest
 
+from core.codec import TextCodec
 from core.repository import read_version
+from core.tokenize import Tokenizer, Vocab
 from loadtest.servers import free_port
+from serving.frontend.core.generation import Generation
+from serving.frontend.schemas import GenerateRequest
 from tests.serving_fixtures import Server, tiny_repository
 from tests.test_grpc_stream import Stream
 from tests.test_sampling import penalized_alone, sampled_alone
@@ -105,6 +109,18 @@ def test_min_tokens_keeps_a_stop_string_from_ending_the_text_before_it(server):
     r = generate(server, stop=[stop], min_tokens=m, **sampling)
     assert r["finish_reason"] == "stop" and r["text"] == full[: later[0]]
     assert ends[r["tokens"] - 2] < later[0] + len(stop) <= ends[r["tokens"] - 1]  # its last token completed it
+
+
+@pytest.mark.parametrize("min_tokens,text,tokens", [(0, "", 2), (2, "", 2), (3, "abc", 5), (6, "abcab", 5)])
+def test_min_tokens_lets_a_stop_string_completed_before_it_stay_in_the_text(min_tokens, text, tokens):
+    """"abcab" with the stop string "ab": it ends the text at the 2nd token unless min_tokens is
+    past it; then the occurrence completed at the 5th does (vLLM's stop checker), or none."""
+    codec = TextCodec(Tokenizer("char"), Vocab.build([list("abc")]), 12)
+    generation = Generation(codec, GenerateRequest(prompt="a", max_new_tokens=10, stop=["ab"], min_tokens=min_tokens),
+                            [1], 1)
+    generation.add(codec.ids("abcab"), last=True)
+    assert (generation.text, generation.tokens) == (text, tokens)
+    assert generation.finish_reason == ("length" if min_tokens == 6 else "stop")
 
 
 def test_logprobs_top_entries_are_a_session_steps_probabilities(server):
