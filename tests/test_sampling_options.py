@@ -1,6 +1,7 @@
 """The sampling options every generation front reads the same way (penalties, min_tokens, logprobs,
 prompt_logprobs), against a real server over the tiny LM: each checked against what V2 infer's
 logits or a session step say, computed here with numpy, never against the server's own sampler."""
+import asyncio
 import json
 from collections import Counter
 
@@ -91,6 +92,28 @@ def test_penalties_change_a_seeded_text_as_their_definition_says(server, codec):
     got = generate(server, max_new_tokens=30, presence_penalty=0.8, frequency_penalty=0.5, repetition_penalty=1.4,
                    **sampling)["text"]
     assert got == expected_text(server, codec, 30, penalties, **sampling)
+
+
+def test_generations_with_and_without_the_options_share_steps_and_each_gets_its_solo_answer(server):
+    """Penalized, logprobs, scoring and plain generations fired together (so they share steps and
+    slots are reused): each answer is the one it gets alone."""
+    bodies = [{"max_new_tokens": 20, "temperature": 0},
+              {"max_new_tokens": 20, "temperature": 0, "repetition_penalty": 1.5, "frequency_penalty": 0.3},
+              {"max_new_tokens": 20, "seed": 4, "presence_penalty": 1.0, "logprobs": 3},
+              {"max_new_tokens": 0, "prompt_logprobs": True},
+              {"max_new_tokens": 20, "seed": 9, "prompt_logprobs": True, "logprobs": 0}] * 4
+    solo = [generate(server, **body) for body in bodies[:5]] * 4
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/models/lm:generate", json={"prompt": PROMPT} | body)
+                                          for body in bodies))
+    def scores(answer: dict) -> list[float]:  # a batch may move a log-probability by float rounding
+        return [e["logprob"] for e in answer.get("logprobs", [])] + (answer.get("prompt_logprobs") or [None])[1:]
+
+    for got, alone in zip((r.json() for r in asyncio.run(fire())), solo):
+        assert got.keys() == alone.keys() and got["text"] == alone["text"] and got["tokens"] == alone["tokens"]
+        assert np.allclose(scores(got), scores(alone), atol=1e-5)
 
 
 def test_min_tokens_keeps_a_stop_string_from_ending_the_text_before_it(server):

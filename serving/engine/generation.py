@@ -56,6 +56,7 @@ class LanguageModel:
         self.temperature, self.top_p, self.top_k = np.zeros(slots), np.ones(slots), np.zeros(slots, np.int64)
         self.presence, self.frequency, self.repetition = np.zeros(slots), np.zeros(slots), np.ones(slots)
         self.penalized = np.zeros(slots, bool)  # the slots with a penalty
+        self.with_penalties = self.with_logprobs = 0  # generations that have them: a step with none skips them
         self.counts = np.zeros((slots, self.vocab_size), np.int32)  # each generated token's count (penalized slots)
         self.seen = np.zeros((slots, self.vocab_size), bool)  # tokens in the prompt or the text (penalized slots)
         self.alternatives = np.full(slots, -1, np.int64)  # logprobs' alternatives per token (-1: no logprobs)
@@ -102,6 +103,8 @@ class LanguageModel:
         if self.penalized[slot]:
             self.counts[slot], self.seen[slot] = 0, False
             self.seen[slot, request.prompt] = True
+        self.with_penalties += int(self.penalized[slot])
+        self.with_logprobs += int(request.logprobs >= 0)
         if request.prompt_logprobs:
             self.scored.add(slot)
         if request.temperature:
@@ -122,6 +125,8 @@ class LanguageModel:
             return None
         self.prompts.pop(slot, None)
         self.scored.discard(slot)
+        self.with_penalties -= int(self.penalized[slot])
+        self.with_logprobs -= int(self.alternatives[slot] >= 0)
         self.free.append(slot)
         metrics.of(metrics.ACTIVE_GENERATIONS, self.name).dec()
         return slot
@@ -269,7 +274,8 @@ class LanguageModel:
         if not len(slots):
             return [], np.zeros(0, bool)
         emitted = self.emitted[slots]
-        if len(rows := np.flatnonzero(self.penalized[slots])):  # (R,) the rows with a penalty
+        rows = np.flatnonzero(self.penalized[slots]) if self.with_penalties else ()  # (R,) the rows with a penalty
+        if len(rows):
             with_penalty = slots[rows]
             logits = penalized(logits, rows, self.counts[with_penalty], self.seen[with_penalty],
                                self.presence[with_penalty], self.frequency[with_penalty], self.repetition[with_penalty])
@@ -283,7 +289,7 @@ class LanguageModel:
         frontends, ids = self.frontend[slots], self.request_id[slots]
         replies = [(self.senders[f], Tokens(ids[mine].tolist(), tokens[mine].tolist(), last[mine].tolist()))
                    for f in np.unique(frontends) for mine in [frontends == f]]
-        if len(asked := np.flatnonzero(self.alternatives[slots] >= 0)):
+        if self.with_logprobs and len(asked := np.flatnonzero(self.alternatives[slots] >= 0)):
             replies = self.logprobs(asked, slots, logits, tokens) + replies  # each before its Tokens
         for f, rid in zip(frontends[last].tolist(), ids[last].tolist()):
             self.release((self.senders[f], rid))
