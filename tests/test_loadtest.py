@@ -73,13 +73,13 @@ def test_a_user_whose_connection_is_refused_backs_off_instead_of_spinning(server
     seconds of the run."""
     closed = free_port()
     if scenario == "predict":
-        _, summary = locust(f"http://127.0.0.1:{closed}", scenario, tmp_path, users=2, duration="6s")
+        done, summary = locust(f"http://127.0.0.1:{closed}", scenario, tmp_path, users=2, duration="6s")
     else:
         nowhere = {"RNNSERVE_LOADTEST_GRPC": f"127.0.0.1:{closed}"}
-        _, summary = locust(server.url, scenario, tmp_path, users=2, duration="6s", **nowhere)
+        done, summary = locust(server.url, scenario, tmp_path, users=2, duration="6s", **nowhere)
     tries = summary["endpoints"]["Aggregated"]
     print(f"{scenario} against a closed port: {tries['requests']} tries, {tries['failures']} failed, in 6 s")
-    assert tries["requests"] == tries["failures"] and 1 <= tries["requests"] <= 2 * 10
+    assert tries["requests"] == tries["failures"] and 1 <= tries["requests"] <= 2 * 10, done.stderr[-3000:]
     assert summary["exceptions"] == 0  # each try is a failure counted, not a crash in the user's code
 
 
@@ -104,11 +104,13 @@ def test_the_benchmark_harness_measures_every_stack_without_errors(tmp_path):
     assert len(results["points"]) == 2 * 2 * 6 + 3  # workloads x texts/request x stack points, + generation
     for key, point in results["points"].items():
         assert point["requests"] > 0 and point["errors"] == 0, (key, point)
-        assert point["cpu_server_s"] > 0
-    # CPU is read in clock ticks (10 ms): a 0.3 s point of a few requests on a loaded box may read 0
-    ours = [point for key, point in results["points"].items() if key.startswith("rnnserve")]
-    for role in ("frontend_cpu_ms_per_request", "engine_cpu_ms_per_request"):
-        assert all(point[role] >= 0 for point in ours) and sum(point[role] for point in ours) > 0, role
+    # CPU is read in clock ticks (10 ms): a 0.3 s point of a few requests on a loaded box may read 0,
+    # a stack's points together not
+    for stack in {key.split("|")[0] for key in results["points"]}:
+        points = [point for key, point in results["points"].items() if key.split("|")[0] == stack]
+        roles = ["cpu_server_s"] + (["frontend_cpu_ms_per_request", "engine_cpu_ms_per_request"] if stack == "rnnserve" else [])
+        for role in roles:
+            assert all(point[role] >= 0 for point in points) and sum(point[role] for point in points) > 0, (stack, role)
     three = results["points"]["rnnserve|short|3|64"]
     assert three["sequences_per_s"] == pytest.approx(3 * three["requests_per_s"])
     ceiling = results["ceiling"]["onnxruntime|short|1 threads"]
