@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[train,export,serve,test]"
 	touch $@
 
+# two workers, a test file each at a time (its module's servers shared): most of a test's time is
+# spent waiting on servers it started, so two files overlap on two cores (docs/testing.md)
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25
 
 # the serving image built and run for real with podman (../shared/tools/container-engine.sh)
 image-test: install

@@ -1,8 +1,11 @@
 import gc
+import os
 
 import torch
 
 torch.set_flush_denormal(True)  # as training does
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's workers share the cores: one torch thread each
+    torch.set_num_threads(1)
 
 
 def pytest_collection_finish(session):
