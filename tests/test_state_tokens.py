@@ -112,7 +112,7 @@ def test_tokens_that_are_not_this_servers_are_400_saying_why(replicas):
         seal(KEY.encode(), Carried("other-lm", 1, 3, state)): "for model 'other-lm', not 'lm'",
         seal(KEY.encode(), Carried("lm", 1, 3, state[:8])): "malformed token (8 bytes of state",
         "not a token!": "malformed token (not base64url)",
-        token[:20]: "malformed token (15 bytes: too short)",
+        token[:20]: "malformed token (too short: 15 bytes)",
         unknown_format: f"malformed token (format {FORMAT + 1}",
     }
     for bad, why in cases.items():

@@ -6,7 +6,8 @@ go on on any replica that holds the same key (RNNSERVE_STATE_KEY), with no store
 The format byte comes first so that the layout can change; the key id (4 bytes of an HMAC of a
 fixed text under the key) tells a token signed with another key from one tampered with; the state
 is every state input's (layers, H) float32 as the engine keeps it (engine/generation.py). The MAC
-covers everything before it. A 1-layer GRU of 256 units: 1,024 bytes of state, 1,110 of token.
+covers everything before it. A 1-layer GRU of 256 units: 1,024 bytes of state, a token of 1,452
+characters for timemachine-gru (docs/benchmarks.md: `python -m loadtest state`).
 """
 import base64
 import binascii
@@ -54,7 +55,7 @@ def unseal(key: bytes, token: str, model: str) -> Carried:
     except (binascii.Error, ValueError):
         raise Refused(400, "state: malformed token (not base64url)") from None
     if len(raw) < HEADER.size + MAC_BYTES:
-        raise Refused(400, f"state: malformed token ({len(raw)} bytes: too short)")
+        raise Refused(400, f"state: malformed token (too short: {len(raw)} bytes)")
     if raw[0] != FORMAT:
         raise Refused(400, f"state: malformed token (format {raw[0]}; this server reads format {FORMAT})")
     _, signer, version, tokens, length = HEADER.unpack_from(raw)
