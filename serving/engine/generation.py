@@ -119,10 +119,12 @@ class LanguageModel:
 
     def open(self, name: str = "", alone: bool = False) -> str | None:
         """A new session at the zero state, its id `name` if the client gave one (a live session of
-        that name starts again); None when max_sessions are live (a step alone counts among them)."""
-        self.expire()
+        that name starts again); None when max_sessions are live (a step alone counts among them).
+        Idle sessions are expired here only when they are in the way (else housekeeping does it)."""
         if name:
             self.close(name)
+        if len(self.sessions) >= self.max_sessions:
+            self.expire()
         if len(self.sessions) >= self.max_sessions:
             return None
         session = Session(name or secrets.token_hex(8), self.take_slot(), alone=alone)

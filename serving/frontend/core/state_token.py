@@ -9,7 +9,6 @@ is every state input's (layers, H) float32 as the engine keeps it (engine/genera
 covers everything before it. A 1-layer GRU of 256 units: 1,024 bytes of state, a token of 1,452
 characters for timemachine-gru (docs/benchmarks.md: `python -m loadtest state`).
 """
-import base64
 import binascii
 import functools
 import hashlib
@@ -22,6 +21,7 @@ from serving.frontend.core.refused import Refused
 FORMAT = 1
 HEADER = struct.Struct("<B4sIQB")  # format, key id, version, tokens read, len(model name)
 MAC_BYTES = 32  # HMAC-SHA256, whole
+TO_URLSAFE, FROM_URLSAFE = bytes.maketrans(b"+/", b"-_"), bytes.maketrans(b"-_", b"+/")  # base64url <-> base64
 LOCAL_ONLY = ("this server keeps session state only locally: RNNSERVE_STATE_KEY is not set, so it neither "
               "signs nor reads state tokens (use a session's id, on the replica that holds it)")
 
@@ -44,15 +44,16 @@ def seal(key: bytes, carried: Carried) -> str:
     """The token for `carried`, signed with `key`."""
     model = carried.model.encode()
     body = HEADER.pack(FORMAT, key_id(key), carried.version, carried.tokens, len(model)) + model + carried.state
-    return base64.urlsafe_b64encode(body + hmac.digest(key, body, "sha256")).rstrip(b"=").decode()
+    signed = body + hmac.digest(key, body, "sha256")
+    return binascii.b2a_base64(signed, newline=False).translate(TO_URLSAFE).rstrip(b"=").decode()
 
 
 def unseal(key: bytes, token: str, model: str) -> Carried:
     """What a token carries, if it is whole, signed with `key` and for `model`; else a 400 saying
     which it is not."""
-    try:
-        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
-    except (binascii.Error, ValueError):
+    try:  # strict: a character outside the alphabet is refused, never skipped
+        raw = binascii.a2b_base64(token.encode().translate(FROM_URLSAFE) + b"=" * (-len(token) % 4), strict_mode=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
         raise Refused(400, "state: malformed token (not base64url)") from None
     if len(raw) < HEADER.size + MAC_BYTES:
         raise Refused(400, f"state: malformed token (too short: {len(raw)} bytes)")
