@@ -75,13 +75,13 @@ def state_bytes(version: Version) -> int:
     return 4 * spec.layers * spec.hidden_size * len(spec.inputs)
 
 
-def carried(front: Front, name: str, token: str | None, version: str | None = None,
-            together: bool = True) -> tuple[Link, Version, Carried]:
+def carried(front: Front, name: str, token: str | None, version: str | None = None) -> tuple[Link, Version, Carried]:
     """The engine and version a state goes on in, and the state: the token's (400 if it is not
     this server's key's or this model's, 410 for a version not served here), or with no token the
-    zero state of the version served. together: the engine of the model's sequences; else the
-    least busy (a step alone, which any engine serving the model can run)."""
-    link, served_version = served(front, name, version, task="lm", together=together)
+    zero state of the version served. The engine is the one of the model's generations and
+    sequences, for every front-end: its steps share one call (with two engines on 2 cores,
+    spreading the steps alone over both ran at about 0.55x the steps/s: docs/benchmarks.md)."""
+    link, served_version = served(front, name, version, task="lm", together=True)
     key, size = state_key(front), state_bytes(served_version)
     if token is None:
         return link, served_version, Carried(name, served_version.number, 0, bytes(size))
@@ -155,7 +155,7 @@ async def step_session(front: Front, name: str, sid: str | None, text: str, top_
         if return_state:
             state_key(front)  # 409 before the step where tokens are not signed
     else:
-        link, version, state = carried(front, name, token, together=sid is not None)
+        link, version, state = carried(front, name, token)
         codec, number, session = version.codec, version.number, ""
         if sid is not None:  # the session's own engine if it is here, else the one a carried state goes to
             engine, _, session = parts(front, name, sid)
