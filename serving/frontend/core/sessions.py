@@ -80,7 +80,7 @@ def carried(front: Front, name: str, token: str | None, version: str | None = No
     this server's key's or this model's, 410 for a version not served here), or with no token the
     zero state of the version served. The engine is the one of the model's generations and
     sequences, for every front-end: its steps share one call (with two engines on 2 cores,
-    spreading the steps alone over both ran at about 0.55x the steps/s: docs/benchmarks.md)."""
+    spreading the steps alone over both ran at 0.53-0.64x the steps/s: docs/benchmarks.md)."""
     link, served_version = served(front, name, version, task="lm", together=True)
     key, size = state_key(front), state_bytes(served_version)
     if token is None:
@@ -151,9 +151,10 @@ async def step_session(front: Front, name: str, sid: str | None, text: str, top_
     and, if it carried or asked for one, the new state's token."""
     if token is None and sid is not None:
         link, codec, session = session_of(front, name, sid)
-        state, number = None, parts(front, name, sid)[1]
+        state, number = None, None
         if return_state:
             state_key(front)  # 409 before the step where tokens are not signed
+            number = parts(front, name, sid)[1]  # the session's version
     else:
         link, version, state = carried(front, name, token)
         codec, number, session = version.codec, version.number, ""

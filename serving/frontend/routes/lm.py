@@ -103,7 +103,7 @@ async def stepped(request: Request, name: str, sid: str | None, body: StepReques
         request.app.state.front, name, sid, body.text, body.top_k, body.state, getattr(body, "return_state", False),
         left(request))
     return {"tokens": len(ids), "total_tokens": answer.total_tokens, "unknown_tokens": ids.count(codec.vocab.unk_id),
-            "next": [{"token": token, "probability": p} for token, p in sessions.most_likely(codec, answer)]} | (
+            "next": [{"token": t, "probability": p} for t, p in sessions.most_likely(codec, answer)]} | (
         {"state": token} if token is not None else {})
 
 
