@@ -95,6 +95,14 @@ def test_a_session_goes_on_on_the_replica_that_does_not_hold_it(replicas, alone)
         assert httpx.delete(f"{s.url}/v1/models/lm/sessions/{sid}").status_code == 200
 
 
+def test_a_new_sessions_zero_state_token_lets_its_first_step_reach_any_replica(replicas, alone):
+    opened = httpx.post(f"{replicas[0].url}/v1/models/lm/sessions").json()
+    assert unseal(KEY.encode(), opened["state"], "lm") == Carried("lm", 1, 0, bytes(4 * 2 * 12))  # 2 layers x 12
+    r = httpx.post(f"{replicas[1].url}/v1/models/lm/sessions/{opened['session_id']}:step",
+                   json={"text": TEXTS[0], "top_k": TOP_K, "state": opened["state"]})
+    same([answer(r)], alone[:1])
+
+
 def tampered(token: str) -> str:
     raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     raw[HEADER.size + 10] ^= 1  # one bit of the state
@@ -147,8 +155,9 @@ def test_without_a_key_state_stays_local_and_a_token_is_409(tmp_path):
     try:
         _, error = sequence_steps([s], ["the"], 7, return_state=True)
         assert "keeps session state only locally" in error
-        sid = httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"]
-        token = seal(KEY.encode(), Carried("lm", 1, 0, bytes(4 * 64)))
+        opened = httpx.post(f"{s.url}/v1/models/lm/sessions").json()
+        sid, token = opened["session_id"], seal(KEY.encode(), Carried("lm", 1, 0, bytes(4 * 64)))
+        assert "state" not in opened
         for path, body in (("lm:step", {}), (f"lm/sessions/{sid}:step", {"return_state": True}),
                            (f"lm/sessions/{sid}:step", {"state": token})):
             r = httpx.post(f"{s.url}/v1/models/{path}", json={"text": "the"} | body)

@@ -153,6 +153,8 @@ class TritonGenerateResponse(BaseModel):
 class SessionCreated(BaseModel):
     session_id: str
     idle_expiry_s: float
+    state: str | None = Field(None, description="with RNNSERVE_STATE_KEY set: the zero state's token, for the first "
+                                                "step to carry if it may reach another replica")
 
 
 class StepRequest(Request):

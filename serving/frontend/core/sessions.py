@@ -121,11 +121,15 @@ def token_ids(front: Front, codec: TextCodec, text: str, what: str) -> list[int]
     return ids
 
 
-async def open_session(front: Front, name: str, left: Left | None = None) -> str:
-    """A new session at the model's zero state: the id the client holds."""
+async def open_session(front: Front, name: str, left: Left | None = None) -> tuple[str, str | None]:
+    """A new session at the model's zero state: the id the client holds and, where tokens are
+    signed, the zero state's token (so that its first step, too, may reach any replica)."""
     link, _ = served(front, name, task="lm")
     opened = await ask(front, link, OpenSession(engines(front).next_id(), name), left=left)
-    return session_id(link, opened)
+    if front.settings.state_key is None:
+        return session_id(link, opened), None
+    zero = Carried(name, opened.version, 0, bytes(state_bytes(engines(front).version(name, opened.version))))
+    return session_id(link, opened), state_token.seal(state_key(front), zero)
 
 
 async def step(front: Front, link: Link, session: str, ids: list[int], top_k: int, missing: Refused,

@@ -50,7 +50,7 @@ TABLE = [
     Route("POST", "/v1/models/{name}:generate", lm.generate, "generate", GenerateRequest,
           options={"response_model": GenerateResponse} | EVENTS),
     Route("POST", "/v1/models/{name}/sessions", lm.create_session, "session_create",
-          options={"response_model": SessionCreated}),
+          options={"response_model": SessionCreated, "response_model_exclude_none": True}),
     Route("POST", "/v1/models/{name}/sessions/{sid}:step", lm.step_session, "session_step", StepRequest,
           options={"response_model": StepResponse}),
     Route("DELETE", "/v1/models/{name}/sessions/{sid}", lm.end_session, "session_end"),

@@ -78,10 +78,10 @@ async def generate(name: str, body: GenerateRequest, request: Request):
 
 
 async def create_session(name: str, request: Request) -> dict:
-    """Start a sequence session at the model's zero state."""
+    """Start a sequence session at the model's zero state (with a state key, its token too)."""
     front = request.app.state.front
-    return {"session_id": await sessions.open_session(front, name, left(request)),
-            "idle_expiry_s": front.settings.session_idle_s}
+    sid, token = await sessions.open_session(front, name, left(request))
+    return {"session_id": sid, "idle_expiry_s": front.settings.session_idle_s} | ({"state": token} if token else {})
 
 
 async def step_session(name: str, sid: str, body: StepRequest, request: Request):
