@@ -101,6 +101,9 @@ def test_a_new_sessions_zero_state_token_lets_its_first_step_reach_any_replica(r
     r = httpx.post(f"{replicas[1].url}/v1/models/lm/sessions/{opened['session_id']}:step",
                    json={"text": TEXTS[0], "top_k": TOP_K, "state": opened["state"]})
     same([answer(r)], alone[:1])
+    r = httpx.post(f"{replicas[1].url}/v1/models/lm/sessions/7.1.{opened['session_id'][4:]}:step",
+                   json={"text": TEXTS[0], "top_k": TOP_K, "state": opened["state"]})  # engine 7: a larger replica's
+    same([answer(r)], alone[:1])
 
 
 def tampered(token: str) -> str:

@@ -41,11 +41,11 @@ def session_id(link: Link, opened: SessionOpened) -> str:
     return f"{link.index}.{opened.version}.{opened.session}"
 
 
-def parts(front: Front, name: str, sid: str) -> tuple[int, int, str]:
+def parts(name: str, sid: str) -> tuple[int, int, str]:
     """A client's session id as (engine, version, the engine's name for it); 404 if it is not one."""
     engine, _, rest = sid.partition(".")
     version, _, session = rest.partition(".")
-    if not (engine.isdigit() and version.isdigit() and int(engine) < len(engines(front).links) and session):
+    if not (engine.isdigit() and version.isdigit() and session):
         raise no_session(sid, name)
     return int(engine), int(version), session
 
@@ -53,7 +53,9 @@ def parts(front: Front, name: str, sid: str) -> tuple[int, int, str]:
 def session_of(front: Front, name: str, sid: str) -> tuple[Link, TextCodec, str]:
     """The engine, codec and engine-side name of the session a client's id names (404 if none)."""
     client = engines(front)
-    engine, version, session = parts(front, name, sid)
+    engine, version, session = parts(name, sid)
+    if engine >= len(client.links):
+        raise no_session(sid, name)
     served(front, name, task="lm")
     try:
         codec = client.version(name, int(version)).codec
@@ -158,12 +160,12 @@ async def step_session(front: Front, name: str, sid: str | None, text: str, top_
         state, number = None, None
         if return_state:
             state_key(front)  # 409 before the step where tokens are not signed
-            number = parts(front, name, sid)[1]  # the session's version
+            number = parts(name, sid)[1]  # the session's version
     else:
         link, version, state = carried(front, name, token)
         codec, number, session = version.codec, version.number, ""
         if sid is not None:  # the session's own engine if it is here, else the one a carried state goes to
-            engine, _, session = parts(front, name, sid)
+            engine, _, session = parts(name, sid)
             link = next((mine for mine, _ in engines(front).deployed(name) if mine.index == engine), link)
     ids = token_ids(front, codec, text, "text")
     missing = no_session(sid, name) if sid is not None else Refused(404, f"unknown model {name!r}")
