@@ -10,6 +10,7 @@
     python -m loadtest loop [--model imdb-gru]
     python -m loadtest engine [--model imdb-gru --seconds 5]
     python -m loadtest tune MODEL [--p99-ms 100 --users 64 --texts 1 --minutes 10 --write]
+    python -m loadtest state [--lm timemachine-gru --users 16 --seconds 5 --repeats 3]
 
 `run` drives Locust headless against any host and writes its CSV and HTML reports plus a
 summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py;
@@ -19,7 +20,8 @@ CUDA tests and the GPU goals' operating points in one command (loadtest/gpu.py);
 largest bodies cost a front-end's event loop (loadtest/loop.py); `engine`: the engine's host work
 per request and row, and the whole stack against a minimal app, with negligible compute
 (loadtest/engine.py); `tune`: the model's best serving config on this machine, measured and
-written to its config.json (loadtest/tune.py).
+written to its config.json (loadtest/tune.py); `state`: what a session's state token costs, in
+bytes, microseconds and steps/s against a step by session id (loadtest/state.py).
 """
 import argparse
 import sys
@@ -33,6 +35,7 @@ from loadtest.ipc import ipc as run_ipc
 from loadtest.loop import loop as run_loop
 from loadtest.protocols import protocols as run_protocols
 from loadtest.soak import soak as run_soak
+from loadtest.state import state as run_state
 from loadtest.tune import tune as run_tune
 
 def main(argv=None):
@@ -126,7 +129,17 @@ def main(argv=None):
                        "more times each, alternately, before choosing")
     tuner.add_argument("--write", action="store_true", help="write the winner to the model's config.json")
     tuner.add_argument("--out", type=Path, default=Path("results/tune"))
+    carried = commands.add_parser("state", help="a state token's cost; a step with it vs by session id "
+                                  "(loadtest/state.py)")
+    carried.add_argument("--lm", default="timemachine-gru")
+    carried.add_argument("--repository", type=Path, default=Path("model_repository"))
+    carried.add_argument("--users", type=int, default=16, help="concurrent chains of steps")
+    carried.add_argument("--seconds", type=float, default=5.0, help="per measured point")
+    carried.add_argument("--repeats", type=int, default=3)
+    carried.add_argument("--out", type=Path, default=Path("results/state"))
     args = p.parse_args(argv)
+    if args.command == "state":
+        return run_state(args)
     if args.command == "tune":
         return run_tune(args)
     if args.command == "engine":

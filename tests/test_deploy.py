@@ -58,3 +58,14 @@ def test_the_dockerfile_is_clean_under_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
     done = subprocess.run([str(hadolint), str(DEPLOY.parent / "Dockerfile")], capture_output=True, text=True)
     assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
+
+
+def test_every_replica_reads_one_state_key_from_an_optional_secret():
+    """Sessions go on on any replica only if every replica signs state tokens with the same key:
+    one Secret for the Deployment and the KServe predictor; without it each keeps state locally."""
+    deployment = yaml.safe_load((DEPLOY / "kubernetes" / "deployment.yaml").read_text())
+    service = yaml.safe_load((DEPLOY / "kserve" / "inferenceservice.yaml").read_text())
+    pods = (deployment["spec"]["template"]["spec"], service["spec"]["predictor"])
+    for container in (pod["containers"][0] for pod in pods):
+        (key,) = [e for e in container["env"] if e["name"] == "RNNSERVE_STATE_KEY"]
+        assert key["valueFrom"]["secretKeyRef"] == {"name": "rnnserve-state", "key": "key", "optional": True}

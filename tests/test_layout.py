@@ -226,7 +226,8 @@ def test_the_front_ends_rules_are_written_once():
     frontend = sorted((ROOT / "serving/frontend").rglob("*.py"))
     where = lambda test: sorted(str(p.relative_to(ROOT / "serving/frontend")) for p in frontend if test(p))
     assert where(lambda p: re.search(r"^class Refused\b", p.read_text(), re.M)) == ["core/refused.py"]
-    assert where(lambda p: 410 in constants(p)) == ["core/inference.py", "grpc/status.py"]  # the retry; its gRPC code
+    assert where(lambda p: 410 in constants(p)) == [  # the retry; a state token's version gone; its gRPC code
+        "core/inference.py", "core/sessions.py", "grpc/status.py"]
     assert where(lambda p: any(isinstance(c, str) and c.startswith("no session") for c in constants(p))) == [
         "core/sessions.py"]
     assert where(lambda p: "http.disconnect" in constants(p)) == ["frontdoor.py", "responses.py"]  # the body; the watch

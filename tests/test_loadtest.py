@@ -161,6 +161,23 @@ def test_the_tracing_benchmark_measures_a_baseline_checkout_in_the_same_rounds(t
     assert "| baseline: tracing otlp, nothing sampled |" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_the_state_benchmark_measures_both_kinds_of_step_without_errors(tmp_path):
+    """python -m loadtest state end to end on the tiny lm and 0.3 s points: tokens of every shape
+    measured, steps by session id and by token answered; plumbing, not speed."""
+    tiny_repository(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "loadtest", "state", "--lm", "lm", "--repository",
+                           str(tmp_path / "repo"), "--users", "4", "--seconds", "0.3", "--repeats", "2",
+                           "--out", str(tmp_path / "out")], env=ONE_OF_EACH, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["tokens"]["lm (2 x 12 x 1)"]["state_bytes"] == 96
+    assert results["tokens"]["1-layer GRU, 256 units"] | {"seal_us": 0, "unseal_us": 0} == {
+        "state_bytes": 1024, "token_chars": 1452, "seal_us": 0, "unseal_us": 0}
+    assert set(results["steps"]) == {"session id", "token"} and len(results["round_ratios"]) == 2
+    assert all(p["requests"] > 0 and p["errors"] == 0 for p in results["steps"].values())
+
+
 def test_the_engine_benchmark_measures_the_host_cost_and_the_whole_stack(tmp_path):
     """python -m loadtest engine end to end on the tiny classifier and 0.3 s points: every point
     answered, the engine's CPU counted; plumbing, not speed."""

@@ -57,11 +57,19 @@ class OpenSession(Message):
 
 
 class Step(Message):
+    """A session's step. One that carries a state (a state token's, serving/frontend/core/state_token.py) starts
+    from it, on the version it names: in the session named (opened here if it is not live: it went on elsewhere),
+    or with no session named, in a slot of its own for this one step."""
     id: int
     session: str
     ids: list[int]
     deadline: float
     top_k: int  # the engine answers the k most likely next tokens, not the whole distribution
+    state: bytes = b""  # every state input's (layers, H) float32, one after another; b"": the session's own
+    tokens: int = 0  # read before `state`
+    model: str = ""  # a carried state's model and version
+    version: int = 0
+    return_state: bool = False  # answer the state after the step too
 
 
 class CloseSession(Message):
@@ -151,6 +159,7 @@ class Stepped(Message):
     tokens: list[int]
     probabilities: list[float]
     total_tokens: int
+    state: bytes = b""  # after the step, when asked (Step's layout)
 
 
 class SessionOpened(Message):

@@ -46,6 +46,21 @@ class Settings(BaseSettings):
                              "token, or unset it (model control then stays closed)")
         return token
 
+    state_key: SecretStr | None = Field(None, description="signs the state tokens that let a language model's "
+                                                          "session go on on any replica (HMAC-SHA256; the same on "
+                                                          "every replica, e.g. from a Kubernetes Secret; at least 16 "
+                                                          "characters); unset: sessions keep their state only here, "
+                                                          "and a step that asks for a token is a 409")
+
+    @field_validator("state_key")
+    @classmethod
+    def long_enough(cls, key: SecretStr | None) -> SecretStr | None:
+        """A short key (an empty one from an optional secret included) would sign tokens anyone can forge."""
+        if key is not None and len(key.get_secret_value().strip()) < 16:
+            raise ValueError("RNNSERVE_STATE_KEY has fewer than 16 characters: give it a long random one "
+                             "(e.g. openssl rand -hex 32), or unset it (sessions then keep their state locally)")
+        return key
+
     token_for_inference: bool = Field(False, description="also require the token on /v1/models* and /v2/models* "
                                                          "(health, /v2 and /metrics stay open)")
     repository_poll_s: float = Field(0.0, ge=0, description="look for new model versions this often and deploy them; "

@@ -160,9 +160,7 @@ class Engine:
             deployment, refused = self.route(m.id, m.model, m.version, lm=True)
             self.post(sender, refused or deployment.lm.start(sender, m))
         elif isinstance(m, Step):
-            deployment = self.session_owner(m.session)
-            refused = Failed(m.id, 404, f"no session {m.session!r} (ended, expired, or its version was replaced)")
-            self.post(sender, refused if deployment is None else deployment.lm.step_session(sender, m))
+            self.post(sender, self.step(sender, m))
         elif isinstance(m, OpenSession):
             deployment, refused = self.route(m.id, m.model, None, lm=True)
             if not refused and (sid := deployment.lm.open(m.name)) is None:
@@ -190,6 +188,19 @@ class Engine:
         if lm and deployment.lm is None:
             return None, Failed(rid, 400, f"model {name!r} is a classifier: only language models generate or keep sessions")
         return deployment, None
+
+    def step(self, sender: bytes, m: Step) -> Failed | None:
+        """A session's step; one that carries its state runs on the version it names, if that is the
+        one serving (a retiring version opens no sessions)."""
+        if m.state:
+            deployment, refused = self.route(m.id, m.model, None, lm=True)
+            if not refused and deployment.version != m.version:
+                refused = Failed(m.id, 410, f"model {m.model!r} version {m.version} is not served (serving "
+                                            f"{deployment.version})")
+            return refused or deployment.lm.step_carried(sender, m)
+        if (deployment := self.session_owner(m.session)) is None:
+            return Failed(m.id, 404, f"no session {m.session!r} (ended, expired, or its version was replaced)")
+        return deployment.lm.step_session(sender, m)
 
     def session_owner(self, sid: str) -> Deployment | None:
         return next((d for d in self.deployments.current.values() if d.lm and sid in d.lm.sessions), None)

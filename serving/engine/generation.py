@@ -12,6 +12,10 @@ vocabulary, made when the first generation with a penalty comes). Log-probabilit
 token, and of each prompt token from the prefill's logits at every position.
 New generations join at the next step; finished or cancelled ones leave and free their slot.
 Work per token does not grow with the prompt or the text so far.
+
+A session step may carry its state (from a state token: any replica's, serving/frontend/core/state_token.py):
+it is loaded into the session's slot when the step runs, and the state after it goes back when asked. A step
+that carries a state and names no session runs in a slot of its own, freed after that one step.
 """
 import functools
 import logging
@@ -37,6 +41,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     tokens: int = 0  # read so far
     steps: list = field(default_factory=list)  # (sender, Step) in arrival order, one run per engine step
+    alone: bool = False  # a carried state's one step: closed after it, and not a live session
 
 
 class LanguageModel:
@@ -133,17 +138,25 @@ class LanguageModel:
         metrics.of(metrics.ACTIVE_GENERATIONS, self.name).dec()
         return slot
 
-    def open(self, name: str = "") -> str | None:
+    @functools.cached_property
+    def state_bytes(self) -> int:
+        """A slot's state as a step carries it: every state input's (layers, H) float32."""
+        return sum(state[:, 0].nbytes for state in self.pool)
+
+    def open(self, name: str = "", alone: bool = False) -> str | None:
         """A new session at the zero state, its id `name` if the client gave one (a live session of
-        that name starts again); None when max_sessions are live."""
-        self.expire()
+        that name starts again); None when max_sessions are live (a step alone counts among them).
+        Idle sessions are expired here only when they are in the way (else housekeeping does it)."""
         if name:
             self.close(name)
         if len(self.sessions) >= self.max_sessions:
+            self.expire()
+        if len(self.sessions) >= self.max_sessions:
             return None
-        session = Session(name or secrets.token_hex(8), self.take_slot())
+        session = Session(name or secrets.token_hex(8), self.take_slot(), alone=alone)
         self.sessions[session.id] = session
-        metrics.of(metrics.LIVE_SESSIONS, self.name).inc()
+        if not alone:
+            metrics.of(metrics.LIVE_SESSIONS, self.name).inc()
         return session.id
 
     def close(self, sid: str) -> bool:
@@ -154,7 +167,8 @@ class LanguageModel:
         for sender, request in session.steps:
             self.waiting_steps.pop((sender, request.id), None)
         self.free.append(session.slot)
-        metrics.of(metrics.LIVE_SESSIONS, self.name).dec()
+        if not session.alone:
+            metrics.of(metrics.LIVE_SESSIONS, self.name).dec()
         return True
 
     def expire(self, everything: bool = False):
@@ -164,8 +178,9 @@ class LanguageModel:
                     if everything or (not s.steps and now - s.last_used > self.idle_s)]:
             self.close(sid)
 
-    def step_session(self, sender: bytes, request: Step) -> Failed | None:
-        session, now = self.sessions.get(request.session), time.monotonic()
+    def step_session(self, sender: bytes, request: Step, sid: str = "") -> Failed | None:
+        """Queue a step of the session `request` names (or `sid`, the one a carried state opened)."""
+        session, now = self.sessions.get(sid or request.session), time.monotonic()
         if session and not session.steps and now - session.last_used > self.idle_s:
             self.close(session.id)  # expired, though housekeeping has not come round to it yet
             session = None
@@ -177,6 +192,28 @@ class LanguageModel:
         self.waiting_steps[sender, request.id] = session
         return None
 
+    def step_carried(self, sender: bytes, request: Step) -> Failed | None:
+        """A step that carries its state: in the session it names (opened here if it is not live: it
+        went on on another replica), or, naming none, in a slot of its own for this one step."""
+        if len(request.state) != self.state_bytes:
+            return Failed(request.id, 400, f"a state of {len(request.state)} bytes: {self.name} "
+                                           f"v{self.runner.version} keeps {self.state_bytes}")
+        name = request.session or f":{sender.hex()}:{request.id}"  # no client can name it (REST ids hold no ':')
+        if name not in self.sessions and self.open(name, alone=not request.session) is None:
+            return Failed(request.id, 503, f"{self.max_sessions} sessions are live; retry shortly")
+        return self.step_session(sender, request, name)
+
+    def load(self, session: Session, request: Step):
+        """A carried state into the session's slot: each state input's (layers, H), one after another."""
+        states = np.frombuffer(request.state, np.float32).reshape(len(self.pool), *self.pool[0][:, 0].shape)
+        for state, carried in zip(self.pool, states):
+            state[:, session.slot] = carried  # (layers, H)
+        session.tokens = request.tokens
+
+    def state_of(self, slot: int) -> bytes:
+        """The slot's state as a step carries it."""
+        return b"".join(state[:, slot].tobytes() for state in self.pool)
+
     def cancel(self, sender: bytes, ids: list[int]):
         """These requests' generations end and their session steps are dropped: work by the ids."""
         for i in ids:
@@ -185,6 +222,8 @@ class LanguageModel:
                 session.steps = [(s, r) for s, r in session.steps if s != sender or r.id != i]
                 if not session.steps:
                     self.stepping.pop(session.id, None)
+                if session.alone:
+                    self.close(session.id)
 
     def has_work(self) -> bool:
         return bool(self.streams) or bool(self.stepping)
@@ -200,6 +239,8 @@ class LanguageModel:
                 del self.stepping[session.id]
             if request.deadline >= now:
                 steps.append((sender, request, session))
+            elif session.alone:
+                self.close(session.id)
         return steps
 
     def step(self) -> list[tuple[bytes, object]]:
@@ -216,6 +257,9 @@ class LanguageModel:
         generating = np.concatenate([prefilled[sampling], self.decoding])
         started = time.perf_counter()
         try:
+            for _, request, session in steps:
+                if request.state:
+                    self.load(session, request)
             read, scores = self.advance([*prefilled.tolist(), *(session.slot for _, _, session in steps)],
                                         [prompt for _, prompt in prefill] + [request.ids for _, request, _ in steps])
             decoded, _ = self.advance(self.decoding, None)
@@ -232,7 +276,10 @@ class LanguageModel:
         best = most_likely(read[len(prefill):], np.array([r.top_k for _, r, _ in steps], np.int64)) if steps else []
         for (tokens, p), (sender, request, session) in zip(best, steps):
             session.last_used, session.tokens = time.monotonic(), session.tokens + len(request.ids)
-            replies.append((sender, Stepped(request.id, tokens, p, session.tokens)))
+            state = self.state_of(session.slot) if request.return_state else b""
+            replies.append((sender, Stepped(request.id, tokens, p, session.tokens, state)))
+            if session.alone:
+                self.close(session.id)
         return replies
 
     def advance(self, slots, rows: list[list[int]] | None) -> tuple[np.ndarray, dict[int, list[float | None]]]:
@@ -314,6 +361,9 @@ class LanguageModel:
 
     def fail(self, generating: np.ndarray, steps: list, error: str) -> list[tuple[bytes, Failed]]:
         replies = [(sender, Failed(request.id, 500, error)) for sender, request, _ in steps]
+        for _, _, session in steps:
+            if session.alone:
+                self.close(session.id)
         for slot in generating.tolist():
             key = (self.senders[self.frontend[slot]], int(self.request_id[slot]))
             replies.append((key[0], Failed(key[1], 500, error)))

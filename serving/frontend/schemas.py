@@ -194,11 +194,25 @@ class TritonGenerateResponse(BaseModel):
 class SessionCreated(BaseModel):
     session_id: str
     idle_expiry_s: float
+    state: str | None = Field(None, description="with RNNSERVE_STATE_KEY set: the zero state's token, for the first "
+                                                "step to carry if it may reach another replica")
 
 
 class StepRequest(Request):
     text: str = Field(min_length=1)
     top_k: int = Field(TOP_K, ge=1, le=MAX_TOP_K)
+    state: str | None = Field(None, description="a state token from an earlier step's answer: the step starts from "
+                                                "it, on whichever replica this is (one that does not hold the session "
+                                                "opens it under its id); the answer has the new one")
+    return_state: bool = Field(False, description="answer the state after the step as a token (a server without "
+                                                  "RNNSERVE_STATE_KEY answers 409)")
+
+
+class CarriedStepRequest(Request):
+    text: str = Field(min_length=1)
+    top_k: int = Field(TOP_K, ge=1, le=MAX_TOP_K)
+    state: str | None = Field(None, description="the token of the state to start from, from the last step's answer; "
+                                                "none: the model's zero state")
 
 
 class TokenProbability(BaseModel):
@@ -212,6 +226,16 @@ class StepResponse(BaseModel):
     total_tokens: int = Field(description="tokens consumed by the session so far")
     unknown_tokens: int
     next: list[TokenProbability] = Field(description="the next-token distribution's top k")
+    state: str | None = Field(None, description="the state after the step as a token, when the step carried one "
+                                                "or asked for one")
+
+
+class CarriedStepResponse(BaseModel):
+    tokens: int = Field(description="tokens consumed by this step")
+    total_tokens: int = Field(description="tokens consumed by the state so far")
+    unknown_tokens: int
+    next: list[TokenProbability] = Field(description="the next-token distribution's top k")
+    state: str = Field(description="the state after the step: send it with the next step, to any replica")
 
 
 class ErrorResponse(BaseModel):

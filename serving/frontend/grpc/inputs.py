@@ -11,7 +11,8 @@ from tritonclient.grpc import service_pb2 as pb
 
 from serving.frontend.core.refused import Refused
 
-LLM_INPUTS = {"text_input": "BYTES", "sampling_parameters": "BYTES", "stream": "BOOL", "exclude_input_in_output": "BOOL"}
+LLM_INPUTS = {"text_input": "BYTES", "sampling_parameters": "BYTES", "stream": "BOOL", "exclude_input_in_output": "BOOL",
+              "state": "BYTES"}  # state: a sequence's state token (sequence.py)
 READ_FACTOR = 2  # gRPC reads messages up to this many times max_body_bytes; within() refuses past 1x
 NOT_SAMPLING = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
                 "triton_enable_empty_final_response"}  # request parameters that tritonclient sets itself

@@ -12,6 +12,11 @@ they came (stream.py). A request carries text_input (BYTES) and may ask for top_
 parameter or in sampling_parameters; default 5, at most 100). It answers next_tokens (BYTES [k],
 the most likely first), next_probabilities (FP32 [k]) and total_tokens (INT64 [1]: read by the
 sequence so far).
+
+So that a sequence goes on on any replica, a request may carry the state as a token (BYTES input
+`state`, from the answer before) and start from it, on this replica (which opens the sequence if
+it does not hold it); with it, or with the parameter return_state true, it also answers `state`
+(BYTES [1]), the token after its step (serving/frontend/core/state_token.py).
 """
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
@@ -35,35 +40,41 @@ def flag(request: pb.ModelInferRequest, name: str) -> bool:
     return name in request.parameters and request.parameters[name].bool_param
 
 
-def asked(request: pb.ModelInferRequest) -> tuple[str, int]:
-    """A sequence request's text and top_k; anything else it asks for is a 400."""
+def asked(request: pb.ModelInferRequest) -> tuple[str, int, str | None, bool]:
+    """A sequence request's text, top_k, state token and return_state; anything else it asks for is
+    a 400."""
     values = inputs.inputs(request)
     parameters = inputs.sampling(request, values)
-    if other := sorted(set(values) - {"text_input"}) + sorted(set(parameters) - {"top_k"}):
-        raise Refused(400, f"{other}: a sequence request reads text_input and answers the next token's top_k; "
-                           "it does not generate (for that, send no sequence_id)")
+    if other := sorted(set(values) - {"text_input", "state"}) + sorted(set(parameters) - {"top_k", "return_state"}):
+        raise Refused(400, f"{other}: a sequence request reads text_input (and state) and answers the next token's "
+                           "top_k; it does not generate (for that, send no sequence_id)")
     top_k = sessions.top_k_within(parameters.get("top_k", sessions.TOP_K))
+    if type(return_state := parameters.get("return_state", False)) is not bool:
+        raise Refused(400, f"return_state must be a boolean, not {return_state!r}")
     if not values.get("text_input"):
         raise Refused(400, "a sequence request needs text_input")
-    return values["text_input"], top_k
+    return values["text_input"], top_k, values.get("state"), return_state
 
 
 async def step(front: Front, request: pb.ModelInferRequest, sid: str, send):
     """Advance sequence `sid` over the request's text (opening it first, ending it after, as the
     request says) and send the next token's top k."""
     name = request.model_name
-    text, top_k = asked(request)
-    codec, version, _, stepped = await sessions.step_sequence(
+    text, top_k, state, return_state = asked(request)
+    codec, version, _, stepped, token = await sessions.step_sequence(
         front, name, sid, request.model_version or None, text, top_k, flag(request, "sequence_start"),
-        flag(request, "sequence_end"))
+        flag(request, "sequence_end"), state, return_state)
     best = sessions.most_likely(codec, stepped)
     tensor = pb.ModelInferResponse.InferOutputTensor
+    outputs = [tensor(name="next_tokens", datatype="BYTES", shape=[len(best)]),
+               tensor(name="next_probabilities", datatype="FP32", shape=[len(best)]),
+               tensor(name="total_tokens", datatype="INT64", shape=[1])]
+    contents = [inputs.strings([t for t, _ in best]), np.array([p for _, p in best], "<f4").tobytes(),
+                np.array([stepped.total_tokens], "<i8").tobytes()]
+    if token is not None:
+        outputs.append(tensor(name="state", datatype="BYTES", shape=[1]))
+        contents.append(inputs.strings([token]))
     send(pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
         model_name=name, model_version=str(version), id=request.id,
         parameters={"triton_final_response": pb.InferParameter(bool_param=True)},
-        outputs=[tensor(name="next_tokens", datatype="BYTES", shape=[len(best)]),
-                 tensor(name="next_probabilities", datatype="FP32", shape=[len(best)]),
-                 tensor(name="total_tokens", datatype="INT64", shape=[1])],
-        raw_output_contents=[inputs.strings([token for token, _ in best]),
-                             np.array([p for _, p in best], "<f4").tobytes(),
-                             np.array([stepped.total_tokens], "<i8").tobytes()])))
+        outputs=outputs, raw_output_contents=contents)))

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 
 from serving.frontend.routes import control, docs, lm, metrics, v1, v2, v2_generate
-from serving.frontend.schemas import (ControlResponse, GenerateRequest, GenerateResponse, InferRequest, InferResponse,
+from serving.frontend.schemas import (CarriedStepRequest, CarriedStepResponse, ControlResponse, GenerateRequest,
+                                      GenerateResponse, InferRequest, InferResponse,
                                       ModelMetadata, ModelVersionState, PredictRequest, PredictResponse,
                                       ServerMetadata, SessionCreated, StepRequest, StepResponse,
                                       TritonGenerateRequest, TritonGenerateResponse)
@@ -49,10 +50,12 @@ TABLE = [
     Route("POST", "/v1/models/{name}:generate", lm.generate, "generate", GenerateRequest,
           options={"response_model": GenerateResponse} | EVENTS),
     Route("POST", "/v1/models/{name}/sessions", lm.create_session, "session_create",
-          options={"response_model": SessionCreated}),
+          options={"response_model": SessionCreated, "response_model_exclude_none": True}),
     Route("POST", "/v1/models/{name}/sessions/{sid}:step", lm.step_session, "session_step", StepRequest,
           options={"response_model": StepResponse}),
     Route("DELETE", "/v1/models/{name}/sessions/{sid}", lm.end_session, "session_end"),
+    Route("POST", "/v1/models/{name}:step", lm.step, "state_step", CarriedStepRequest,
+          options={"response_model": CarriedStepResponse}),
     Route("GET", "/v2/health/live", v2.live),
     Route("GET", "/v2/health/ready", v2.ready),
     Route("GET", "/v2", v2.server_metadata, options={"response_model": ServerMetadata}),

@@ -13,7 +13,7 @@ from serving.common.logs import REQUEST_ID
 from serving.frontend.core import sessions
 from serving.frontend.core.generation import Generation, GenerationFailed, started, to_the_end
 from serving.frontend.responses import json_response, left
-from serving.frontend.schemas import GenerateRequest, StepRequest
+from serving.frontend.schemas import CarriedStepRequest, GenerateRequest, StepRequest
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +86,33 @@ async def generate(name: str, body: GenerateRequest, request: Request):
 
 
 async def create_session(name: str, request: Request) -> dict:
-    """Start a sequence session at the model's zero state."""
+    """Start a sequence session at the model's zero state (with a state key, its token too)."""
     front = request.app.state.front
-    return {"session_id": await sessions.open_session(front, name, left(request)),
-            "idle_expiry_s": front.settings.session_idle_s}
+    sid, token = await sessions.open_session(front, name, left(request))
+    return {"session_id": sid, "idle_expiry_s": front.settings.session_idle_s} | ({"state": token} if token else {})
 
 
 async def step_session(name: str, sid: str, body: StepRequest, request: Request):
     """Advance the session's state over more text; answers the next-token distribution's top k.
-    Within the request deadline; a step whose client disconnects before it runs is dropped."""
-    front = request.app.state.front
-    link, codec, session = sessions.session_of(front, name, sid)
-    ids = sessions.token_ids(front, codec, body.text, "text")
-    stepped = await sessions.step(front, link, session, ids, body.top_k, sessions.no_session(sid, name), left(request))
-    return json_response({"session_id": sid, "tokens": len(ids), "total_tokens": stepped.total_tokens,
-                          "unknown_tokens": ids.count(codec.vocab.unk_id),
-                          "next": [{"token": token, "probability": p}
-                                   for token, p in sessions.most_likely(codec, stepped)]})
+    With a state token, from its state on whichever replica this is. Within the request deadline;
+    a step whose client disconnects before it runs is dropped."""
+    return json_response({"session_id": sid} | await stepped(request, name, sid, body))
+
+
+async def step(name: str, body: CarriedStepRequest, request: Request):
+    """Advance the state a token carries (none: the zero state) over more text, on any replica;
+    answers the next-token distribution's top k and the new state's token."""
+    return json_response(await stepped(request, name, None, body))
+
+
+async def stepped(request: Request, name: str, sid: str | None, body: StepRequest | CarriedStepRequest) -> dict:
+    """A step's answer: of session `sid`, or of the state carried alone."""
+    codec, ids, answer, token = await sessions.step_session(
+        request.app.state.front, name, sid, body.text, body.top_k, body.state, getattr(body, "return_state", False),
+        left(request))
+    return {"tokens": len(ids), "total_tokens": answer.total_tokens, "unknown_tokens": ids.count(codec.vocab.unk_id),
+            "next": [{"token": t, "probability": p} for t, p in sessions.most_likely(codec, answer)]} | (
+        {"state": token} if token is not None else {})
 
 
 async def end_session(name: str, sid: str, request: Request) -> dict:
