@@ -2,7 +2,7 @@
 backends take them: text_input (BYTES), stream and exclude_input_in_output (BOOL),
 sampling_parameters (BYTES, a JSON object), one element each; the sampling parameters may also be
 the request's own parameters. Read here for generation (stream.py) and sequences
-(sequence.py) alike, whose BYTES outputs are laid out here too (strings()).
+(sequence.py) alike.
 """
 import json
 import struct
@@ -73,9 +73,3 @@ def sampling(request: pb.ModelInferRequest, values: dict) -> dict:
     if twice := sorted(set(asked) & set(parameters)):
         raise Refused(400, f"{twice} given both in sampling_parameters and as request parameters")
     return asked | parameters
-
-
-def strings(values: list[str]) -> bytes:
-    """BYTES elements as Triton lays them out (and element() reads them): each a 4-byte
-    little-endian length, then the bytes."""
-    return b"".join(struct.pack("<I", len(data)) + data for data in (v.encode() for v in values))

@@ -16,7 +16,7 @@ sequence so far).
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from serving.frontend.core import sessions
+from serving.frontend.core import sessions, tensors
 from serving.frontend.core.front import Front
 from serving.frontend.core.refused import Refused
 from serving.frontend.grpc import inputs
@@ -64,6 +64,6 @@ async def step(front: Front, request: pb.ModelInferRequest, sid: str, send):
         outputs=[tensor(name="next_tokens", datatype="BYTES", shape=[len(best)]),
                  tensor(name="next_probabilities", datatype="FP32", shape=[len(best)]),
                  tensor(name="total_tokens", datatype="INT64", shape=[1])],
-        raw_output_contents=[inputs.strings([token for token, _ in best]),
+        raw_output_contents=[tensors.serialized([token for token, _ in best]),
                              np.array([p for _, p in best], "<f4").tobytes(),
                              np.array([stepped.total_tokens], "<i8").tobytes()])))

@@ -21,6 +21,7 @@ import asyncio
 from pydantic import ValidationError
 from tritonclient.grpc import service_pb2 as pb
 
+from serving.frontend.core import tensors
 from serving.frontend.core.envelope import Outcome, counted
 from serving.frontend.core.front import Front
 from serving.frontend.core.generation import Deltas, started_triton, to_the_end, whole
@@ -51,7 +52,7 @@ def text_response(request: pb.ModelInferRequest, version: int, text: str | None,
     return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
         model_name=request.model_name, model_version=str(version), id=request.id, parameters=final_flag,
         outputs=[pb.ModelInferResponse.InferOutputTensor(name="text_output", datatype="BYTES", shape=[1])],
-        raw_output_contents=[inputs.strings([text])]))
+        raw_output_contents=[tensors.serialized([text])]))
 
 
 async def generation(front: Front, request: pb.ModelInferRequest, send):
