@@ -14,7 +14,8 @@ run, one machine.
    --baseline DIR measures the server of another checkout (before a change) at each of its points
    too, in the same rounds.
 3. plain text to the classifier, V1 :predict against V2 infer's text_input (JSON, binary as
-   tritonclient.http sends it, gRPC raw contents), the same texts, at each of --text-points
+   tritonclient.http sends it, gRPC raw contents), the same texts, and beside them the same texts
+   as V2 token ids (JSON: what the V2 protocol costs without the text), at each of --text-points
    (USERSxTEXTS: users, texts per request); requests/s, p50, p99, server CPU per request.
    --no-texts skips it; --no-protocols --no-tracing measures it alone.
 Points are interleaved (the order turns every round) and the median of --repeats is reported.
@@ -146,17 +147,20 @@ def protocol_cost(args, base: list[str]) -> dict:
 
 
 def text_cost(args, base: list[str]) -> dict:
-    """Part 3: "USERSxTEXTS" -> protocol -> median point, one server: V1 predict and V2 text_input
-    over JSON, binary and gRPC, the same texts in the same chunks."""
+    """Part 3: "USERSxTEXTS" -> protocol -> median point, one server: V1 predict, V2 ids (JSON) and
+    V2 text_input over JSON, binary and gRPC, the same texts in the same chunks."""
     stream = texts("short", 2048, seed=5)
+    ids = token_rows(latest(args.repository, args.model), stream)
     path, predict = f"/v2/models/{args.model}/infer", f"/v1/models/{args.model}:predict"
     binary_header = b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: %d\r\n"
     points = {}
     for point in args.text_points:
         users, per = map(int, point.split("x"))
-        chunks = [stream[i: i + per] for i in range(0, len(stream) - per + 1, per)]
+        starts = range(0, len(stream) - per + 1, per)
+        chunks = [stream[i: i + per] for i in starts]
         points[point] = (users, per, {
             "V1 predict": [(predict, predict_body(*c)) for c in chunks],
+            "V2 ids JSON": [(path, v2_body(*ids[i: i + per])) for i in starts],  # the same texts, tokenized here
             "V2 text JSON": [(path, v2_text_body(*c)) for c in chunks],
             "V2 text binary": [(path, body, binary_header % length)
                                for body, length in (v2_text_binary_body(*c) for c in chunks)],

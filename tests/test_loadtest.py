@@ -138,7 +138,7 @@ def test_the_protocol_benchmark_measures_every_protocol_and_tracing_mode_without
     assert results["protocols"]["gRPC"]["sequences_per_s"] == pytest.approx(4 * results["protocols"]["gRPC"]["requests_per_s"])
     assert results["spans_received"] > 0
     assert {point: set(by_name) for point, by_name in results["texts"].items()} == {
-        point: {"V1 predict", "V2 text JSON", "V2 text binary", "V2 text gRPC"} for point in ("4x1", "2x8")}
+        point: {"V1 predict", "V2 ids JSON", "V2 text JSON", "V2 text binary", "V2 text gRPC"} for point in ("4x1", "2x8")}
     for per, by_name in ((1, results["texts"]["4x1"]), (8, results["texts"]["2x8"])):
         for point in by_name.values():
             assert point["requests"] > 0 and point["errors"] == 0, point
