@@ -15,7 +15,8 @@
 `run` drives Locust headless against any host and writes its CSV and HTML reports plus a
 summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py;
 `soak`: loadtest/soak.py; `ipc`: what the front-end <-> engine transport costs (loadtest/ipc.py);
-`protocols`: V2 JSON vs binary vs gRPC, and tracing off vs on (loadtest/protocols.py); `gpu`: the
+`protocols`: V2 JSON vs binary vs gRPC, tracing off vs on, and V1 predict vs V2 text_input
+(loadtest/protocols.py); `gpu`: the
 CUDA tests and the GPU goals' operating points in one command (loadtest/gpu.py); `loop`: what the
 largest bodies cost a front-end's event loop (loadtest/loop.py); `engine`: the engine's host work
 per request and row, and the whole stack against a minimal app, with negligible compute
@@ -81,7 +82,8 @@ def main(argv=None):
     soak.add_argument("--out", type=Path, default=Path("results/soak"))
     transport = commands.add_parser("ipc", help="the front-end <-> engine transport's cost (loadtest/ipc.py)")
     transport.add_argument("--messages", type=int, default=20000)
-    wire = commands.add_parser("protocols", help="V2 JSON vs binary vs gRPC; tracing off vs on (loadtest/protocols.py)")
+    wire = commands.add_parser("protocols", help="V2 JSON vs binary vs gRPC; tracing off vs on; V1 vs V2 text "
+                                                   "(loadtest/protocols.py)")
     wire.add_argument("--model", default="imdb-gru")
     wire.add_argument("--repository", type=Path, default=Path("model_repository"))
     wire.add_argument("--rows", type=int, default=32, help="pre-tokenized rows per V2 request")
@@ -91,6 +93,10 @@ def main(argv=None):
     wire.add_argument("--protocols", action=argparse.BooleanOptionalAction, default=True, help="measure part 1")
     wire.add_argument("--tracing", action=argparse.BooleanOptionalAction, default=True, help="measure part 2")
     wire.add_argument("--baseline", type=Path, help="part 2 of another checkout (e.g. main's) too, interleaved")
+    wire.add_argument("--texts", action=argparse.BooleanOptionalAction, default=True,
+                      help="measure part 3: V1 predict vs V2 text_input")
+    wire.add_argument("--text-points", type=lambda s: s.split(","), default=["64x1", "16x32"],
+                      help="part 3's points, USERSxTEXTS per request, comma-separated")
     wire.add_argument("--modes", type=lambda s: s.split(","), default=["every request", "1 in 10 sampled", "nothing sampled"],
                       help="part 2's traced points besides off, comma-separated")
     wire.add_argument("--out", type=Path, default=Path("results/protocols"))

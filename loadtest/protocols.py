@@ -1,4 +1,5 @@
-"""What the protocol costs, and what tracing costs: one model, one run, one machine.
+"""What the protocol costs, what tracing costs, and what plain text costs over V2: one model, one
+run, one machine.
 
     python -m loadtest protocols --model imdb-gru [--rows 32 --users 64 --seconds 5 --repeats 3]
 
@@ -12,6 +13,11 @@
    per V1 predict (--modes: which of the three besides off). --no-protocols measures part 2 alone;
    --baseline DIR measures the server of another checkout (before a change) at each of its points
    too, in the same rounds.
+3. plain text to the classifier, V1 :predict against V2 infer's text_input (JSON, binary as
+   tritonclient.http sends it, gRPC raw contents), the same texts, and beside them the same texts
+   as V2 token ids (JSON: what the V2 protocol costs without the text), at each of --text-points
+   (USERSxTEXTS: users, texts per request); requests/s, p50, p99, server CPU per request.
+   --no-texts skips it; --no-protocols --no-tracing measures it alone.
 Points are interleaved (the order turns every round) and the median of --repeats is reported.
 Writes results.json and results.md under --out.
 """
@@ -28,7 +34,8 @@ from loadtest.bench import measure, median_point
 from loadtest.client import LoadResult, load_in_processes, timed
 from loadtest.otlp import Receiver
 from loadtest.servers import cpu_name, free_port, start
-from loadtest.workloads import predict_body, texts, token_rows, v2_binary_body, v2_body
+from loadtest.workloads import (predict_body, serialized, texts, token_rows, v2_binary_body, v2_body,
+                                v2_text_binary_body, v2_text_body)
 
 
 async def grpc_users(port: int, requests: list[bytes], users: int, duration_s: float) -> LoadResult:
@@ -70,6 +77,13 @@ def grpc_load(host: str, port: int, requests: list[bytes], users: int, duration_
         return pool.apply(grpc_part, ((port, requests, users, duration_s),))
 
 
+def grpc_text_request(model: str, texts_: list[str]) -> bytes:
+    """text_input as tritonclient.grpc sends it: BYTES serialized in raw_input_contents."""
+    from tritonclient.grpc import service_pb2 as pb
+    return pb.ModelInferRequest(model_name=model, raw_input_contents=[serialized(texts_)], inputs=[
+        pb.ModelInferRequest.InferInputTensor(name="text_input", datatype="BYTES", shape=[len(texts_)])]).SerializeToString()
+
+
 def grpc_request(model: str, rows: list[list[int]]) -> bytes:
     from tritonclient.grpc import service_pb2 as pb
     ids, lengths = pad(rows)
@@ -88,13 +102,15 @@ def protocols(args) -> dict:
     results = {"machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
                            "date": time.strftime("%Y-%m-%d %H:%M")},
                "model": args.model, "rows": args.rows, "users": args.users, "seconds": args.seconds,
-               "repeats": args.repeats, "protocols": {}, "tracing": {}}
+               "repeats": args.repeats, "protocols": {}, "tracing": {}, "texts": {}}
     base = [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--repository", str(args.repository)]
 
     if args.protocols:
         results["protocols"] = protocol_cost(args, base)
     if args.tracing:
         results["tracing"], results["baseline"], results["spans_received"] = tracing_cost(args, base)
+    if args.texts:
+        results["texts"] = text_cost(args, base)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (args.out / "results.md").write_text(table)
@@ -128,6 +144,44 @@ def protocol_cost(args, base: list[str]) -> dict:
         server.terminate()
         server.wait(30)
     return {k: median_point(v) for k, v in raw.items()}
+
+
+def text_cost(args, base: list[str]) -> dict:
+    """Part 3: "USERSxTEXTS" -> protocol -> median point, one server: V1 predict, V2 ids (JSON) and
+    V2 text_input over JSON, binary and gRPC, the same texts in the same chunks."""
+    stream = texts("short", 2048, seed=5)
+    ids = token_rows(latest(args.repository, args.model), stream)
+    path, predict = f"/v2/models/{args.model}/infer", f"/v1/models/{args.model}:predict"
+    binary_header = b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: %d\r\n"
+    points = {}
+    for point in args.text_points:
+        users, per = map(int, point.split("x"))
+        starts = range(0, len(stream) - per + 1, per)
+        chunks = [stream[i: i + per] for i in starts]
+        points[point] = (users, per, {
+            "V1 predict": [(predict, predict_body(*c)) for c in chunks],
+            "V2 ids JSON": [(path, v2_body(*ids[i: i + per])) for i in starts],  # the same texts, tokenized here
+            "V2 text JSON": [(path, v2_text_body(*c)) for c in chunks],
+            "V2 text binary": [(path, body, binary_header % length)
+                               for body, length in (v2_text_binary_body(*c) for c in chunks)],
+            "V2 text gRPC": [grpc_text_request(args.model, c) for c in chunks]})
+    port, grpc_port = free_port(), free_port()
+    server = start("rnnserve", base + ["--port", str(port)], {"RNNSERVE_GRPC_PORT": str(grpc_port)}, port, "/v2/health/ready")
+    raw = {}
+    try:
+        for round_ in range(args.repeats):
+            for point, name in rotated([(p, n) for p in points for n in points[p][2]], round_):
+                users, per, requests = points[point]
+                grpc = name.endswith("gRPC")
+                measured = measure(server.pid, grpc_port if grpc else port, requests[name], users, args.seconds, 1, per,
+                                   load=grpc_load if grpc else load_in_processes)
+                raw.setdefault(point, {}).setdefault(name, []).append(measured)
+                print(f"{point:6s} {name:15s} {measured['requests_per_s']:8.0f} req/s p50 {measured['p50_ms']:6.1f} ms "
+                      f"p99 {measured['p99_ms']:6.1f} ms errors {measured['errors']}")
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {point: {name: median_point(v) for name, v in by_name.items()} for point, by_name in raw.items()}
 
 
 def tracing_cost(args, base: list[str]) -> tuple[dict, dict, int]:
@@ -175,6 +229,15 @@ def markdown(r: dict) -> str:
                          f"{v['p99_ms']:.1f} | {v['frontend_cpu_ms_per_request']:.3f} / "
                          f"{v['engine_cpu_ms_per_request']:.3f} | {v['sequences_per_s'] / p['v2 JSON']['sequences_per_s']:.2f}x |")
         lines += ["", f"gRPC / binary REST: {p['gRPC']['sequences_per_s'] / p['v2 binary']['sequences_per_s']:.2f}."]
+    for point, by_name in r.get("texts", {}).items():
+        users, per = point.split("x")
+        lines += ["", f"| plain text, {users} users, {per} texts per request | requests/s | texts/s | p50 ms | p99 ms | "
+                  "front-end / engine CPU ms/request | vs V1 |", "|---|---|---|---|---|---|---|"]
+        for name, v in by_name.items():
+            lines.append(f"| {name} | {v['requests_per_s']:.0f} | {v['sequences_per_s']:.0f} | {v['p50_ms']:.1f} | "
+                         f"{v['p99_ms']:.1f} | {v['frontend_cpu_ms_per_request']:.3f} / "
+                         f"{v['engine_cpu_ms_per_request']:.3f} | "
+                         f"{v['requests_per_s'] / by_name['V1 predict']['requests_per_s']:.2f}x |")
     if not t:
         return "\n".join(lines) + "\n"
     lines += ["", "| V1 predict, one short text | requests/s | p50 ms | p99 ms | front-end / engine CPU ms/request | vs off |",

@@ -2,7 +2,7 @@
 
 - short: one text of 16-128 words (a random cut of a real review) per request;
 - long: whole IMDB test reviews (the server cuts them at the model's max_len, 256 tokens);
-- v2: the same short texts, pre-tokenized for the V2 infer API.
+- v2: the same short texts, pre-tokenized for the V2 infer API (or as they are, its text_input).
 """
 import json
 import random
@@ -72,3 +72,25 @@ def v2_binary_body(*rows: list[int]) -> tuple[bytes, int]:
                                      "parameters": {"binary_data_size": lengths.nbytes}}],
                          "parameters": {"binary_data_output": True}}).encode()
     return header + ids.tobytes() + lengths.tobytes(), len(header)
+
+
+def v2_text_body(*texts_: str) -> bytes:
+    """A V2 infer request of a classifier's text_input with JSON data (every output, as JSON)."""
+    return json.dumps({"inputs": [{"name": "text_input", "shape": [len(texts_)], "datatype": "BYTES",
+                                   "data": list(texts_)}]}).encode()
+
+
+def v2_text_binary_body(*texts_: str) -> tuple[bytes, int]:
+    """text_input as tritonclient.http sends it by default: BYTES serialized after the JSON header
+    (each a 4-byte little-endian length, then the UTF-8), every output asked as binary; (body, its
+    JSON header's length)."""
+    raw = serialized(texts_)
+    header = json.dumps({"inputs": [{"name": "text_input", "shape": [len(texts_)], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + raw, len(header)
+
+
+def serialized(texts_) -> bytes:
+    """Texts as BYTES elements, as Triton's clients lay them out: each a 4-byte little-endian length, then the UTF-8."""
+    return b"".join(len(t.encode()).to_bytes(4, "little") + t.encode() for t in texts_)

@@ -52,7 +52,8 @@ def test_tritons_grpc_client_gets_the_graphs_logits(server, repository, model):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
     assert "binary_tensor_data" in client.get_server_metadata().extensions
     meta = client.get_model_metadata(model)
-    assert [t.name for t in meta.inputs] == ["input_ids", "lengths"] and meta.outputs[0].datatype == "FP32"
+    assert [t.name for t in meta.inputs][:2] == ["input_ids", "lengths"] and meta.outputs[0].datatype == "FP32"
+    assert [t.name for t in meta.inputs][2:] == (["text_input"] if model == "clf" else [])  # tests/test_v2_text.py
     result = client.infer(model, tensors(), request_id="r7")
     assert result.get_response().id == "r7" and result.get_response().model_version == "1"
     assert np.abs(result.as_numpy("logits") - graph_logits(repository, model, IDS, LENGTHS)).max() < 1e-5

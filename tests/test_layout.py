@@ -222,7 +222,9 @@ def constants(path: Path) -> set:
 
 def test_the_front_ends_rules_are_written_once():
     """The core's error is defined once; the 410 re-encode retry, the "no session" answers and a
-    step's top_k bounds each live in one core module, and the REST schema takes the bounds from it."""
+    step's top_k bounds each live in one core module, and the REST schema takes the bounds from it;
+    Triton's BYTES layout and the encoding of a classifier's texts (V1's instances, V2's
+    text_input) are written once."""
     frontend = sorted((ROOT / "serving/frontend").rglob("*.py"))
     where = lambda test: sorted(str(p.relative_to(ROOT / "serving/frontend")) for p in frontend if test(p))
     assert where(lambda p: re.search(r"^class Refused\b", p.read_text(), re.M)) == ["core/refused.py"]
@@ -234,3 +236,5 @@ def test_the_front_ends_rules_are_written_once():
     assert where(lambda p: "MAX_TOP_K" in p.read_text()) == ["core/sessions.py", "schemas.py"]
     assert 100 not in constants(ROOT / "serving/frontend/grpc/sequence.py")
     assert where(lambda p: "HTTPException" in p.read_text()) == ["app.py", "routes/docs.py"]  # FastAPI's own
+    assert where(lambda p: "<I" in constants(p)) == ["core/tensors.py"]  # Triton's BYTES layout, read and written
+    assert where(lambda p: re.search(r"\bcodec\.encode\(", p.read_text())) == ["core/inference.py"]  # V1's and V2's texts

@@ -133,8 +133,8 @@ def test_the_protocol_benchmark_measures_every_protocol_and_tracing_mode_without
     tiny_repository(tmp_path)
     done = subprocess.run([sys.executable, "-m", "loadtest", "protocols", "--model", "clf", "--repository",
                            str(tmp_path / "repo"), "--rows", "4", "--users", "4", "--seconds", "0.3", "--repeats", "1",
-                           "--out", str(tmp_path / "out")], env=ONE_OF_EACH, capture_output=True, text=True,
-                          timeout=600)
+                           "--text-points", "4x1,2x8", "--out", str(tmp_path / "out")], env=ONE_OF_EACH,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["protocols"]) == {"v2 JSON", "v2 binary", "gRPC"}
@@ -143,6 +143,13 @@ def test_the_protocol_benchmark_measures_every_protocol_and_tracing_mode_without
         assert point["requests"] > 0 and point["errors"] == 0, point
     assert results["protocols"]["gRPC"]["sequences_per_s"] == pytest.approx(4 * results["protocols"]["gRPC"]["requests_per_s"])
     assert results["spans_received"] > 0
+    assert {point: set(by_name) for point, by_name in results["texts"].items()} == {
+        point: {"V1 predict", "V2 ids JSON", "V2 text JSON", "V2 text binary", "V2 text gRPC"} for point in ("4x1", "2x8")}
+    for per, by_name in ((1, results["texts"]["4x1"]), (8, results["texts"]["2x8"])):
+        for point in by_name.values():
+            assert point["requests"] > 0 and point["errors"] == 0, point
+            assert point["sequences_per_s"] == pytest.approx(per * point["requests_per_s"]), point
+    assert "| V2 text gRPC |" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_the_tracing_benchmark_measures_a_baseline_checkout_in_the_same_rounds(tmp_path):
@@ -150,8 +157,8 @@ def test_the_tracing_benchmark_measures_a_baseline_checkout_in_the_same_rounds(t
     only the points asked for besides off."""
     tiny_repository(tmp_path)
     done = subprocess.run([sys.executable, "-m", "loadtest", "protocols", "--model", "clf", "--repository",
-                           str(tmp_path / "repo"), "--no-protocols", "--users", "4", "--seconds", "0.3", "--repeats", "1",
-                           "--modes", "nothing sampled",
+                           str(tmp_path / "repo"), "--no-protocols", "--no-texts", "--users", "4", "--seconds", "0.3",
+                           "--repeats", "1", "--modes", "nothing sampled",
                            "--baseline", str(Path(__file__).parents[1]), "--out", str(tmp_path / "out")],
                           env=ONE_OF_EACH, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Triton's perf_analyzer, unchanged, against a real server over the tiny repository: the
-classifier over HTTP and gRPC with real token ids, and the language model's decoupled stream over
-gRPC. It reads the model configuration and statistics extensions before and after it measures;
+classifier over HTTP and gRPC with real token ids and with texts (text_input), and the language
+model's decoupled stream over gRPC. It reads the model configuration and statistics extensions before and after it measures;
 each run exits 0 with a throughput and the server-side breakdown those statistics give.
 
 perf_analyzer is installed by tests/tools/perf_analyzer.sh into .perf_analyzer/ (once; CI runs it
@@ -47,6 +47,15 @@ def input_data(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> Path:
+    """Two texts as text_input (a classifier's other input form: tests/test_v2_text.py)."""
+    path = tmp_path_factory.mktemp("perf-text") / "texts.json"
+    path.write_text(json.dumps({"data": [{"text_input": {"content": ["good film"], "shape": [1]}},
+                                         {"text_input": {"content": ["awful plot , the worst"], "shape": [1]}}]}))
+    return path
+
+
 def measured(perf_analyzer: list[str], *args: str) -> str:
     """perf_analyzer's run, short: three windows of 0.5 s per concurrency, taken as stable whatever
     they measure (a test box is shared; docs/benchmarks.md has the figures)."""
@@ -56,11 +65,14 @@ def measured(perf_analyzer: list[str], *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.parametrize("given", ["ids", "text"])
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_perf_analyzer_measures_the_classifier(perf_analyzer, server, input_data, protocol):
+def test_perf_analyzer_measures_the_classifier(perf_analyzer, server, input_data, text_data, protocol, given):
+    """With token ids or with texts: the configuration marks each input optional, and perf_analyzer
+    sends those its data gives."""
     url = server.url[len("http://"):] if protocol == "http" else f"127.0.0.1:{server.settings.grpc_port}"
-    out = measured(perf_analyzer, "-m", "clf", "-u", url, "-i", protocol, "--input-data", str(input_data),
-                   "--concurrency-range", "1:2")
+    out = measured(perf_analyzer, "-m", "clf", "-u", url, "-i", protocol, "--input-data",
+                   str(input_data if given == "ids" else text_data), "--concurrency-range", "1:2")
     throughputs = [float(t) for t in re.findall(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec", out)]
     assert len(throughputs) == 2 and min(throughputs) > 0, out
     assert len(BREAKDOWN.findall(out)) == 2, out  # the server's side, from the statistics extension

@@ -140,8 +140,11 @@ def test_v2_endpoints_return_the_documented_shapes(server, repository):
     meta = get("/v2/models/clf").json()
     assert meta == {"name": "clf", "versions": ["1"], "platform": "onnxruntime_onnx",
                     "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
-                               {"name": "lengths", "datatype": "INT64", "shape": [-1, 1]}],
-                    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}],
+                               {"name": "lengths", "datatype": "INT64", "shape": [-1, 1]},
+                               {"name": "text_input", "datatype": "BYTES", "shape": [-1, 1]}],
+                    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]},
+                                {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
+                                {"name": "label", "datatype": "BYTES", "shape": [-1, 1]}],
                     "parameters": dict(zip(("provider", "device"), device_here()))}
     assert get("/v2/models/clf/versions/1").json() == meta
     assert get("/v2/models/clf/ready").status_code == 200 and get("/v2/models/clf/versions/1/ready").status_code == 200

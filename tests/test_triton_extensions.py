@@ -57,11 +57,14 @@ def test_the_configuration_is_the_same_over_rest_and_grpc_and_says_how_the_model
                           "model_transaction_policy": {"decoupled": grpc.model_transaction_policy.decoupled}}):
         assert config["name"] == model and config["platform"] == "onnxruntime_onnx"
         assert config["max_batch_size"] == 16
+        clf = model == "clf"  # either its ids or its text (tests/test_v2_text.py): each input optional
         assert [(t["name"], t["data_type"], t["dims"], t["optional"]) for t in config["input"]] == [
-            ("input_ids", "TYPE_INT64", [-1], False), ("lengths", "TYPE_INT64", [1], False)]
-        width = 2 if model == "clf" else server.deployment("lm").runner.session.get_outputs()[0].shape[-1]
+            ("input_ids", "TYPE_INT64", [-1], clf), ("lengths", "TYPE_INT64", [1], clf),
+            *[("text_input", "TYPE_STRING", [1], True)] * clf]
+        width = 2 if clf else server.deployment("lm").runner.session.get_outputs()[0].shape[-1]
         assert [(t["name"], t["data_type"], t["dims"]) for t in config["output"]] == [
-            ("logits", "TYPE_FP32", [2] if model == "clf" else [-1, width])]
+            ("logits", "TYPE_FP32", [2] if clf else [-1, width]),
+            *[("probabilities", "TYPE_FP32", [2]), ("label", "TYPE_STRING", [1])] * clf]
         assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 2000
         assert [(g["kind"], g["count"]) for g in config["instance_group"]] == [
             ("KIND_GPU" if server.deployment(model).runner.device.startswith("cuda") else "KIND_CPU", 1)]

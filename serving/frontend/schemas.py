@@ -1,7 +1,7 @@
 """Request and response models of the APIs (they are the OpenAPI schema at /docs)."""
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.frontend.core.sessions import MAX_TOP_K, TOP_K
 
@@ -14,15 +14,7 @@ class Request(BaseModel):
 
 
 class PredictRequest(Request):
-    instances: list[str] = Field(min_length=1, description="texts to classify")
-
-    @field_validator("instances")
-    @classmethod
-    def no_empty_texts(cls, texts: list[str]) -> list[str]:
-        empty = [i for i, t in enumerate(texts) if not t.strip()]
-        if empty:
-            raise ValueError(f"instances {empty[:10]} are empty")
-        return texts
+    instances: list[str] = Field(min_length=1, description="texts to classify, none empty")
 
 
 class Prediction(BaseModel):
@@ -61,7 +53,8 @@ class TensorOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[float] | None = Field(None, description="absent when the bytes follow the JSON (binary_data_size)")
+    data: list[float | str] | None = Field(None, description="FP32 numbers or BYTES strings; absent when the bytes "
+                                                            "follow the JSON (binary_data_size)")
     parameters: dict[str, Any] | None = None
 
 

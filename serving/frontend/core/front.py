@@ -69,6 +69,17 @@ def check_text(front: Front, text: str, what: str = "text"):
         raise Refused(413, f"{what} has {len(text)} characters; at most {limit}")
 
 
+def check_texts(front: Front, texts: list[str], what: str):
+    """A classifier's texts (V1's instances, V2's text_input): at most max_instances of them (413),
+    none empty or blank (400), each within max_text_chars (413)."""
+    if len(texts) > front.settings.max_instances:
+        raise Refused(413, f"{what}: {len(texts)} texts; at most {front.settings.max_instances} per request")
+    if empty := [i for i, text in enumerate(texts) if not text.strip()]:
+        raise Refused(400, f"{what} {empty[:10]} are empty")
+    for i, text in enumerate(texts):
+        check_text(front, text, f"{what}[{i}]")
+
+
 def unready(front: Front, name: str, version: str | None = None) -> str | None:
     """Why `name` (that version, if given) is not ready to serve, or None when it is: one answer
     for REST and gRPC, as Triton gives it (HTTP 400, gRPC ready: false) for a model it does not

@@ -5,12 +5,13 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
+from core.codec import TextCodec
 from core.repository import Version
 from serving.common import tracing
-from serving.common.messages import Failed, Infer
+from serving.common.messages import Failed, Infer, Rows
 from serving.frontend.client import EngineClient, Link
 from serving.frontend.core import tensors
-from serving.frontend.core.front import Front, served
+from serving.frontend.core.front import Front, check_texts, served
 from serving.frontend.core.refused import Refused, refusal
 
 WATCH_AFTER_S = 0.05  # a request not answered by then also watches its client (most never need to)
@@ -80,15 +81,33 @@ async def infer(front: Front, name: str, encode, version: str | None = None, tas
     return ran["version"], ran["kept"], outputs
 
 
+def encoded(codec: TextCodec, texts: list[str]) -> tuple[Rows, list[bool]]:
+    """The texts' rows, and which were cut at max_len: V1's rule, for V1's instances and V2's text_input."""
+    each = [codec.encode(text) for text in texts]
+    return Rows.of([ids for ids, _ in each]), [cut for _, cut in each]
+
+
 async def infer_tensors(front: Front, name: str, inputs: list[tensors.Input], outputs: list[str],
                         version: str | None = None, left: Left | None = None,
-                        timeout_s: float | None = None) -> tuple[Version, np.ndarray]:
-    """V2 infer, for REST and gRPC alike: the inputs checked by the rules of every transport
-    (tensors.rows_within), the logits of the version that ran them."""
-    if outputs and outputs != ["logits"]:
-        raise Refused(400, f"unknown outputs {outputs}; this model gives logits")
+                        timeout_s: float | None = None) -> tuple[Version, list[tensors.Output]]:
+    """V2 infer, for REST and gRPC alike: token ids checked by the rules of every transport
+    (tensors.rows_within), or a classifier's texts encoded as V1 encodes them; the outputs asked
+    for (tensors.outputs_named) from the logits of the version that ran them."""
     settings = front.settings
-    served_version, _, logits = await infer(
-        front, name, lambda v: (tensors.rows_within(inputs, v, settings.max_instances, settings.max_response_bytes), None),
-        version, left=left, timeout_s=timeout_s)
-    return served_version, logits
+    text = tensors.text_of(inputs)
+    if text is not None:
+        texts = tensors.texts(text)
+        check_texts(front, texts, tensors.TEXT)
+
+    def encode(v: Version) -> tuple[Rows, list[str]]:
+        names = tensors.outputs_named(v.manifest, outputs, text is not None)
+        if text is None:
+            return tensors.rows_within(inputs, v, settings.max_instances, settings.max_response_bytes), names
+        if v.manifest.task != "classifier":
+            raise Refused(400, f"{tensors.TEXT}: model {name!r} is a language model: it takes input_ids and "
+                               "lengths here; its text is generated from on :generate, the generate extension "
+                               "or ModelStreamInfer")
+        return encoded(v.codec, texts)[0], names
+
+    served_version, names, logits = await infer(front, name, encode, version, left=left, timeout_s=timeout_s)
+    return served_version, tensors.outputs_of(served_version.manifest, logits, names)

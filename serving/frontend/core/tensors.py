@@ -1,31 +1,56 @@
 """V2 tensors however they travel, read and checked by one set of rules: JSON `data`, the binary
 tensor extension's raw bytes after a JSON header (REST), and gRPC's raw_input_contents or typed
 contents. Our models take input_ids (INT64 [B, T], right-padded) and lengths (INT64 [B], or [B, 1] as Triton's
-clients send it from the model configuration's dims [1]).
+clients send it from the model configuration's dims [1]); a classifier also takes text_input (BYTES [B] or
+[B, 1], one UTF-8 text per row) instead, and answers probabilities (FP32 [B, C]) and label (BYTES [B])
+beside logits.
 
 A binary REST body is the JSON header, whose length the Inference-Header-Content-Length header
 gives, then each input's raw little-endian row-major bytes in the order the JSON lists them, each
-sized by the input's parameters.binary_data_size. Answers are built the same way when asked for
-(serving/frontend/routes/v2.py).
+sized by the input's parameters.binary_data_size; BYTES elements are laid out as Triton serializes
+them (each a 4-byte little-endian length, then the bytes), there and in gRPC's raw contents. Answers
+are built the same way when asked for (serving/frontend/routes/v2.py).
 """
 import math
+import struct
 from typing import NamedTuple
 
 import msgspec
 import numpy as np
 from pydantic import ValidationError
-from core.repository import Version
+from core.codec import softmax
+from core.repository import Manifest, Version
 from serving.common.messages import Rows
 from serving.frontend.core.refused import Refused, invalid
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+IDS, TEXT = ["input_ids", "lengths"], "text_input"
+CLASSIFIER_OUTPUTS = ["logits", "probabilities", "label"]
 
 
 class Input(NamedTuple):
     name: str
     datatype: str
     shape: list[int]
-    values: np.ndarray | list  # flat little-endian int64, or JSON data (flat or nested)
+    values: np.ndarray | list  # flat little-endian int64, BYTES elements, or JSON data (flat or nested)
+
+
+class Output(NamedTuple):
+    name: str
+    datatype: str  # FP32 or BYTES
+    values: np.ndarray | list[str]  # FP32 any shape, or BYTES [B]
+
+    @property
+    def shape(self) -> list[int]:
+        return [len(self.values)] if self.datatype == "BYTES" else list(self.values.shape)
+
+    def data(self) -> list:
+        """The values as JSON data: flat, row-major."""
+        return self.values if self.datatype == "BYTES" else self.values.ravel().tolist()
+
+    def raw(self) -> bytes:
+        """The values as raw bytes: little-endian FP32, or BYTES elements serialized."""
+        return serialized(self.values) if self.datatype == "BYTES" else self.values.astype("<f4", copy=False).tobytes()
 
 
 def split(body: bytes, header_length: bytes | None) -> tuple[bytes, bytes]:
@@ -48,15 +73,38 @@ def unsplit(error: ValidationError, body: bytes) -> Refused:
     return invalid(error)
 
 
-def from_bytes(name: str, datatype: str, shape: list[int], data: bytes) -> np.ndarray:
-    """One input's raw bytes as a flat int64 array, if they are exactly shape x datatype."""
-    if datatype != "INT64":
-        raise Refused(400, f"input {name}: datatype must be INT64, not {datatype}")
+def from_bytes(name: str, datatype: str, shape: list[int], data: bytes) -> np.ndarray | list[bytes]:
+    """One input's raw bytes as a flat int64 array, or its BYTES elements, if they are exactly shape x datatype."""
+    if datatype not in ("INT64", "BYTES"):
+        raise Refused(400, f"input {name}: datatype must be INT64 (input_ids, lengths) or BYTES (text_input), "
+                           f"not {datatype}")
     if any(d < 0 for d in shape):
         raise Refused(400, f"input {name}: shape {shape} has a negative dimension")
+    if datatype == "BYTES":
+        if len(elements := unserialized(name, data)) != math.prod(shape):
+            raise Refused(400, f"input {name}: {len(elements)} BYTES elements, but shape {shape} holds {math.prod(shape)}")
+        return elements
     if len(data) != math.prod(shape) * 8:
         raise Refused(400, f"input {name}: {len(data)} bytes, but shape {shape} of INT64 is {math.prod(shape) * 8}")
     return np.frombuffer(data, "<i8")
+
+
+def unserialized(name: str, data: bytes) -> list[bytes]:
+    """BYTES elements as Triton serializes them: each a 4-byte little-endian length, then that many bytes."""
+    elements, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data) or offset + 4 + (size := struct.unpack_from("<I", data, offset)[0]) > len(data):
+            raise Refused(400, f"input {name}: BYTES element {len(elements)} runs past the tensor's bytes "
+                               "(each element is a 4-byte little-endian length, then that many bytes)")
+        elements.append(data[offset + 4: offset + 4 + size])
+        offset += 4 + size
+    return elements
+
+
+def serialized(values: list[str]) -> bytes:
+    """BYTES elements as Triton lays them out (and unserialized() reads them): each a 4-byte
+    little-endian length, then the bytes."""
+    return b"".join(struct.pack("<I", len(data)) + data for data in (v.encode() for v in values))
 
 
 def inputs_of(tensors: list, binary: bytes) -> list[Input]:
@@ -100,6 +148,58 @@ def integers(t: Input) -> np.ndarray:
         raise Refused(400, f"input {t.name}: INT64 data must be integers: {e}") from None
 
 
+def texts(t: Input) -> list[str]:
+    """Check text_input (BYTES [B] or [B, 1]: the model configuration's dims [1]); its texts, one
+    per row (their number and sizes are checked as V1's are: front.check_texts)."""
+    if t.datatype != "BYTES":
+        raise Refused(400, f"input {TEXT}: datatype must be BYTES (one UTF-8 text per row), not {t.datatype}")
+    if not (len(t.shape) == 1 or len(t.shape) == 2 and t.shape[1] == 1) or t.shape[0] < 1:
+        raise Refused(400, f"input {TEXT}: shape must be [B] (or [B, 1]) with B >= 1, got {t.shape}")
+    values = flat(t.values)  # JSON: strings; raw or gRPC's bytes_contents: bytes
+    if len(values) != t.shape[0]:
+        raise Refused(400, f"input {TEXT}: {len(values)} elements do not match shape {t.shape}")
+    if all(type(text) is str for text in values):
+        return values
+    try:
+        return [text.decode() for text in values]
+    except UnicodeDecodeError:
+        raise Refused(400, f"input {TEXT}: an element is not UTF-8 text") from None
+    except AttributeError:
+        raise Refused(400, f"input {TEXT}: BYTES data must be strings") from None
+
+
+def text_of(inputs: list[Input]) -> Input | None:
+    """The text_input of a request that sends text, or None for one that sends ids; never both."""
+    names = [t.name for t in inputs]
+    if TEXT not in names:
+        return None
+    if names != [TEXT]:
+        raise Refused(400, f"send either {TEXT} or {IDS[0]} and {IDS[1]}, not both, got inputs {names}")
+    return inputs[0]
+
+
+def outputs_named(manifest: Manifest, asked: list[str], text: bool) -> list[str]:
+    """The outputs to answer: those asked for, each once, of the model's; none asked: every one for
+    a text, logits alone for ids (as before text came)."""
+    given = CLASSIFIER_OUTPUTS if manifest.task == "classifier" else CLASSIFIER_OUTPUTS[:1]
+    if unknown := [name for name in asked if name not in given]:
+        raise Refused(400, f"unknown outputs {unknown}; this model gives {given}")
+    if len(set(asked)) != len(asked):
+        raise Refused(400, f"outputs {asked}: each output may be asked for once")
+    return asked or (given if text else given[:1])
+
+
+def outputs_of(manifest: Manifest, logits: np.ndarray, names: list[str]) -> list[Output]:
+    """The outputs named, from the logits: a classifier's probabilities are V1's softmax, and its
+    label the class of the highest (the first of equals, as V1's)."""
+    if names == ["logits"]:
+        return [Output("logits", "FP32", logits)]
+    p = softmax(logits, axis=1)  # (B, C)
+    labels = [manifest.labels[i] for i in p.argmax(axis=1).tolist()]
+    values = {"logits": logits, "probabilities": p, "label": labels}
+    return [Output(name, "BYTES" if name == "label" else "FP32", values[name]) for name in names]
+
+
 def rows_within(inputs: list[Input], version: Version, max_instances: int, max_response_bytes: int) -> Rows:
     """The rows of a V2 request, checked, within the model's rules, the same for every transport:
     a classifier reads at most max_len tokens of a row, and a longer row is refused (V1 cuts a
@@ -120,8 +220,9 @@ def rows_within(inputs: list[Input], version: Version, max_instances: int, max_r
 def rows_from(inputs: list[Input], vocab_size: int, max_instances: int) -> Rows:
     """Check input_ids and lengths; the rows of input_ids without their padding, end to end."""
     tensors = {t.name: t for t in inputs}
-    if sorted(tensors) != ["input_ids", "lengths"] or len(inputs) != 2:
-        raise Refused(400, f"expected inputs input_ids and lengths, got {[t.name for t in inputs]}")
+    if sorted(tensors) != IDS or len(inputs) != 2:
+        raise Refused(400, f"expected inputs input_ids and lengths (or a classifier's text_input), "
+                           f"got {[t.name for t in inputs]}")
     for t in inputs:
         if t.datatype != "INT64":
             raise Refused(400, f"input {t.name}: datatype must be INT64, not {t.datatype}")
@@ -146,12 +247,12 @@ def rows_from(inputs: list[Input], vocab_size: int, max_instances: int) -> Rows:
     return Rows(ids[np.arange(seq) < lengths[:, None]].astype(np.int32), lengths.astype(np.int32))
 
 
-def wants_binary(request) -> bool:
-    """Whether a REST request (schemas.InferRequest) asks for its output as raw bytes: the output's
-    own parameters.binary_data, else the request's parameters.binary_data_output (a boolean)."""
-    asked = next((o.parameters for o in request.outputs or [] if o.parameters and "binary_data" in o.parameters), None)
-    name, value = ("binary_data", asked["binary_data"]) if asked else \
-        ("binary_data_output", (request.parameters or {}).get("binary_data_output", False))
-    if type(value) is not bool:
-        raise Refused(400, f"{name} must be true or false, not {value!r}")
-    return value
+def wants_binary(request, names: list[str]) -> list[bool]:
+    """Which of the outputs named a REST request (schemas.InferRequest) asks for as raw bytes: each
+    output's own parameters.binary_data, else the request's parameters.binary_data_output (booleans)."""
+    default = (request.parameters or {}).get("binary_data_output", False)
+    own = {o.name: o.parameters["binary_data"] for o in request.outputs or [] if o.parameters and "binary_data" in o.parameters}
+    for name, value in [("binary_data_output", default), *(("binary_data", v) for v in own.values())]:
+        if type(value) is not bool:
+            raise Refused(400, f"{name} must be true or false, not {value!r}")
+    return [own.get(name, default) for name in names]

@@ -2,13 +2,13 @@
 backends take them: text_input (BYTES), stream and exclude_input_in_output (BOOL),
 sampling_parameters (BYTES, a JSON object), one element each; the sampling parameters may also be
 the request's own parameters. Read here for generation (stream.py) and sequences
-(sequence.py) alike, whose BYTES outputs are laid out here too (strings()).
+(sequence.py) alike.
 """
 import json
-import struct
 
 from tritonclient.grpc import service_pb2 as pb
 
+from serving.frontend.core import tensors
 from serving.frontend.core.refused import Refused
 
 LLM_INPUTS = {"text_input": "BYTES", "sampling_parameters": "BYTES", "stream": "BOOL", "exclude_input_in_output": "BOOL",
@@ -27,8 +27,8 @@ def within(request, limit: int):
 
 
 def element(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None):
-    """The one element of a BYTES or BOOL input, from its raw bytes (BYTES: a 4-byte little-endian
-    length, then the bytes) or its typed contents."""
+    """The one element of a BYTES or BOOL input, from its raw bytes (BYTES as Triton serializes
+    them: tensors.unserialized) or its typed contents."""
     if LLM_INPUTS.get(t.name) != t.datatype:
         raise Refused(400, f"input {t.name}: a language model takes {sorted(LLM_INPUTS)}; "
                                  f"{t.name} must be {LLM_INPUTS.get(t.name, 'none of them')}")
@@ -42,10 +42,10 @@ def element(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None):
         return raw != b"\0"
     if raw is None:
         value = t.contents.bytes_contents[0] if t.contents.bytes_contents else None
-    elif len(raw) < 4 or len(raw) != 4 + struct.unpack_from("<I", raw)[0]:
-        raise Refused(400, f"input {t.name}: one BYTES element is a 4-byte length and that many bytes")
+    elif len(elements := tensors.unserialized(t.name, raw)) != 1:
+        raise Refused(400, f"input {t.name}: one BYTES element per request, not {len(elements)}")
     else:
-        value = raw[4:]
+        value = elements[0]
     try:
         return None if value is None else value.decode()
     except UnicodeDecodeError:
@@ -74,9 +74,3 @@ def sampling(request: pb.ModelInferRequest, values: dict) -> dict:
     if twice := sorted(set(asked) & set(parameters)):
         raise Refused(400, f"{twice} given both in sampling_parameters and as request parameters")
     return asked | parameters
-
-
-def strings(values: list[str]) -> bytes:
-    """BYTES elements as Triton lays them out (and element() reads them): each a 4-byte
-    little-endian length, then the bytes."""
-    return b"".join(struct.pack("<I", len(data)) + data for data in (v.encode() for v in values))

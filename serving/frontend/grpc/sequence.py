@@ -21,7 +21,7 @@ it does not hold it); with it, or with the parameter return_state true, it also 
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from serving.frontend.core import sessions
+from serving.frontend.core import sessions, tensors
 from serving.frontend.core.front import Front
 from serving.frontend.core.refused import Refused
 from serving.frontend.grpc import inputs
@@ -69,11 +69,11 @@ async def step(front: Front, request: pb.ModelInferRequest, sid: str, send):
     outputs = [tensor(name="next_tokens", datatype="BYTES", shape=[len(best)]),
                tensor(name="next_probabilities", datatype="FP32", shape=[len(best)]),
                tensor(name="total_tokens", datatype="INT64", shape=[1])]
-    contents = [inputs.strings([t for t, _ in best]), np.array([p for _, p in best], "<f4").tobytes(),
+    contents = [tensors.serialized([t for t, _ in best]), np.array([p for _, p in best], "<f4").tobytes(),
                 np.array([stepped.total_tokens], "<i8").tobytes()]
     if token is not None:
         outputs.append(tensor(name="state", datatype="BYTES", shape=[1]))
-        contents.append(inputs.strings([token]))
+        contents.append(tensors.serialized([token]))
     send(pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
         model_name=name, model_version=str(version), id=request.id,
         parameters={"triton_final_response": pb.InferParameter(bool_param=True)},

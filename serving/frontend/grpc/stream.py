@@ -25,6 +25,7 @@ import json
 from pydantic import ValidationError
 from tritonclient.grpc import service_pb2 as pb
 
+from serving.frontend.core import tensors
 from serving.frontend.core.envelope import Outcome, counted
 from serving.frontend.core.front import Front
 from serving.frontend.core.generation import Deltas, started_triton, to_the_end, whole
@@ -58,7 +59,7 @@ def text_response(request: pb.ModelInferRequest, version: int, text: str | None,
     return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
         model_name=request.model_name, model_version=str(version), id=request.id, parameters=final_flag,
         outputs=[pb.ModelInferResponse.InferOutputTensor(name=name, datatype="BYTES", shape=[1]) for name in outputs],
-        raw_output_contents=[inputs.strings([value]) for value in outputs.values()]))
+        raw_output_contents=[tensors.serialized([value]) for value in outputs.values()]))
 
 
 async def generation(front: Front, request: pb.ModelInferRequest, send):

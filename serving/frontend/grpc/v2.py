@@ -48,12 +48,14 @@ def rpc(guard: str | None = None, endpoint: str = ""):
 
 
 def inputs_of(request: pb.ModelInferRequest) -> list[tensors.Input]:
-    """The inputs' raw_input_contents (one per input, in order) or, without them, their contents."""
+    """The inputs' raw_input_contents (one per input, in order) or, without them, their contents
+    (int64_contents, or a BYTES input's bytes_contents)."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise Refused(400, f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
     return [tensors.Input(t.name, t.datatype, list(t.shape),
-                          tensors.from_bytes(t.name, t.datatype, list(t.shape), raw[i]) if raw else list(t.contents.int64_contents))
+                          tensors.from_bytes(t.name, t.datatype, list(t.shape), raw[i]) if raw else
+                          list(t.contents.bytes_contents if t.datatype == "BYTES" else t.contents.int64_contents))
             for i, t in enumerate(request.inputs)]
 
 
@@ -118,7 +120,8 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc("inference", "grpc_infer")
     async def ModelInfer(self, request, context):
-        """Logits for right-padded input_ids and lengths, batched with every other request."""
+        """Logits for right-padded input_ids and lengths, or a classifier's text_input, batched with
+        every other request."""
         return await self.infer(request, context.time_remaining())
 
     async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None) -> pb.ModelInferResponse:
@@ -126,13 +129,14 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         name = request.model_name
         fronts.stateless(sequence.sequence_id(request))
         shed(fronts.engines(self.front), name)
-        version, logits = await inference.infer_tensors(self.front, name, inputs_of(request),
-                                                        [o.name for o in request.outputs],
-                                                        request.model_version or None, timeout_s=timeout_s)
+        version, outputs = await inference.infer_tensors(self.front, name, inputs_of(request),
+                                                         [o.name for o in request.outputs],
+                                                         request.model_version or None, timeout_s=timeout_s)
+        tensor = pb.ModelInferResponse.InferOutputTensor
         return pb.ModelInferResponse(
             model_name=name, model_version=str(version.number), id=request.id,
-            outputs=[pb.ModelInferResponse.InferOutputTensor(name="logits", datatype="FP32", shape=logits.shape)],
-            raw_output_contents=[logits.astype("<f4", copy=False).tobytes()])
+            outputs=[tensor(name=o.name, datatype=o.datatype, shape=o.shape) for o in outputs],
+            raw_output_contents=[o.raw() for o in outputs])
 
     async def ModelStreamInfer(self, requests, context):
         """Triton's decoupled streaming: generation's text as it comes (stream.py), in one envelope

@@ -1,10 +1,8 @@
 """KServe V1 text API: classify texts; list the models."""
 from fastapi import Request
 
-from core.codec import TextCodec, softmax
-from serving.common.messages import Rows
+from core.codec import softmax
 from serving.frontend.core import front as fronts, inference, metadata
-from serving.frontend.core.refused import Refused
 from serving.frontend.responses import json_response, left
 from serving.frontend.schemas import PredictRequest
 
@@ -23,20 +21,11 @@ async def model_info(name: str, request: Request) -> dict:
 async def predict(name: str, body: PredictRequest, request: Request):
     """Classify texts: {"instances": ["a review", ...]} -> one prediction per text."""
     front = request.app.state.front
-    if len(body.instances) > front.settings.max_instances:
-        raise Refused(413, f"{len(body.instances)} instances; at most {front.settings.max_instances} per request")
-    for i, text in enumerate(body.instances):
-        fronts.check_text(front, text, f"instance {i}")
-    version, cuts, logits = await inference.infer(front, name, lambda v: encoded(v.codec, body.instances),
+    fronts.check_texts(front, body.instances, "instances")
+    version, cuts, logits = await inference.infer(front, name, lambda v: inference.encoded(v.codec, body.instances),
                                                   task="classifier", left=left(request))
     labels = version.manifest.labels
     return json_response({"predictions": [
         {"label": labels[best := max(range(len(p)), key=p.__getitem__)], "score": p[best],
          "probabilities": dict(zip(labels, p)), "truncated": cut}
         for p, cut in zip(softmax(logits, axis=1).tolist(), cuts)]})
-
-
-def encoded(codec: TextCodec, texts: list[str]) -> tuple[Rows, list[bool]]:
-    """The texts' rows, and which were cut at max_len."""
-    each = [codec.encode(text) for text in texts]
-    return Rows.of([ids for ids, _ in each]), [cut for _, cut in each]

@@ -2,10 +2,10 @@
 and Triton's model configuration and statistics extensions.
 
 V2 infer takes tensors input_ids (INT64 [-1, -1], right-padded) and lengths (INT64 [-1]) and
-answers logits (FP32), as JSON or with the binary tensor extension (serving/frontend/core/tensors.py).
-Its rows go to the engine with everyone else's.
+answers logits (FP32); a classifier also takes text_input (BYTES [-1]) and answers probabilities
+(FP32) and label (BYTES) beside them; as JSON or with the binary tensor extension
+(serving/frontend/core/tensors.py). Its rows go to the engine with everyone else's.
 """
-import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 
@@ -87,7 +87,7 @@ def is_ready(request: Request, name: str, version: str | None = None) -> dict:
 
 
 async def model_infer(name: str, body: InferRequest, request: Request):
-    """Logits for right-padded token ids, batched with other requests."""
+    """Logits for right-padded token ids or a classifier's texts, batched with other requests."""
     return await infer(request, name, body)
 
 
@@ -99,19 +99,27 @@ async def model_version_infer(name: str, version: str, body: InferRequest, reque
 async def infer(request: Request, name: str, body: InferRequest, version: str | None = None):
     fronts.stateless((body.parameters or {}).get("sequence_id"))
     binary = request.scope.get("rnnserve.binary", b"")  # the body after its JSON header, as the front door split it
-    served_version, logits = await inference.infer_tensors(
+    served_version, outputs = await inference.infer_tensors(
         request.app.state.front, name, tensors.inputs_of(body.inputs, binary), [o.name for o in body.outputs or []],
         version, left=left(request))
     header = {"model_name": name, "model_version": str(served_version.number)}
-    return answer(header if body.id is None else header | {"id": body.id}, "logits", logits, tensors.wants_binary(body))
+    return answer(header if body.id is None else header | {"id": body.id}, outputs,
+                  tensors.wants_binary(body, [o.name for o in outputs]))
 
 
-def answer(header: dict, name: str, values: np.ndarray, binary: bool) -> Response:
-    """A V2 REST answer with one FP32 output: JSON data, or its raw bytes after the JSON header."""
-    output = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
-    if not binary:
-        return Response(json_encode(header | {"outputs": [output | {"data": values.ravel().tolist()}]}),
-                        media_type="application/json")
-    raw = values.astype("<f4", copy=False).tobytes()
-    head = json_encode(header | {"outputs": [output | {"parameters": {"binary_data_size": len(raw)}}]})
-    return Response(head + raw, media_type="application/octet-stream", headers={tensors.HEADER_LENGTH: str(len(head))})
+def answer(header: dict, outputs: list[tensors.Output], binary: list[bool]) -> Response:
+    """A V2 REST answer: each output's JSON data, or its raw bytes after the JSON header (in the
+    order the header lists them)."""
+    described, raws = [], []
+    for output, raw in zip(outputs, binary):
+        tensor = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
+        if raw:
+            raws.append(output.raw())
+            described.append(tensor | {"parameters": {"binary_data_size": len(raws[-1])}})
+        else:
+            described.append(tensor | {"data": output.data()})
+    head = json_encode(header | {"outputs": described})
+    if not raws:
+        return Response(head, media_type="application/json")
+    return Response(head + b"".join(raws), media_type="application/octet-stream",
+                    headers={tensors.HEADER_LENGTH: str(len(head))})
