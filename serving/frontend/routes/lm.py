@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from serving.common.logs import REQUEST_ID
 from serving.frontend.core import sessions
 from serving.frontend.core.generation import GenerationFailed, started, to_the_end
+from serving.frontend.core.refused import Refused
 from serving.frontend.responses import json_response, left
 from serving.frontend.schemas import GenerateRequest, StepRequest
 
@@ -43,11 +44,16 @@ class OwnedStream(StreamingResponse):
             self.end()
 
 
-def event_stream(request: Request, name: str, pieces: AsyncIterator[list[str]], cancel: Callable[[], None],
-                 events_of: Callable[[list[str]], bytes], last: Callable[[], bytes], endpoint: str) -> OwnedStream:
+def error_event(e: Refused) -> bytes:
+    return sse({"error": e.message, "request_id": REQUEST_ID.get()})
+
+
+def event_stream(request: Request, name: str, pieces: AsyncIterator, cancel: Callable[[], None],
+                 events_of: Callable[[list[str]], bytes], last: Callable[[], bytes], endpoint: str,
+                 failed: Callable[[Refused], bytes] = error_event) -> OwnedStream:
     """Server-sent events: events_of(the pieces that arrived together), then last() once the
-    generation ends; a failure after the headers is an error event, {"error": ...}. Counted in
-    /metrics under `endpoint`, apart from whole answers."""
+    generation ends; a failure after the headers is an error event, failed(why): {"error": ...}.
+    Counted in /metrics under `endpoint`, apart from whole answers."""
     if outcome := request.scope.get("rnnserve.outcome"):
         outcome.endpoint = endpoint
 
@@ -57,10 +63,10 @@ def event_stream(request: Request, name: str, pieces: AsyncIterator[list[str]], 
                 yield events_of(new)
             yield last()
         except Exception as e:  # the headers are sent: the error goes in the stream
-            error = str(e) if isinstance(e, GenerationFailed) else f"generation failed: {type(e).__name__}: {e}"
             if not isinstance(e, GenerationFailed):
                 log.exception("generate %s failed while streaming", name)
-            yield sse({"error": error, "request_id": REQUEST_ID.get()})
+            yield failed(e if isinstance(e, GenerationFailed)
+                         else GenerationFailed(500, f"generation failed: {type(e).__name__}: {e}"))
     return OwnedStream(events(), cancel, media_type="text/event-stream")
 
 
