@@ -60,7 +60,8 @@ def event_stream(request: Request, name: str, pieces: AsyncIterator, cancel: Cal
     async def events():
         try:
             async for new in pieces:
-                yield events_of(new)
+                if event := events_of(new):  # none while a stop string may yet take the text back
+                    yield event
             yield last()
         except Exception as e:  # the headers are sent: the error goes in the stream
             if not isinstance(e, GenerationFailed):

@@ -193,13 +193,12 @@ async def started_all(front: Front, name: str, asked: list[GenerateRequest]) -> 
     return ran
 
 
-async def merged(runs: list[Run]) -> AsyncIterator[tuple[int, list[str] | None]]:
-    """Every choice's pieces of text as they arrive, (its index, the pieces), and (index, None) when
-    it ends; one choice is read directly, several through a queue."""
+async def merged(runs: list[Run]) -> AsyncIterator[tuple[int, list[str]]]:
+    """Every choice's pieces of text as they arrive, (its index, the pieces), until every choice
+    has ended; one choice is read directly, several through a queue."""
     if len(runs) == 1:
         async for pieces in runs[0][1]:
             yield 0, pieces
-        yield 0, None
         return
     queue = asyncio.Queue()
 
@@ -218,8 +217,10 @@ async def merged(runs: list[Run]) -> AsyncIterator[tuple[int, list[str] | None]]
             index, new = await queue.get()
             if isinstance(new, Exception):
                 raise new
-            ended += new is None
-            yield index, new
+            if new is None:
+                ended += 1
+            else:
+                yield index, new
     finally:
         for reader in readers:
             reader.cancel()
@@ -263,24 +264,25 @@ class Chunk:
 
 def stream(request: Request, body: Sampling, runs: list[Run], chunks: list[Chunk], opening: bytes, endpoint: str):
     """Server-sent chunks: `opening`, then each choice's text as it arrives (less what a stop
-    string may yet take back), its last chunk with its finish_reason, with
-    stream_options.include_usage a chunk of the usage and no choices, then [DONE]."""
+    string may yet take back); once every choice has ended, in one write, each one's last chunk
+    (the rest of its text and its finish_reason), with stream_options.include_usage a chunk of
+    the usage and no choices, and [DONE]."""
     deltas = [Deltas(g) for g, _, _ in runs]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    sent = [opening]
+    opened = [opening]
 
-    def events_of(item: tuple[int, list[str] | None]) -> bytes:
-        index, new = item
-        opened, sent[:] = sent[0] if sent else b"", []
-        if new is None:
-            return opened + chunks[index].last(deltas[index].next(True), runs[index][0].finish_reason)
-        return opened + (chunks[index].part(part) if (part := deltas[index].next()) else b"")
+    def events_of(item: tuple[int, list[str]]) -> bytes:
+        index, _ = item
+        first = opened.pop() if opened else b""
+        return first + chunks[index].part(part) if (part := deltas[index].next()) else first
 
     def last() -> bytes:
-        if not include_usage:
-            return DONE
-        totals = usage([g for g, _, _ in runs], body.n if isinstance(body, CompletionRequest) else len(runs))
-        return b"data: " + json_encode(chunks[0].head | {"choices": [], "usage": totals}) + b"\n\n" + DONE
+        ends = (opened.pop() if opened else b"") + b"".join(
+            chunk.last(d.next(True), g.finish_reason) for chunk, d, (g, _, _) in zip(chunks, deltas, runs))
+        if include_usage:
+            totals = usage([g for g, _, _ in runs], body.n if isinstance(body, CompletionRequest) else len(runs))
+            ends += b"data: " + json_encode(chunks[0].head | {"choices": [], "usage": totals}) + b"\n\n"
+        return ends + DONE
 
     return lm.event_stream(request, body.model, merged(runs), cancel_all(runs), events_of, last, endpoint,
                            lambda e: lm.sse(openai_error(e)) + DONE)
