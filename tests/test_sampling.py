@@ -1,8 +1,10 @@
 """Sampling over the whole batch: for a seed, the same tokens as one stream sampled alone, and the
 same texts as the server gave before it sampled in batches (recorded from a2e04d7); a session
-step's top k, taken in the engine, as the front-end took it before."""
+step's top k, taken in the engine, as the front-end took it before; the penalties of a batch as
+each row's by their definition; log-probabilities as numpy's log of the softmax."""
 import asyncio
 import json
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from core.codec import softmax
-from serving.engine.sampling import most_likely, next_tokens
+from serving.engine.sampling import log_probabilities, most_likely, next_tokens, penalized
 from tests.serving_fixtures import Server, tiny_repository
 
 RECORDED = json.loads((Path(__file__).parent / "fixtures" / "generation_a2e04d7.json").read_text())
@@ -66,6 +68,64 @@ def test_the_engines_top_k_is_what_the_front_end_took_before(vocab):
         assert tokens == [i for i, _ in expected] and len(tokens) == min(n, vocab)
         assert np.abs(np.array(p) - [q for _, q in expected]).max() <= 1e-6
     assert most_likely(logits[:0], k[:0]) == []
+
+
+def penalized_alone(logits: np.ndarray, prompt: list[int], generated: list[int], presence: float, frequency: float,
+                    repetition: float) -> np.ndarray:
+    """One row's penalties by their definition (vLLM's, OpenAI's), token by token: the logit of a
+    token in the prompt or the text is divided by repetition where positive, else multiplied; then
+    less presence once and frequency per time for each generated token."""
+    z = logits.astype(np.float64)
+    for t in set(prompt) | set(generated):
+        z[t] = z[t] / repetition if z[t] > 0 else z[t] * repetition
+    for t, count in Counter(generated).items():
+        z[t] -= presence + frequency * count
+    return z
+
+
+def test_a_batch_is_penalized_as_each_row_would_be_alone():
+    """Rows with and without penalties in one batch: each as its definition says (float32, 1e-5),
+    the rows without any untouched; no penalty anywhere: the same array, not a copy."""
+    rng, batch, vocab = np.random.default_rng(5), 64, 47
+    logits = (rng.standard_normal((batch, vocab)) * 3).astype(np.float32)
+    prompts = [rng.integers(0, vocab, rng.integers(1, 10)).tolist() for _ in range(batch)]
+    texts = [rng.integers(0, vocab, rng.integers(0, 30)).tolist() for _ in range(batch)]
+    presence, frequency = rng.choice([0.0, -2.0, 0.5, 2.0], batch), rng.choice([0.0, -1.0, 0.3, 2.0], batch)
+    repetition = rng.choice([1.0, 0.5, 1.3, 2.0], batch)
+    presence[::4], frequency[::4], repetition[::4] = 0.0, 0.0, 1.0  # every fourth row: no penalty
+    counts, seen = np.zeros((batch, vocab), np.int32), np.zeros((batch, vocab), bool)
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        np.add.at(counts[i], text, 1)
+        seen[i, prompt + text] = True
+    rows = np.flatnonzero((presence != 0) | (frequency != 0) | (repetition != 1))
+    assert 0 < len(rows) < batch
+    got = penalized(logits, rows, counts[rows], seen[rows], presence[rows], frequency[rows], repetition[rows])
+    expected = np.stack([penalized_alone(logits[i], prompts[i], texts[i], presence[i], frequency[i], repetition[i])
+                         for i in range(batch)])
+    assert got.dtype == np.float32 and np.abs(got - expected).max() < 1e-5
+    untouched = np.setdiff1d(np.arange(batch), rows)
+    assert (got[untouched] == logits[untouched]).all() and got is not logits
+    assert penalized(logits, rows[:0], counts[:0], seen[:0], presence[:0], frequency[:0], repetition[:0]) is logits
+
+
+def test_log_probabilities_are_the_log_of_the_softmax_with_the_top_n_ranked():
+    """Each chosen token's log-probability and the n most likely (ties: the lower id first), as
+    float64 numpy takes them, to 1e-5; n of 0 gives none."""
+    rng = np.random.default_rng(9)
+    logits = (rng.standard_normal((16, 30)) * 4).astype(np.float32)
+    logits[0, [3, 7, 11]] = logits[0].max() + 1  # a three-way tie for the first place
+    chosen, n = rng.integers(0, 30, 16), rng.choice([0, 1, 5, 20], 16)
+    n[0] = 4
+    got, top = log_probabilities(logits, chosen, n)
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    assert np.abs(np.array(got) - logp[np.arange(16), chosen]).max() < 1e-5
+    for row, k, alternatives in zip(logp, n, top):
+        order = sorted(range(30), key=lambda t: (-row[t], t))[:k]
+        assert [t for t, _ in alternatives] == order
+        assert all(abs(lp - row[t]) < 1e-5 for t, lp in alternatives)
+    assert [t for t, _ in top[0][:3]] == [3, 7, 11]
 
 
 @pytest.fixture(scope="module")

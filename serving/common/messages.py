@@ -43,6 +43,11 @@ class Generate(Message):
     top_k: int
     top_p: float
     seed: int | None
+    presence_penalty: float = 0.0  # logits[t] -= presence * (t generated) + frequency * (times t generated)
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # logits of tokens in the prompt or generated: / it if positive, * it if not
+    logprobs: int = -1  # each generated token's log-probability and that many alternatives (-1: none)
+    prompt_logprobs: bool = False  # each prompt token's log-probability, sent before the first token
 
 
 class OpenSession(Message):
@@ -122,6 +127,23 @@ class Tokens(Message):
     last: list[bool]
 
 
+class Logprobs(Message):
+    """Sent just before the Tokens message it belongs to, for the generations in it that asked: the
+    log-probability of each one's token and its most likely alternatives, (id, log-probability)
+    most likely first."""
+    ids: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+class PromptLogprobs(Message):
+    """Each prompt token's log-probability given the tokens before it (the first has none), sent
+    after the prefill, before the first token; `last` ends a generation of no tokens (scoring)."""
+    id: int
+    logprobs: list[float | None]
+    last: bool
+
+
 class Stepped(Message):
     """A session step's answer: the step's top_k most likely next tokens, most likely first, with
     their probabilities (softmax over the whole vocabulary), and the tokens read so far."""
@@ -149,7 +171,8 @@ class Done(Message):
 
 
 ToEngine = Hello | Infer | Generate | OpenSession | Step | CloseSession | Cancel | Control
-ToFrontend = Catalog | Result | Results | Failed | Tokens | Stepped | SessionOpened | Depths | Done
+ToFrontend = (Catalog | Result | Results | Failed | Tokens | Logprobs | PromptLogprobs | Stepped | SessionOpened
+              | Depths | Done)
 encode = msgspec.msgpack.Encoder().encode
 decode_requests = msgspec.msgpack.Decoder(list[ToEngine]).decode
 decode_replies = msgspec.msgpack.Decoder(list[ToFrontend]).decode

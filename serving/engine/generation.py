@@ -6,7 +6,10 @@ An RNN's whole context is its state (layers x hidden numbers), so a generation i
 the pool. One step gathers the slots that have work (a prompt to prefill, the token sampled last
 step, a session's new text), runs them in one ONNX Runtime call (`lengths` keeps every row exact,
 whatever its length), scatters the new states back and samples every generation's next token in
-one vectorized pass (sampling.py).
+one vectorized pass (sampling.py), after the penalties of the generations that have any (their
+counts of generated tokens and masks of seen tokens are (slots, V) arrays, V the model's small
+vocabulary). Log-probabilities are taken only for the generations that asked: of each sampled
+token, and of each prompt token from the prefill's logits at every position.
 New generations join at the next step; finished or cancelled ones leave and free their slot.
 Work per token does not grow with the prompt or the text so far.
 """
@@ -20,9 +23,9 @@ import numpy as np
 
 from core.codec import pad
 from serving.common import metrics
-from serving.common.messages import Failed, Generate, Step, Stepped, Tokens
+from serving.common.messages import Failed, Generate, Logprobs, PromptLogprobs, Step, Stepped, Tokens
 from serving.engine.runner import Runner
-from serving.engine.sampling import most_likely, next_tokens
+from serving.engine.sampling import log_probabilities, most_likely, next_tokens, penalized
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,12 @@ class LanguageModel:
         self.next_token, self.emitted, self.max_new, self.request_id, self.frontend = (
             np.zeros(slots, np.int64) for _ in range(5))
         self.temperature, self.top_p, self.top_k = np.zeros(slots), np.ones(slots), np.zeros(slots, np.int64)
+        self.presence, self.frequency, self.repetition = np.zeros(slots), np.zeros(slots), np.ones(slots)
+        self.penalized = np.zeros(slots, bool)  # the slots with a penalty
+        self.counts = np.zeros((slots, self.vocab_size), np.int32)  # each generated token's count (penalized slots)
+        self.seen = np.zeros((slots, self.vocab_size), bool)  # tokens in the prompt or the text (penalized slots)
+        self.alternatives = np.full(slots, -1, np.int64)  # logprobs' alternatives per token (-1: no logprobs)
+        self.scored: set[int] = set()  # slots whose prompt's log-probabilities are sent after the prefill
         self.uniforms = np.zeros((slots, max_new_tokens))  # a generation's draws, one per token (pages touched as used)
         self.senders: list[bytes] = []  # front-ends, by the index in self.frontend
         self.streams: dict[tuple[bytes, int], int] = {}  # (front-end, request id) -> slot
@@ -86,6 +95,15 @@ class LanguageModel:
         self.emitted[slot], self.max_new[slot], self.request_id[slot] = 0, request.max_new_tokens, request.id
         self.frontend[slot] = self.senders.index(sender)
         self.temperature[slot], self.top_k[slot], self.top_p[slot] = request.temperature, request.top_k, request.top_p
+        self.presence[slot], self.frequency[slot] = request.presence_penalty, request.frequency_penalty
+        self.repetition[slot], self.alternatives[slot] = request.repetition_penalty, request.logprobs
+        self.penalized[slot] = (request.presence_penalty != 0 or request.frequency_penalty != 0
+                                or request.repetition_penalty != 1)
+        if self.penalized[slot]:
+            self.counts[slot], self.seen[slot] = 0, False
+            self.seen[slot, request.prompt] = True
+        if request.prompt_logprobs:
+            self.scored.add(slot)
         if request.temperature:
             self.uniforms[slot, : request.max_new_tokens] = np.random.default_rng(request.seed).random(request.max_new_tokens)
         metrics.of(metrics.ACTIVE_GENERATIONS, self.name).inc()
@@ -103,6 +121,7 @@ class LanguageModel:
         if slot is None:
             return None
         self.prompts.pop(slot, None)
+        self.scored.discard(slot)
         self.free.append(slot)
         metrics.of(metrics.ACTIVE_GENERATIONS, self.name).dec()
         return slot
@@ -183,20 +202,24 @@ class LanguageModel:
         Tokens message per front-end with the next token of each of its generations, and each
         session step's k most likely next tokens)."""
         prefill, steps = list(self.prompts.items()), self.next_steps(time.monotonic())
-        generating = np.array([slot for slot, _ in prefill] + self.decoding.tolist(), np.int64)
-        if not len(generating) and not steps:
+        prefilled = np.array([slot for slot, _ in prefill], np.int64)
+        if not len(prefilled) and not len(self.decoding) and not steps:
             return []
+        sampling = self.max_new[prefilled] > 0  # (P,): the others only score their prompt
+        generating = np.concatenate([prefilled[sampling], self.decoding])
         started = time.perf_counter()
         try:
-            read = self.advance([slot for slot, _ in prefill] + [session.slot for _, _, session in steps],
-                                [prompt for _, prompt in prefill] + [request.ids for _, request, _ in steps])
-            decoded = self.advance(self.decoding, None)
-            replies, ended = self.sampled(generating, np.concatenate([read[: len(prefill)], decoded]))
+            read, scores = self.advance([*prefilled.tolist(), *(session.slot for _, _, session in steps)],
+                                        [prompt for _, prompt in prefill] + [request.ids for _, request, _ in steps])
+            decoded, _ = self.advance(self.decoding, None)
+            replies, ended = self.sampled(generating, np.concatenate([read[: len(prefill)][sampling], decoded]))
         except Exception as e:  # a failing step fails what was in it, and only that
             log.exception("a step of %d generations and %d session steps failed on %s", len(generating), len(steps),
                           self.name)
-            return self.fail(generating, steps, f"generation failed: {type(e).__name__}: {e}")
+            return self.fail(np.concatenate([prefilled, self.decoding]), steps,
+                             f"generation failed: {type(e).__name__}: {e}")
         self.prompts.clear()
+        replies = self.scores(scores) + replies  # a prompt's log-probabilities before its first token
         self.decoding = generating[~ended]
         metrics.of(metrics.INFERENCE_TIME, self.step_label).observe(time.perf_counter() - started)
         best = most_likely(read[len(prefill):], np.array([r.top_k for _, r, _ in steps], np.int64)) if steps else []
@@ -205,22 +228,40 @@ class LanguageModel:
             replies.append((sender, Stepped(request.id, tokens, p, session.tokens)))
         return replies
 
-    def advance(self, slots, rows: list[list[int]] | None) -> np.ndarray:
+    def advance(self, slots, rows: list[list[int]] | None) -> tuple[np.ndarray, dict[int, list[float | None]]]:
         """One call: these slots' states over their rows (None: each slot's last sampled token), the
-        new states kept; the next-token logits (B, V) at each row's end."""
+        new states kept; the next-token logits (B, V) at each row's end, and the prompt's
+        log-probabilities of each slot that asked for them (slot -> one per token; the first: None)."""
         slots = np.asarray(slots, np.int64)
         if not len(slots):
-            return np.zeros((0, self.vocab_size), np.float32)
+            return np.zeros((0, self.vocab_size), np.float32), {}
         if rows is None:
             ids, lengths = self.next_token[slots][:, None], np.ones(len(slots), np.int64)
         else:
             ids, lengths = pad(rows)
         gathered = [state[:, slots] for state in self.pool]  # (layers, B, H) each: the slots' columns
-        logits, states = self.runner.advance(ids, lengths, gathered)
+        scoring = rows is not None and bool(self.scored) and not self.scored.isdisjoint(slots.tolist())
+        logits, states = self.runner.advance(ids, lengths, gathered, scoring)  # scoring: (B, T, V), else (B, V)
         for state, new in zip(self.pool, states):
             state[:, slots] = new  # (layers, B, H) back into the slots' columns
         metrics.of(metrics.BATCH_SIZE, self.step_label).observe(len(slots))
-        return logits
+        if not scoring:
+            return logits, {}
+        scores = {slot: prompt_logprobs(logits[i, : lengths[i]], ids[i, : lengths[i]])
+                  for i, slot in enumerate(slots.tolist()) if slot in self.scored}
+        return logits[np.arange(len(lengths)), lengths - 1], scores  # (B, V) at each row's last token
+
+    def scores(self, scores: dict[int, list[float | None]]) -> list[tuple[bytes, PromptLogprobs]]:
+        """The prompts' log-probabilities, each to its front-end; a generation of no tokens (it only
+        scores its prompt) ends with them."""
+        replies = []
+        for slot, logprobs in scores.items():
+            self.scored.discard(slot)
+            key, last = (self.senders[self.frontend[slot]], int(self.request_id[slot])), bool(self.max_new[slot] == 0)
+            replies.append((key[0], PromptLogprobs(key[1], logprobs, last)))
+            if last:
+                self.release(key)
+        return replies
 
     def sampled(self, slots: np.ndarray, logits: np.ndarray) -> tuple[list[tuple[bytes, Tokens]], np.ndarray]:
         """Every generation's next token, sampled in one pass; one Tokens message per front-end;
@@ -228,17 +269,40 @@ class LanguageModel:
         if not len(slots):
             return [], np.zeros(0, bool)
         emitted = self.emitted[slots]
+        if len(rows := np.flatnonzero(self.penalized[slots])):  # (R,) the rows with a penalty
+            with_penalty = slots[rows]
+            logits = penalized(logits, rows, self.counts[with_penalty], self.seen[with_penalty],
+                               self.presence[with_penalty], self.frequency[with_penalty], self.repetition[with_penalty])
         tokens = next_tokens(logits, self.temperature[slots], self.top_k[slots], self.top_p[slots],
                              self.uniforms[slots, emitted])
+        if len(rows):
+            self.counts[with_penalty, tokens[rows]] += 1
+            self.seen[with_penalty, tokens[rows]] = True
         self.next_token[slots], self.emitted[slots] = tokens, emitted + 1
         last = emitted + 1 >= self.max_new[slots]
         frontends, ids = self.frontend[slots], self.request_id[slots]
         replies = [(self.senders[f], Tokens(ids[mine].tolist(), tokens[mine].tolist(), last[mine].tolist()))
                    for f in np.unique(frontends) for mine in [frontends == f]]
+        if len(asked := np.flatnonzero(self.alternatives[slots] >= 0)):
+            replies = self.logprobs(asked, slots, logits, tokens) + replies  # each before its Tokens
         for f, rid in zip(frontends[last].tolist(), ids[last].tolist()):
             self.release((self.senders[f], rid))
         metrics.of(metrics.TOKENS_GENERATED, self.name).inc(len(slots))
         return replies, last
+
+    def logprobs(self, asked: np.ndarray, slots: np.ndarray, logits: np.ndarray,
+                 tokens: np.ndarray) -> list[tuple[bytes, Logprobs]]:
+        """The log-probabilities of the rows `asked` (of slots, logits and tokens): one Logprobs
+        message per front-end."""
+        chosen, top = log_probabilities(logits[asked], tokens[asked], self.alternatives[slots[asked]])
+        frontends, ids = self.frontend[slots[asked]].tolist(), self.request_id[slots[asked]].tolist()
+        replies = {}
+        for f, rid, lp, alternatives in zip(frontends, ids, chosen, top):
+            message = replies.setdefault(f, Logprobs([], [], []))
+            message.ids.append(rid)
+            message.logprobs.append(lp)
+            message.top.append(alternatives)
+        return [(self.senders[f], message) for f, message in replies.items()]
 
     def fail(self, generating: np.ndarray, steps: list, error: str) -> list[tuple[bytes, Failed]]:
         replies = [(sender, Failed(request.id, 500, error)) for sender, request, _ in steps]
@@ -247,3 +311,11 @@ class LanguageModel:
             replies.append((key[0], Failed(key[1], 500, error)))
             self.end(key)
         return replies
+
+
+def prompt_logprobs(logits: np.ndarray, ids: np.ndarray) -> list[float | None]:
+    """(T, V) logits at each prompt token and its (T,) ids -> each token's log-probability given the
+    ones before it (log-softmax of the position before, float32); the first has none."""
+    z = logits[:-1].astype(np.float32) - logits[:-1].max(axis=1, keepdims=True)  # (T - 1, V)
+    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return [None, *z[np.arange(len(z)), ids[1:]].tolist()]

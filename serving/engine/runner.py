@@ -165,13 +165,14 @@ class Runner:
         language model's (B, T, V) from the zero state."""
         return self.run(ids, lengths)[0]
 
-    def advance(self, ids: np.ndarray, lengths: np.ndarray,
-                state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def advance(self, ids: np.ndarray, lengths: np.ndarray, state: list[np.ndarray],
+                every: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
         """LMs: each row's tokens, (B, T) right-padded with (B,) lengths, from its state (one
         (layers, B, H) array per state input, as the graph takes them) -> the next-token logits
-        (B, V) at each row's last token and the state there, in the same layout."""
+        (B, V) at each row's last token (every: (B, T, V) at every token, to score a prompt) and the
+        state there, in the same layout."""
         logits, *states = self.run(ids, lengths, state)  # (B, T, V), then (layers, B, H) each
-        return logits[np.arange(len(lengths)), lengths - 1], states  # (B, V) at each row's last token
+        return logits if every else logits[np.arange(len(lengths)), lengths - 1], states
 
     def zero_state(self, rows: int) -> list[np.ndarray]:
         """The zero state of `rows` rows: one (layers, rows, H) array per state input of the graph

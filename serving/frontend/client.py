@@ -21,15 +21,16 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from core.repository import Version, read_version
-from serving.common.messages import (Cancel, Catalog, Deployed, Depths, Failed, Generate, Hello, Result, Results,
-                                     Tokens, decode_replies, encode)
+from serving.common.messages import (Cancel, Catalog, Deployed, Depths, Failed, Generate, Hello, Logprobs,
+                                     PromptLogprobs, Result, Results, Tokens, decode_replies, encode)
 
 log = logging.getLogger(__name__)
 COALESCE_S = 0.0005
 
 
 class Stream:
-    """The tokens of one generation as the engine sends them, step by step."""
+    """The tokens of one generation as the engine sends them, step by step (and, where it asked,
+    their log-probabilities, which arrive just before them, and its prompt's)."""
 
     def __init__(self, rid: int):
         self.id = rid
@@ -37,6 +38,20 @@ class Stream:
         self.last = False
         self.failed: Failed | None = None
         self.waiter: asyncio.Future | None = None
+        self.logprobs: list[tuple[float, list]] = []  # (log-probability, alternatives) of tokens not yet taken
+        self.prompt_logprobs: list[float | None] | None = None
+
+    def scored(self, prompt_logprobs: list[float | None], last: bool):
+        """The prompt's log-probabilities; last: the generation has no tokens (it scored its prompt)."""
+        self.prompt_logprobs = prompt_logprobs
+        if last:
+            self.last = True
+            self.wake()
+
+    def take_logprobs(self, n: int) -> list[tuple[float, list]]:
+        """The log-probabilities of the next n tokens taken."""
+        taken, self.logprobs = self.logprobs[:n], self.logprobs[n:]
+        return taken
 
     def push(self, token: int, last: bool):
         self.tokens.append(token)
@@ -247,6 +262,15 @@ class EngineClient:
                                 del link.streams[rid]
                 elif isinstance(reply, Depths):
                     link.queued = reply.queued
+                elif isinstance(reply, Logprobs):
+                    for rid, logprob, top in zip(reply.ids, reply.logprobs, reply.top):
+                        if stream := link.streams.get(rid):
+                            stream.logprobs.append((logprob, top))
+                elif isinstance(reply, PromptLogprobs):
+                    if stream := link.streams.get(reply.id):
+                        stream.scored(reply.logprobs, reply.last)
+                        if reply.last:
+                            del link.streams[reply.id]
                 elif isinstance(reply, Catalog):
                     self.catalogued(link, {d.name: d for d in reply.models})
                 elif isinstance(reply, Results):  # a batch's answers: each request's rows, a view of one buffer

@@ -94,15 +94,45 @@ class ServerMetadata(BaseModel):
     extensions: list[str]
 
 
+PRESENCE = "subtracted from the logit of every token generated so far (-2 to 2, as OpenAI's)"
+FREQUENCY = "times the number of times a token was generated so far, subtracted from its logit (-2 to 2)"
+REPETITION = ("vLLM's: the logit of a token in the prompt or the text so far is divided by it where positive, "
+              "multiplied where not (1: off)")
+MIN_TOKENS = "no stop string ends the text before this many tokens (at most the tokens asked)"
+LOGPROBS = ("each generated token's log-probability and that many most likely alternatives (0 to 20), "
+            "from the logits it was sampled from: after the penalties, before the temperature")
+PROMPT_LOGPROBS = "each prompt token's log-probability given the ones before it (the first has none: null)"
+MAX_LOGPROBS = 20
+
+
 class GenerateRequest(Request):
+    """:generate's body, and what every other front's generation request is read as
+    (serving/frontend/core/generation.py's from_triton): one reading of the sampling settings."""
     prompt: str = Field(min_length=1, description="an empty prompt is refused: the model needs a first token")
-    max_new_tokens: int = Field(100, ge=1)
+    max_new_tokens: int = Field(100, ge=0, description="0 only with prompt_logprobs: score the prompt, no text")
     temperature: float = Field(1.0, ge=0, description="0 is greedy")
     top_k: int = Field(0, ge=0, description="0: no top-k filter")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, description="the same seed gives the same text")
     stop: list[str] = Field([], description="stop at the first of these; it is not part of the text")
     stream: bool = Field(False, description="answer text/event-stream, one event per token")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description=PRESENCE)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description=FREQUENCY)
+    repetition_penalty: float = Field(1.0, gt=0, description=REPETITION)
+    min_tokens: int = Field(0, ge=0, description=MIN_TOKENS)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=LOGPROBS)
+    prompt_logprobs: bool = Field(False, description=PROMPT_LOGPROBS)
+
+
+class Alternative(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    token: str = Field(description="the generated token's text")
+    logprob: float
+    top: list[Alternative] = Field(description="the most likely tokens there, most likely first (ties: lower id)")
 
 
 class GenerateResponse(BaseModel):
@@ -111,11 +141,14 @@ class GenerateResponse(BaseModel):
     finish_reason: str = Field(description="length | stop")
     prompt_tokens: int
     unknown_prompt_tokens: int = Field(description="prompt tokens outside the vocabulary, read as <unk>")
+    logprobs: list[TokenLogprob] | None = Field(None, description="only when asked: one per generated token")
+    prompt_logprobs: list[float | None] | None = Field(None, description="only when asked: one per prompt token")
 
 
 class TritonParameters(Request):
     """Sampling as Triton's LLM backends name it (vLLM's sampling_parameters)."""
-    max_tokens: int = Field(100, ge=1, description="tokens to generate (:generate's max_new_tokens)")
+    max_tokens: int = Field(100, ge=0, description="tokens to generate (:generate's max_new_tokens; 0 only with "
+                                                   "prompt_logprobs)")
     temperature: float = Field(1.0, ge=0, description="0 is greedy")
     top_k: int = Field(0, ge=-1, description="0 or -1 (vLLM's): no top-k filter")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -125,6 +158,12 @@ class TritonParameters(Request):
                                                   "false there: one event with the whole answer")
     exclude_input_in_output: bool = Field(False, description="a whole answer's text_output without the prompt "
                                                              "(a stream's events never repeat it)")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description=PRESENCE)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description=FREQUENCY)
+    repetition_penalty: float = Field(1.0, gt=0, description=REPETITION)
+    min_tokens: int = Field(0, ge=0, description=MIN_TOKENS)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=LOGPROBS + "; answered in `logprobs`")
+    prompt_logprobs: bool = Field(False, description=PROMPT_LOGPROBS + "; answered in `prompt_logprobs`")
 
 
 class TritonGenerateRequest(Request):
@@ -148,6 +187,8 @@ class TritonGenerateResponse(BaseModel):
     model_name: str
     model_version: str
     text_output: str
+    logprobs: list[TokenLogprob] | None = Field(None, description="only when asked: one per generated token")
+    prompt_logprobs: list[float | None] | None = Field(None, description="only when asked: one per prompt token")
 
 
 class SessionCreated(BaseModel):

@@ -1,11 +1,12 @@
 """A generation as the front-end follows it, for every transport: started on the engine that runs
 the model's generations, its first tokens awaited (until then a refusal is the request's status),
 then its text piece by piece until the length or a stop string ends it. The engine advances the
-states and samples; the front-end encodes the prompt, decodes tokens and finds stop strings."""
+states, applies the penalties, samples and takes log-probabilities; the front-end encodes the
+prompt, decodes tokens and finds stop strings (none before min_tokens, as vLLM's stop checker)."""
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from core.codec import TextCodec
 from serving.common import metrics, tracing
@@ -27,27 +28,45 @@ class Generation:
     text: str = ""
     tokens: int = 0
     finish_reason: str | None = None
+    logprobs: list[dict] = field(default_factory=list)  # when asked: {"token", "logprob", "top"} per token
+    prompt_logprobs: list[float | None] | None = None  # when asked: one per prompt token, the first None
 
-    def add(self, tokens: list[int], last: bool) -> list[str]:
-        """The pieces of text these tokens make, up to a stop string or the last token."""
+    def add(self, tokens: list[int], last: bool, logprobs: list[tuple[float, list]] | None = None) -> list[str]:
+        """The pieces of text these tokens make, up to a stop string (from the min_tokens-th token
+        on) or the last token; logprobs: the engine's (log-probability, alternatives) of each."""
         new = []
-        for token in tokens:
+        for i, token in enumerate(tokens):
             piece = self.codec.piece(token)
             self.tokens += 1
             self.text += piece
             new.append(piece)
+            if logprobs:
+                self.logprobs.append(self.logprob(piece, *logprobs[i]))
+            if self.tokens < self.body.min_tokens:
+                continue
             stop = next((s for s in self.body.stop if s and s in self.text[-(len(piece) + len(s)):]), None)
             if stop:
-                self.text, self.finish_reason = self.text[: self.text.index(stop)], "stop"
+                cut = self.text.index(stop, max(0, len(self.text) - len(piece) - len(stop)))
+                self.text, self.finish_reason = self.text[:cut], "stop"
                 break
         if last and not self.finish_reason:
             self.finish_reason = "length"
         return new
 
+    def logprob(self, piece: str, logprob: float, top: list) -> dict:
+        """One generated token's entry: its text, log-probability and most likely alternatives."""
+        return {"token": piece, "logprob": logprob,
+                "top": [{"token": self.codec.piece(t), "logprob": lp} for t, lp in top]}
+
+    def scores(self) -> dict:
+        """The log-probabilities asked for, by the names of the fields that asked for them."""
+        return ({"logprobs": self.logprobs} if self.body.logprobs is not None else {}) | (
+            {"prompt_logprobs": self.prompt_logprobs} if self.body.prompt_logprobs else {})
+
     def summary(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
                 "prompt_tokens": len(self.prompt_ids),
-                "unknown_prompt_tokens": self.prompt_ids.count(self.codec.vocab.unk_id)}
+                "unknown_prompt_tokens": self.prompt_ids.count(self.codec.vocab.unk_id)} | self.scores()
 
 
 class Deltas:
@@ -55,7 +74,7 @@ class Deltas:
     stop string may yet take back: the parts add up to the whole text exactly (Triton's streams)."""
 
     def __init__(self, generation: Generation):
-        self.generation, self.sent = generation, 0
+        self.generation, self.sent, self.scored, self.prompt_scored = generation, 0, 0, False
         self.held = max(map(len, generation.body.stop), default=1) - 1
 
     def next(self, final: bool = False) -> str:
@@ -63,6 +82,16 @@ class Deltas:
         end = len(text) if final or self.generation.finish_reason else max(self.sent, len(text) - self.held)
         part, self.sent = text[self.sent: end], end
         return part
+
+    def scores(self) -> dict:
+        """The log-probabilities asked for that no part before carried: those of the tokens since
+        (they add up to the whole answer's), and the prompt's with the first part; {} if none."""
+        generation, new = self.generation, {}
+        if generation.body.logprobs is not None and len(generation.logprobs) > self.scored:
+            new["logprobs"], self.scored = generation.logprobs[self.scored:], len(generation.logprobs)
+        if generation.body.prompt_logprobs and not self.prompt_scored:
+            new["prompt_logprobs"], self.prompt_scored = generation.prompt_logprobs, True
+        return new
 
 
 class GenerationFailed(Refused):
@@ -87,8 +116,10 @@ async def first_tokens(front: Front, name: str, body: GenerateRequest,
         if not prompt:
             raise Refused(400, "the prompt has no tokens")
         rid = client.next_id()
-        stream = client.generate(link, Generate(rid, name, version.number, prompt, body.max_new_tokens,
-                                                body.temperature, body.top_k, body.top_p, body.seed))
+        stream = client.generate(link, Generate(
+            rid, name, version.number, prompt, body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed,
+            body.presence_penalty, body.frequency_penalty, body.repetition_penalty,
+            -1 if body.logprobs is None else body.logprobs, body.prompt_logprobs))
         try:
             tokens = await stream.next(timeout_s)
         except TimeoutError:
@@ -97,9 +128,10 @@ async def first_tokens(front: Front, name: str, body: GenerateRequest,
         except asyncio.CancelledError:
             client.cancel(link, rid)
             raise
-        if not tokens:  # a failure after them goes in the stream
+        if stream.failed and not tokens:  # a failure after them goes in the stream
             return stream.failed
-        return link, stream, Generation(version.codec, body, prompt, version.number), tokens
+        generation = Generation(version.codec, body, prompt, version.number, prompt_logprobs=stream.prompt_logprobs)
+        return link, stream, generation, tokens
 
     begun = await on_the_current_version(attempt)
     metrics.TIME_TO_FIRST_TOKEN.labels(name).observe(time.perf_counter() - started)
@@ -115,7 +147,9 @@ async def rest(client: EngineClient, link: Link, stream: Stream, generation: Gen
     span = tracing.start("generation")
     try:
         while True:
-            pieces = generation.add(tokens, stream.last and not stream.tokens and not stream.failed)  # none waits
+            logprobs = stream.take_logprobs(len(tokens)) if generation.body.logprobs is not None else None
+            last = stream.last and not stream.tokens and not stream.failed  # none waits
+            pieces = generation.add(tokens, last, logprobs)
             if generation.finish_reason == "stop":
                 client.cancel(link, stream.id)
             written = loop.time()
@@ -141,11 +175,15 @@ async def started(front: Front, name: str, body: GenerateRequest, version: str |
                   length_name: str = "max_new_tokens") -> tuple[Generation, AsyncIterator[list[str]], Callable[[], None]]:
     """A generation checked and under way: its first tokens arrived (until then a refusal is the
     request's status), the pieces of text to come, and how to cancel it. length_name: what the
-    client called max_new_tokens (Triton's max_tokens), for its refusal."""
+    client called max_new_tokens (Triton's max_tokens), for its refusals."""
     settings, client = front.settings, engines(front)
     check_text(front, body.prompt, "prompt")
     if body.max_new_tokens > settings.max_new_tokens:
         raise Refused(400, f"{length_name} is at most {settings.max_new_tokens}")
+    if body.max_new_tokens == 0 and not body.prompt_logprobs:
+        raise Refused(400, f"{length_name} is at least 1 (0 only with prompt_logprobs, to score the prompt)")
+    if body.min_tokens > body.max_new_tokens:
+        raise Refused(400, f"min_tokens ({body.min_tokens}) is at most {length_name} ({body.max_new_tokens})")
     link, stream, generation, tokens = await first_tokens(front, name, body, version)
     pieces = rest(client, link, stream, generation, tokens, settings.request_timeout_s,
                   settings.stream_interval_ms / 1000)
@@ -157,7 +195,10 @@ def from_triton(body: TritonGenerateRequest) -> GenerateRequest:
     p = body.parameters
     return GenerateRequest(prompt=body.text_input, max_new_tokens=p.max_tokens, temperature=p.temperature,
                            top_k=max(p.top_k, 0), top_p=p.top_p, seed=p.seed,
-                           stop=[p.stop] if isinstance(p.stop, str) else p.stop)
+                           stop=[p.stop] if isinstance(p.stop, str) else p.stop,
+                           presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                           repetition_penalty=p.repetition_penalty, min_tokens=p.min_tokens, logprobs=p.logprobs,
+                           prompt_logprobs=p.prompt_logprobs)
 
 
 async def started_triton(front: Front, name: str, body: TritonGenerateRequest, version: str | None = None):

@@ -5,7 +5,10 @@ between requests (each names its request's id).
 A language model's request carries Triton's LLM inputs: text_input (BYTES), stream and
 exclude_input_in_output (BOOL), sampling_parameters (BYTES, a JSON object: max_tokens,
 temperature, top_k, top_p, seed, stop); the sampling parameters may also come as the request's
-parameters. It answers text_output (BYTES): with stream true, one response per part of the text
+parameters (and presence_penalty, frequency_penalty, repetition_penalty, min_tokens, logprobs,
+prompt_logprobs: :generate's). It answers text_output (BYTES), and where asked logprobs and
+prompt_logprobs (BYTES, JSON as :generate's answer has them: of the tokens since the response
+before; the prompt's in the first response): with stream true, one response per part of the text
 as it arrives; else one response, the prompt and the text (without the prompt if
 exclude_input_in_output). It is the generation of :generate and of the REST generate extension
 (serving/frontend/core/generation.py), checked by the same schema. Any other model's request is a
@@ -17,6 +20,7 @@ it is an empty one. A request's error is a response with error_message, and the 
 closing the stream cancels what it was still generating.
 """
 import asyncio
+import json
 
 from pydantic import ValidationError
 from tritonclient.grpc import service_pb2 as pb
@@ -42,16 +46,19 @@ def generation_request(request: pb.ModelInferRequest) -> TritonGenerateRequest:
         raise invalid(e, ()) from None
 
 
-def text_response(request: pb.ModelInferRequest, version: int, text: str | None, final: bool) -> pb.ModelStreamInferResponse:
-    """One response of a generation: its text_output (none: the empty final response)."""
+def text_response(request: pb.ModelInferRequest, version: int, text: str | None, final: bool,
+                  scores: dict | None = None) -> pb.ModelStreamInferResponse:
+    """One response of a generation: its text_output (none: the empty final response) and the
+    log-probabilities it carries (each a BYTES output of one JSON element)."""
     final_flag = {"triton_final_response": pb.InferParameter(bool_param=final)}
     if text is None:
         return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
             model_name=request.model_name, model_version=str(version), id=request.id, parameters=final_flag))
+    outputs = {"text_output": text} | {name: json.dumps(value) for name, value in (scores or {}).items()}
     return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
         model_name=request.model_name, model_version=str(version), id=request.id, parameters=final_flag,
-        outputs=[pb.ModelInferResponse.InferOutputTensor(name="text_output", datatype="BYTES", shape=[1])],
-        raw_output_contents=[inputs.strings([text])]))
+        outputs=[pb.ModelInferResponse.InferOutputTensor(name=name, datatype="BYTES", shape=[1]) for name in outputs],
+        raw_output_contents=[inputs.strings([value]) for value in outputs.values()]))
 
 
 async def generation(front: Front, request: pb.ModelInferRequest, send):
@@ -65,20 +72,21 @@ async def generation(front: Front, request: pb.ModelInferRequest, send):
         try:
             deltas = Deltas(generation_)
             async for _ in pieces:
-                if part := deltas.next():
-                    send(text_response(request, version, part, False))
-            last = deltas.next(final=True)
+                part, scores = deltas.next(), deltas.scores()
+                if part or scores:
+                    send(text_response(request, version, part, False, scores))
+            last, scores = deltas.next(final=True), deltas.scores()
         finally:
             cancel()
     else:
         await to_the_end(pieces, cancel)
-        last = whole(body, generation_)
+        last, scores = whole(body, generation_), generation_.scores()
     if empty_final:
-        if last:
-            send(text_response(request, version, last, False))
+        if last or scores:
+            send(text_response(request, version, last, False, scores))
         send(text_response(request, version, None, True))
     else:
-        send(text_response(request, version, last, True))
+        send(text_response(request, version, last, True, scores))
 
 
 async def answer(front: Front, request: pb.ModelInferRequest, infer, send, request_id: str,

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from serving.common.logs import REQUEST_ID
 from serving.frontend.core import sessions
-from serving.frontend.core.generation import GenerationFailed, started, to_the_end
+from serving.frontend.core.generation import Generation, GenerationFailed, started, to_the_end
 from serving.frontend.core.refused import Refused
 from serving.frontend.responses import json_response, left
 from serving.frontend.schemas import GenerateRequest, StepRequest
@@ -27,6 +27,14 @@ def event(piece: str) -> bytes:
 
 def sse(data: dict) -> bytes:
     return f"data: {json.dumps(data)}\n\n".encode()
+
+
+def token_events(generation: Generation) -> Callable[[list[str]], bytes]:
+    """The events of the pieces that arrived together: one per token, {"token": its text}, and
+    where logprobs were asked its log-probability and alternatives ({"token", "logprob", "top"})."""
+    if generation.body.logprobs is None:
+        return lambda new: b"".join(map(event, new))
+    return lambda new: b"".join(sse(entry) for entry in generation.logprobs[len(generation.logprobs) - len(new):])
 
 
 class OwnedStream(StreamingResponse):
@@ -78,7 +86,7 @@ async def generate(name: str, body: GenerateRequest, request: Request):
     (an error event when streaming); the whole stream has no deadline of its own."""
     generation, pieces, cancel = await started(request.app.state.front, name, body)
     if body.stream:
-        return event_stream(request, name, pieces, cancel, lambda new: b"".join(map(event, new)),
+        return event_stream(request, name, pieces, cancel, token_events(generation),
                             lambda: sse(generation.summary()), "generate_stream")
     await to_the_end(pieces, cancel, left(request))
     return json_response(generation.summary())

@@ -1,8 +1,11 @@
 """Triton's generate extension, for clients of Triton's LLM backends: POST
 /v2/models/{name}[/versions/{version}]/generate answers {"model_name", "model_version",
-"text_output"}; .../generate_stream answers the same objects as server-sent events, each with the
-text that arrived since the one before. {"text_input", "parameters": {"max_tokens", "temperature",
-"top_k", "top_p", "seed", "stop", "stream", "exclude_input_in_output"}} in, as vLLM's backend takes
+"text_output"} (and, where asked, "logprobs" and "prompt_logprobs" as :generate's answer has
+them); .../generate_stream answers the same objects as server-sent events, each with the text
+that arrived since the one before (and the log-probabilities of the tokens since).
+{"text_input", "parameters": {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop",
+"stream", "exclude_input_in_output", "presence_penalty", "frequency_penalty",
+"repetition_penalty", "min_tokens", "logprobs", "prompt_logprobs"}} in, as vLLM's backend takes
 them. The same generation as :generate (serving/frontend/core/generation.py): engine, deadlines,
 cancellation when the client leaves, metrics, and, for a seed, text. An error before the first
 token is its HTTP status and {"error": ...}; after it, an event {"error": ...}, as Triton sends it.
@@ -26,14 +29,16 @@ async def answer(request: Request, name: str, body: TritonGenerateRequest, versi
     head = {"model_name": name, "model_version": str(generation.version)}
     if not streaming:
         await to_the_end(pieces, cancel, left(request))
-        return json_response(head | {"text_output": whole(body, generation)})
+        return json_response(head | {"text_output": whole(body, generation)} | generation.scores())
     if p.stream is False:
         return lm.event_stream(request, name, pieces, cancel, lambda new: b"",
-                               lambda: lm.sse(head | {"text_output": whole(body, generation)}), "v2_generate_stream")
+                               lambda: lm.sse(head | {"text_output": whole(body, generation)} | generation.scores()),
+                               "v2_generate_stream")
     deltas = Deltas(generation)
 
     def since(final: bool) -> bytes:
-        return lm.sse(head | {"text_output": part}) if (part := deltas.next(final)) else b""
+        part, scores = deltas.next(final), deltas.scores()
+        return lm.sse(head | {"text_output": part} | scores) if part or scores else b""
     return lm.event_stream(request, name, pieces, cancel, lambda new: since(False), lambda: since(True),
                            "v2_generate_stream")
 
