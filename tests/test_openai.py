@@ -5,10 +5,11 @@ import asyncio
 import json
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
-from core.repository import ChatTemplate
+from core.repository import ChatTemplate, read_version
 from tests.serving_fixtures import Server, sample, slowed_steps, streams_gone, tiny_repository
 
 TEMPLATE = {"message": "<{role}> {content}\n", "reply": "<assistant> ", "stop": ["\n<"]}
@@ -240,3 +241,114 @@ def test_requests_are_counted_under_the_model_and_the_openai_endpoints(server, c
     after = httpx.get(f"{server.url}/metrics").text
     for endpoint, status in (("openai_completions", 200), ("openai_chat_stream", 200), ("openai_completions", 400)):
         assert sample(after, series % (endpoint, status)) == sample(before, series % (endpoint, status)) + 1
+
+
+def v2_log_softmax(server, ids: list[int]) -> np.ndarray:
+    """(T, V): the log-softmax of the logits V2 infer answers for this one row, from the zero state."""
+    r = httpx.post(f"{server.url}/v2/models/lm/infer", json={"inputs": [
+        {"name": "input_ids", "shape": [1, len(ids)], "datatype": "INT64", "data": ids},
+        {"name": "lengths", "shape": [1], "datatype": "INT64", "data": [len(ids)]}]}, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    z = np.array(out["data"], np.float64).reshape(out["shape"])[0]
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def test_logprobs_top_entries_are_a_session_steps_probabilities(server, client):
+    """Each generated token's top 5: the log of what a session step after the same text answers,
+    to 1e-5, in the completions' shape (tokens, token_logprobs, top_logprobs, text_offset)."""
+    got = client.completions.create(model="lm", prompt="the time", max_tokens=6, temperature=0, logprobs=5).choices[0]
+    lp = got.logprobs
+    assert "".join(lp.tokens) == got.text and lp.text_offset == list(range(6)) and len(lp.top_logprobs) == 6
+    sid = httpx.post(f"{server.url}/v1/models/lm/sessions").json()["session_id"]
+    try:
+        fed = "the time"
+        for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            step = httpx.post(f"{server.url}/v1/models/lm/sessions/{sid}:step", json={"text": fed, "top_k": 5}).json()
+            assert list(top) == [t["token"] for t in step["next"]]
+            assert max(abs(np.log(t["probability"]) - top[t["token"]]) for t in step["next"]) < 1e-5
+            assert top[token] == logprob == max(top.values())  # greedy: the most likely
+            fed = token
+    finally:
+        httpx.delete(f"{server.url}/v1/models/lm/sessions/{sid}")
+
+
+def test_a_scored_text_sums_to_its_log_likelihood_from_v2_infer(server, client, repository):
+    """echo, max_tokens 0 and logprobs: each prompt token's log-probability given those before it
+    (the first null), summing to the text's log-likelihood under V2 infer's logits to 1e-4."""
+    text = "the time traveller"
+    got = client.completions.create(model="lm", prompt=text, max_tokens=0, echo=True, logprobs=0)
+    choice, ids = got.choices[0], read_version(repository / "lm" / "1").codec.ids(text)
+    assert (choice.text, choice.finish_reason, got.usage.completion_tokens, got.usage.prompt_tokens) == (
+        text, "length", 0, len(ids))
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == text and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == list(range(len(text)))
+    logp = v2_log_softmax(server, ids)
+    expected = logp[np.arange(len(ids) - 1), ids[1:]]
+    assert abs(sum(lp.token_logprobs[1:]) - expected.sum()) < 1e-4
+    print(f"perplexity of {text!r}: {np.exp(-expected.mean()):.3f}")
+    streamed = list(client.completions.create(model="lm", prompt=text, max_tokens=0, echo=True, logprobs=0,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == text
+    assert sum((c.choices[0].logprobs.token_logprobs for c in streamed if c.choices[0].logprobs), []) == lp.token_logprobs
+
+
+def test_echoed_logprobs_come_before_the_generated_ones_and_streamed_they_add_up(client):
+    whole = client.completions.create(model="lm", prompt="the", max_tokens=20, temperature=0.9, seed=4, echo=True,
+                                      logprobs=2).choices[0]
+    lp = whole.logprobs
+    assert "".join(lp.tokens) == whole.text and lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert lp.token_logprobs[0] is None and all(len(t) == 2 for t in lp.top_logprobs[3:])
+    chunks = list(client.completions.create(model="lm", prompt="the", max_tokens=20, temperature=0.9, seed=4, echo=True,
+                                            logprobs=2, stream=True))
+    parts = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    assert sum((p.tokens for p in parts), []) == lp.tokens and sum((p.text_offset for p in parts), []) == lp.text_offset
+    assert sum((p.top_logprobs for p in parts), []) == lp.top_logprobs
+
+
+def test_chat_logprobs_are_in_the_chats_shape(client):
+    messages = [{"role": "user", "content": "the time"}]
+    got = client.chat.completions.create(model="lm", messages=messages, max_tokens=10, temperature=0, logprobs=True,
+                                         top_logprobs=3).choices[0]
+    content = got.logprobs.content
+    assert "".join(t.token for t in content) == got.message.content and len(content) == 10
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == t.logprob and t.bytes == list(t.token.encode())
+               for t in content)
+    streamed = list(client.chat.completions.create(model="lm", messages=messages, max_tokens=10, temperature=0,
+                                                   logprobs=True, top_logprobs=3, stream=True))
+    assert sum((c.choices[0].logprobs.content for c in streamed if c.choices[0].logprobs), []) == content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="lm", messages=messages, top_logprobs=3)
+    assert e.value.param == "top_logprobs"
+
+
+@pytest.mark.parametrize("fields", [
+    {"presence_penalty": 1.5, "frequency_penalty": 0.5},
+    {"extra_body": {"repetition_penalty": 1.8, "top_k": 4}},
+    {"extra_body": {"min_tokens": 30}, "stop": "e"},
+])
+def test_penalties_and_min_tokens_are_generates(server, client, fields):
+    generate = {k: v for k, v in fields.items() if k != "extra_body"} | fields.get("extra_body", {})
+    generate["stop"] = [generate["stop"]] if "stop" in generate else []
+    expected = ours(server, "the time", max_new_tokens=40, temperature=0.7, seed=9, **generate)
+    got = client.completions.create(model="lm", prompt="the time", max_tokens=40, temperature=0.7, seed=9, **fields)
+    assert (got.choices[0].text, got.choices[0].finish_reason) == (expected["text"], expected["finish_reason"])
+    if "min_tokens" in generate:
+        assert got.usage.completion_tokens >= 30
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"max_tokens": 0}, "max_tokens"),  # without echo and logprobs: nothing to answer
+    ({"max_tokens": 5, "extra_body": {"min_tokens": 6}}, "min_tokens"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+])
+def test_a_bad_sampling_value_is_a_bad_request_naming_its_param(client, fields, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**{"model": "lm", "prompt": "the"} | fields)
+    assert e.value.param == param, e.value.body
