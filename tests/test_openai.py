@@ -163,6 +163,11 @@ def test_a_stream_closed_midway_frees_its_slot(repository):
             assert s.deployment("lm").lm.streams == {}
         both = [c.completions.create(model="lm", prompt="the", max_tokens=5, stream=True) for _ in range(2)]
         assert [len([x for x in each if x.choices]) > 0 for each in both] == [True, True]
+        with pytest.raises(httpx.ReadTimeout):  # a whole answer of two choices, its client gone first
+            httpx.post(f"{s.url}/openai/v1/completions", json={"model": "lm", "prompt": "the", "max_tokens": 1000,
+                                                               "n": 2}, timeout=0.5)
+        print(f"the engine dropped both choices {streams_gone(s, 'lm'):.3f}s after the client left")
+        assert s.deployment("lm").lm.streams == {}
     finally:
         s.stop()
 

@@ -55,7 +55,9 @@ class FrontDoor:
         outcome = begun(headers.get(b"x-request-id", b"").decode("latin-1"), route.endpoint if route else "")
         answer = self.answering(send, outcome)
         scope["rnnserve.outcome"] = outcome  # a stream renames its endpoint (generate_stream)
-        attributes = {"http.route": route.path, "url.path": path, "rnnserve.model": params.get("name", "")} if route else {}
+        attributes = {"http.route": route.path, "url.path": path} if route else {}
+        if "name" in params:  # else a body names it (serving/frontend/core/envelope.py's named())
+            attributes["rnnserve.model"] = params["name"]
         try:
             with entered(self.front, outcome, route.span if route else "", headers, headers.get(b"authorization", b""),
                          guard, params.get("name", ""), bool(route and route.queued), **attributes):

@@ -49,7 +49,8 @@ def label(client: EngineClient | None, name: str) -> str:
 
 def named(client: EngineClient | None, outcome: Outcome | None, name: str):
     """A counted request whose model is named in its body, not its path (OpenAI's): counted under
-    that model from now on, in flight and when it is answered."""
+    that model from now on, in flight and when it is answered, and its span says which."""
+    tracing.set_attributes(**{"rnnserve.model": name})
     if outcome and outcome.endpoint and (model := label(client, name)) != outcome.model:
         metrics.of(metrics.IN_FLIGHT, outcome.model).dec()
         outcome.model = model
