@@ -357,3 +357,32 @@ def test_a_bad_sampling_value_is_a_bad_request_naming_its_param(client, fields, 
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**{"model": "lm", "prompt": "the"} | fields)
     assert e.value.param == param, e.value.body
+
+
+def test_an_engine_failure_is_openais_error_before_the_first_token_and_a_chunk_after(repository):
+    s = Server(repository)
+    runner = s.deployment("lm").runner
+    advance, calls, good = runner.advance, [], [2]  # the first `good` steps of a generation run
+
+    def failing(*args):
+        calls.append(1)
+        return advance(*args) if len(calls) <= good[0] else 1 / 0
+
+    runner.advance = failing
+    try:
+        c = openai.OpenAI(base_url=f"{s.url}/openai/v1", api_key="x", max_retries=0)
+        received = []
+        with pytest.raises(openai.APIError) as e:
+            for chunk in c.completions.create(model="lm", prompt="the", max_tokens=50, stream=True):
+                received.append(chunk.choices[0].text)
+        assert len(received) == 2 and "ZeroDivisionError" in e.value.message
+        calls.clear()
+        raw = httpx.post(f"{s.url}/openai/v1/completions", json={"model": "lm", "prompt": "the", "stream": True})
+        assert raw.status_code == 200 and raw.text.endswith("data: [DONE]\n\n") and '"server_error"' in raw.text
+        calls.clear()
+        good[0] = 0
+        with pytest.raises(openai.InternalServerError) as e:
+            c.completions.create(model="lm", prompt="the", max_tokens=50)
+        assert e.value.status_code == 500 and e.value.type == "server_error"
+    finally:
+        s.stop()
