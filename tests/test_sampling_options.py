@@ -1,6 +1,7 @@
 """The sampling options every generation front reads the same way (penalties, min_tokens, logprobs,
 prompt_logprobs), against a real server over the tiny LM: each checked against what V2 infer's
 logits or a session step say, computed here with numpy, never against the server's own sampler."""
+import asyncio
 import json
 from collections import Counter
 
@@ -8,8 +9,12 @@ import httpx
 import numpy as np
 import pytest
 
+from core.codec import TextCodec
 from core.repository import read_version
+from core.tokenize import Tokenizer, Vocab
 from loadtest.servers import free_port
+from serving.frontend.core.generation import Generation
+from serving.frontend.schemas import GenerateRequest
 from tests.serving_fixtures import Server, tiny_repository
 from tests.test_grpc_stream import Stream
 from tests.test_sampling import penalized_alone, sampled_alone
@@ -89,6 +94,28 @@ def test_penalties_change_a_seeded_text_as_their_definition_says(server, codec):
     assert got == expected_text(server, codec, 30, penalties, **sampling)
 
 
+def test_generations_with_and_without_the_options_share_steps_and_each_gets_its_solo_answer(server):
+    """Penalized, logprobs, scoring and plain generations fired together (so they share steps and
+    slots are reused): each answer is the one it gets alone."""
+    bodies = [{"max_new_tokens": 20, "temperature": 0},
+              {"max_new_tokens": 20, "temperature": 0, "repetition_penalty": 1.5, "frequency_penalty": 0.3},
+              {"max_new_tokens": 20, "seed": 4, "presence_penalty": 1.0, "logprobs": 3},
+              {"max_new_tokens": 0, "prompt_logprobs": True},
+              {"max_new_tokens": 20, "seed": 9, "prompt_logprobs": True, "logprobs": 0}] * 4
+    solo = [generate(server, **body) for body in bodies[:5]] * 4
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/models/lm:generate", json={"prompt": PROMPT} | body)
+                                          for body in bodies))
+    def scores(answer: dict) -> list[float]:  # a batch may move a log-probability by float rounding
+        return [e["logprob"] for e in answer.get("logprobs", [])] + (answer.get("prompt_logprobs") or [None])[1:]
+
+    for got, alone in zip((r.json() for r in asyncio.run(fire())), solo):
+        assert got.keys() == alone.keys() and got["text"] == alone["text"] and got["tokens"] == alone["tokens"]
+        assert np.allclose(scores(got), scores(alone), atol=1e-5)
+
+
 def test_min_tokens_keeps_a_stop_string_from_ending_the_text_before_it(server):
     """A stop string met early ends the text there; with min_tokens m it ends at the first
     occurrence completed by the m-th token or later (as vLLM's stop checker)."""
@@ -101,10 +128,22 @@ def test_min_tokens_keeps_a_stop_string_from_ending_the_text_before_it(server):
     assert early["finish_reason"] == "stop" and early["text"] == full[: starts[0]]
     m = int(np.searchsorted(ends, starts[0] + len(stop))) + 3  # the first one completes two tokens before the m-th
     later = [i for i in starts if i + len(stop) > ends[m - 2]]
-    assert later and all(i + len(stop) != ends[m - 2] for i in starts)  # none completes just before the m-th
+    assert later and later[0] > starts[0]
     r = generate(server, stop=[stop], min_tokens=m, **sampling)
     assert r["finish_reason"] == "stop" and r["text"] == full[: later[0]]
     assert ends[r["tokens"] - 2] < later[0] + len(stop) <= ends[r["tokens"] - 1]  # its last token completed it
+
+
+@pytest.mark.parametrize("min_tokens,text,tokens", [(0, "", 2), (2, "", 2), (3, "abc", 5), (6, "abcab", 5)])
+def test_min_tokens_lets_a_stop_string_completed_before_it_stay_in_the_text(min_tokens, text, tokens):
+    """"abcab" with the stop string "ab": it ends the text at the 2nd token unless min_tokens is
+    past it; then the occurrence completed at the 5th does (vLLM's stop checker), or none."""
+    codec = TextCodec(Tokenizer("char"), Vocab.build([list("abc")]), 12)
+    generation = Generation(codec, GenerateRequest(prompt="a", max_new_tokens=10, stop=["ab"], min_tokens=min_tokens),
+                            [1], 1)
+    generation.add(codec.ids("abcab"), last=True)
+    assert (generation.text, generation.tokens) == (text, tokens)
+    assert generation.finish_reason == ("length" if min_tokens == 6 else "stop")
 
 
 def test_logprobs_top_entries_are_a_session_steps_probabilities(server):

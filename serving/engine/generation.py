@@ -7,8 +7,8 @@ the pool. One step gathers the slots that have work (a prompt to prefill, the to
 step, a session's new text), runs them in one ONNX Runtime call (`lengths` keeps every row exact,
 whatever its length), scatters the new states back and samples every generation's next token in
 one vectorized pass (sampling.py), after the penalties of the generations that have any (their
-counts of generated tokens and masks of seen tokens are (slots, V) arrays, V the model's small
-vocabulary). Log-probabilities are taken only for the generations that asked: of each sampled
+counts of generated tokens and masks of seen tokens are (slots, V) arrays, V the model's
+vocabulary, made when the first generation with a penalty comes). Log-probabilities are taken only for the generations that asked: of each sampled
 token, and of each prompt token from the prefill's logits at every position.
 New generations join at the next step; finished or cancelled ones leave and free their slot.
 Work per token does not grow with the prompt or the text so far.
@@ -56,8 +56,8 @@ class LanguageModel:
         self.temperature, self.top_p, self.top_k = np.zeros(slots), np.ones(slots), np.zeros(slots, np.int64)
         self.presence, self.frequency, self.repetition = np.zeros(slots), np.zeros(slots), np.ones(slots)
         self.penalized = np.zeros(slots, bool)  # the slots with a penalty
-        self.counts = np.zeros((slots, self.vocab_size), np.int32)  # each generated token's count (penalized slots)
-        self.seen = np.zeros((slots, self.vocab_size), bool)  # tokens in the prompt or the text (penalized slots)
+        self.with_penalties = self.with_logprobs = 0  # generations that have them: a step with none skips them
+        self.counts = self.seen = None  # (slots, V): generated tokens' counts, seen tokens; made at the first penalty
         self.alternatives = np.full(slots, -1, np.int64)  # logprobs' alternatives per token (-1: no logprobs)
         self.scored: set[int] = set()  # slots whose prompt's log-probabilities are sent after the prefill
         self.uniforms = np.zeros((slots, max_new_tokens))  # a generation's draws, one per token (pages touched as used)
@@ -100,8 +100,13 @@ class LanguageModel:
         self.penalized[slot] = (request.presence_penalty != 0 or request.frequency_penalty != 0
                                 or request.repetition_penalty != 1)
         if self.penalized[slot]:
+            if self.counts is None:
+                self.counts = np.zeros((len(self.penalized), self.vocab_size), np.int32)
+                self.seen = np.zeros((len(self.penalized), self.vocab_size), bool)
             self.counts[slot], self.seen[slot] = 0, False
             self.seen[slot, request.prompt] = True
+        self.with_penalties += int(self.penalized[slot])
+        self.with_logprobs += int(request.logprobs >= 0)
         if request.prompt_logprobs:
             self.scored.add(slot)
         if request.temperature:
@@ -122,6 +127,8 @@ class LanguageModel:
             return None
         self.prompts.pop(slot, None)
         self.scored.discard(slot)
+        self.with_penalties -= int(self.penalized[slot])
+        self.with_logprobs -= int(self.alternatives[slot] >= 0)
         self.free.append(slot)
         metrics.of(metrics.ACTIVE_GENERATIONS, self.name).dec()
         return slot
@@ -269,7 +276,8 @@ class LanguageModel:
         if not len(slots):
             return [], np.zeros(0, bool)
         emitted = self.emitted[slots]
-        if len(rows := np.flatnonzero(self.penalized[slots])):  # (R,) the rows with a penalty
+        rows = np.flatnonzero(self.penalized[slots]) if self.with_penalties else ()  # (R,) the rows with a penalty
+        if len(rows):
             with_penalty = slots[rows]
             logits = penalized(logits, rows, self.counts[with_penalty], self.seen[with_penalty],
                                self.presence[with_penalty], self.frequency[with_penalty], self.repetition[with_penalty])
@@ -283,7 +291,7 @@ class LanguageModel:
         frontends, ids = self.frontend[slots], self.request_id[slots]
         replies = [(self.senders[f], Tokens(ids[mine].tolist(), tokens[mine].tolist(), last[mine].tolist()))
                    for f in np.unique(frontends) for mine in [frontends == f]]
-        if len(asked := np.flatnonzero(self.alternatives[slots] >= 0)):
+        if self.with_logprobs and len(asked := np.flatnonzero(self.alternatives[slots] >= 0)):
             replies = self.logprobs(asked, slots, logits, tokens) + replies  # each before its Tokens
         for f, rid in zip(frontends[last].tolist(), ids[last].tolist()):
             self.release((self.senders[f], rid))

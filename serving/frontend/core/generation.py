@@ -44,14 +44,18 @@ class Generation:
                 self.logprobs.append(self.logprob(piece, *logprobs[i]))
             if self.tokens < self.body.min_tokens:
                 continue
-            stop = next((s for s in self.body.stop if s and s in self.text[-(len(piece) + len(s)):]), None)
+            stop = next((s for s in self.body.stop if s and self.completed(s, piece) >= 0), None)
             if stop:
-                cut = self.text.index(stop, max(0, len(self.text) - len(piece) - len(stop)))
-                self.text, self.finish_reason = self.text[:cut], "stop"
+                self.text, self.finish_reason = self.text[: self.completed(stop, piece)], "stop"
                 break
         if last and not self.finish_reason:
             self.finish_reason = "length"
         return new
+
+    def completed(self, stop: str, piece: str) -> int:
+        """Where `stop` starts if the last piece completed it (it ends within the piece), else -1
+        (vLLM's stop checker: an earlier one, kept by min_tokens, stays in the text)."""
+        return self.text.find(stop, max(0, len(self.text) - len(piece) - len(stop) + 1))
 
     def logprob(self, piece: str, logprob: float, top: list) -> dict:
         """One generated token's entry: its text, log-probability and most likely alternatives."""
