@@ -375,7 +375,7 @@ def test_an_engine_failure_is_openais_error_before_the_first_token_and_a_chunk_a
         with pytest.raises(openai.APIError) as e:
             for chunk in c.completions.create(model="lm", prompt="the", max_tokens=50, stream=True):
                 received.append(chunk.choices[0].text)
-        assert len(received) == 2 and "ZeroDivisionError" in e.value.message
+        assert 1 <= len(received) <= 2 and "ZeroDivisionError" in e.value.message  # 2 tokens, in 1 or 2 chunks
         calls.clear()
         raw = httpx.post(f"{s.url}/openai/v1/completions", json={"model": "lm", "prompt": "the", "stream": True})
         assert raw.status_code == 200 and raw.text.endswith("data: [DONE]\n\n") and '"server_error"' in raw.text

@@ -15,7 +15,6 @@ import logging
 import os
 
 import msgspec
-
 from fastapi import FastAPI
 from pydantic import ValidationError
 from starlette.requests import Request

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
-from serving.frontend.openai_schemas import ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelCard, \
-    ModelList, OpenAIErrorResponse
+from serving.frontend.openai_schemas import (ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelCard,
+                                             ModelList, OpenAIErrorResponse)
 from serving.frontend.routes import control, docs, lm, metrics, openai, v1, v2, v2_generate
 from serving.frontend.schemas import (ControlResponse, GenerateRequest, GenerateResponse, InferRequest, InferResponse,
                                       ModelMetadata, ModelVersionState, PredictRequest, PredictResponse,
