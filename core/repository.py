@@ -123,6 +123,28 @@ class Manifest(BaseModel):
         return [MANIFEST, VOCAB, *(g.file for g in self.graphs.values()), *extra]
 
 
+class ChatTemplate(BaseModel):
+    """How a chat's messages become one prompt for a language model (OpenAI's chat completions):
+    each message written as `message`, {role} and {content} replaced, then `reply`, where the
+    model's answer begins; `stop`: strings that end an answer, added to the request's own."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    message: str = Field("{role}: {content}\n", description="one message; {role} and {content} are replaced")
+    reply: str = Field("assistant: ", description="after the messages: where the answer begins")
+    stop: list[str] = Field([], max_length=4, description="where an answer ends (e.g. the next turn's role)")
+
+    @field_validator("message")
+    @classmethod
+    def has_content(cls, message: str) -> str:
+        if "{content}" not in message:
+            raise ValueError("a chat template's message has a {content} to replace")
+        return message
+
+    def prompt(self, messages: list[tuple[str, str]]) -> str:
+        """The messages, (role, content) each, as one prompt ending where the answer begins."""
+        return "".join(self.message.replace("{role}", role).replace("{content}", content)
+                       for role, content in messages) + self.reply
+
+
 class ServingConfig(BaseModel):
     """How one model is served, beside its versions (Triton's config.pbtxt, as JSON). Every field
     left out takes the server-wide setting of the same name (serving/common/settings.py)."""
@@ -136,6 +158,8 @@ class ServingConfig(BaseModel):
     providers: list[str] | None = Field(None, description="execution providers, the first available wins")
     provider_options: dict[str, dict[str, str]] = Field(
         {}, description='per provider, merged over the server\'s: {"CUDAExecutionProvider": {"use_tf32": "1"}}')
+    chat_template: ChatTemplate = Field(ChatTemplate(), description="a language model's chat prompt (OpenAI's "
+                                                                     "chat completions); the default's fields if absent")
 
 
 def read_config(model_dir: Path) -> ServingConfig:

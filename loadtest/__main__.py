@@ -9,6 +9,7 @@
     python -m loadtest gpu [--quick] [--model imdb-gru --lm timemachine-gru --encoder NAME]
     python -m loadtest loop [--model imdb-gru]
     python -m loadtest engine [--model imdb-gru --seconds 5]
+    python -m loadtest fronts [--lm timemachine-gru --streams 64 --seconds 6 --repeats 3]
     python -m loadtest tune MODEL [--p99-ms 100 --users 64 --texts 1 --minutes 10 --write]
     python -m loadtest state [--lm timemachine-gru --users 16 --seconds 5 --repeats 3]
 
@@ -20,7 +21,8 @@ summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see l
 CUDA tests and the GPU goals' operating points in one command (loadtest/gpu.py); `loop`: what the
 largest bodies cost a front-end's event loop (loadtest/loop.py); `engine`: the engine's host work
 per request and row, and the whole stack against a minimal app, with negligible compute
-(loadtest/engine.py); `tune`: the model's best serving config on this machine, measured and
+(loadtest/engine.py); `fronts`: :generate's streams against the same through OpenAI's completions
+(loadtest/fronts.py); `tune`: the model's best serving config on this machine, measured and
 written to its config.json (loadtest/tune.py); `state`: what a session's state token costs, in
 bytes, microseconds and steps/s against a step by session id (loadtest/state.py).
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from loadtest.bench import bench as run_bench
 from loadtest.engine import engine as run_engine
+from loadtest.fronts import fronts as run_fronts
 from loadtest.gpu import gpu as run_gpu
 from loadtest.headless import SCENARIOS, run_locust
 from loadtest.ipc import ipc as run_ipc
@@ -121,6 +124,15 @@ def main(argv=None):
     host.add_argument("--stack", action=argparse.BooleanOptionalAction, default=True,
                       help="also the whole stack against the minimal FastAPI app")
     host.add_argument("--out", type=Path, default=Path("results/engine"))
+    front = commands.add_parser("fronts", help=":generate vs OpenAI's completions, streamed (loadtest/fronts.py)")
+    front.add_argument("--lm", default="timemachine-gru", help="language model in the repository")
+    front.add_argument("--repository", type=Path, default=Path("model_repository"))
+    front.add_argument("--streams", type=int, default=64, help="concurrent streams")
+    front.add_argument("--seconds", type=float, default=6.0, help="per measured point")
+    front.add_argument("--repeats", type=int, default=3)
+    front.add_argument("--out", type=Path, default=Path("results/fronts"))
+    front.add_argument("--server-env", nargs="*", default=[], metavar="RNNSERVE_X=VALUE",
+                       help="settings for the server under test")
     tuner = commands.add_parser("tune", help="the model's best serving config, measured (loadtest/tune.py)")
     tuner.add_argument("model", help="a model of the repository")
     tuner.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -150,6 +162,8 @@ def main(argv=None):
         return run_tune(args)
     if args.command == "engine":
         return run_engine(args)
+    if args.command == "fronts":
+        return run_fronts(args)
     if args.command == "loop":
         return run_loop(args)
     if args.command == "gpu":

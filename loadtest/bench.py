@@ -252,12 +252,25 @@ def bench(args) -> dict:
     return results
 
 
-def generation_point(pid: int, port: int, lm: str, streams: int, seconds: float, client_procs: int) -> dict:
-    bodies = [json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 100, "seed": i,
-                          "stream": True}).encode() for i in range(64)]
-    point = measure(pid, port, [(f"/v1/models/{lm}:generate", b) for b in bodies], streams, seconds, client_procs, 1)
+def generation_point(pid: int, port: int, lm: str, streams: int, seconds: float, client_procs: int,
+                     front: str = "generate") -> dict:
+    """`streams` streams of 100 sampled tokens each, one after another per stream, through `front`
+    (generation_requests); tokens/s, and the front-end's CPU per token."""
+    point = measure(pid, port, generation_requests(front, lm), streams, seconds, client_procs, 1)
     point["tokens_per_s"] = 100 * point["requests"] / point["elapsed_s"]
+    point["frontend_cpu_us_per_token"] = 10 * point["frontend_cpu_ms_per_request"]
     return point
+
+
+def generation_requests(front: str, lm: str, max_tokens: int = 100) -> list[tuple[str, bytes]]:
+    """The same 64 streamed generations (prompt, seed, length) as :generate's bodies, or as OpenAI's
+    completions (front "openai")."""
+    if front == "openai":
+        return [("/openai/v1/completions", json.dumps({"model": lm, "prompt": PROMPTS[i % len(PROMPTS)],
+                                                       "max_tokens": max_tokens, "seed": i, "stream": True}).encode())
+                for i in range(64)]
+    return [(f"/v1/models/{lm}:generate", json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": max_tokens,
+                                                      "seed": i, "stream": True}).encode()) for i in range(64)]
 
 
 def locust_check(port: int, args, asyncio_point: dict, users: int) -> dict:

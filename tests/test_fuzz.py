@@ -1,7 +1,7 @@
 """`python -m pytest tests/test_fuzz.py`: schemathesis fuzzes every operation of a real uvicorn
 server's /openapi.json (over the tiny models) with valid and invalid requests, most of them with
-the real path parameters (clf, lm, version 1, a live session) so that they reach inference, not
-only 404s; model control too (what an unload takes away is loaded again). V2 infer also gets
+the real path parameters (clf, lm, version 1, a live session), and OpenAI's bodies naming lm, so
+that they reach inference, not only 404s; model control too (what an unload takes away is loaded again). V2 infer also gets
 well-formed random tensors, which random JSON never makes. Checks: not_a_server_error (no 5xx,
 whatever the request), status_code_conformance (every status is documented: 200, or 4XX/5XX with
 the {"error", "request_id"} body), response_schema_conformance (a status answers its documented
@@ -63,14 +63,24 @@ def v2_request(rows: list[list[int]]) -> dict:
                        {"name": "lengths", "shape": [len(rows)], "datatype": "INT64", "data": list(map(len, rows))}]}
 
 
+def with_model(case):
+    """An OpenAI request's case naming the language model, so that it reaches generation."""
+    if isinstance(case.body, dict):
+        case.body["model"] = "lm"
+    return case
+
+
 @pytest.mark.parametrize("label", OPERATIONS)
 def test_fuzzed_requests_get_documented_answers(api, server, label):
     operation = api.find_operation_by_label(label)
     sid = httpx.post(server.url + "/v1/models/lm/sessions").json()["session_id"]
     names = re.findall(r"\{(\w+)\}", operation.path)
-    real = [{name: {"name": model, "version": "1", "sid": sid}[name] for name in names} for model in ("clf", "lm")]
+    real = [{name: {"name": model, "model": model, "version": "1", "sid": sid}[name] for name in names}
+            for model in ("clf", "lm")]
     cases = [operation.as_strategy(mode, path_parameters=fixed) for mode in GenerationMode
              for fixed in ([None, *real] if names else [None])]
+    if operation.path.startswith("/openai/") and operation.method.upper() == "POST":  # the model is in the body
+        cases += [operation.as_strategy(mode).map(with_model) for mode in GenerationMode]
     if operation.path.endswith("/infer"):
         cases += [ROWS.map(lambda rows, fixed=fixed: operation.Case(
             path_parameters=fixed, body=v2_request(rows), media_type="application/json")) for fixed in real]

@@ -238,3 +238,16 @@ def test_the_front_ends_rules_are_written_once():
     assert where(lambda p: "HTTPException" in p.read_text()) == ["app.py", "routes/docs.py"]  # FastAPI's own
     assert where(lambda p: "<I" in constants(p)) == ["core/tensors.py"]  # Triton's BYTES layout, read and written
     assert where(lambda p: re.search(r"\bcodec\.encode\(", p.read_text())) == ["core/inference.py"]  # V1's and V2's texts
+
+
+def test_the_openai_front_is_an_adapter_over_the_same_core():
+    """OpenAI's routes reach the engines only through the core's generation (started, to_the_end),
+    as :generate's do, never through the engine client or its messages; OpenAI's error shape is
+    written once, where every refusal becomes an HTTP answer (responses.py)."""
+    adapter = sorted((ROOT / "serving/frontend").rglob("openai*.py"))
+    engine_side = {"serving.frontend.client", "serving.common.messages", "zmq", "msgspec"}
+    assert len(adapter) == 3 and {str(p.relative_to(ROOT)): sorted(imported_modules(p) & engine_side)
+                                  for p in adapter if imported_modules(p) & engine_side} == {}
+    shaped = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "serving").rglob("*.py"))
+              if "invalid_request_error" in constants(p)]
+    assert shaped == ["serving/frontend/responses.py"]

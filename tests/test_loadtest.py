@@ -202,6 +202,21 @@ def test_the_engine_benchmark_measures_the_host_cost_and_the_whole_stack(tmp_pat
         assert point["requests"] > 0 and point["errors"] == 0, (key, point)
 
 
+def test_the_fronts_benchmark_streams_the_same_generations_through_generate_and_openai(tmp_path):
+    """python -m loadtest fronts end to end on the tiny language model and 0.3 s points: every
+    stream of both fronts answered whole; plumbing, not speed."""
+    tiny_repository(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "loadtest", "fronts", "--lm", "lm", "--repository",
+                           str(tmp_path / "repo"), "--streams", "4", "--seconds", "0.3", "--repeats", "2",
+                           "--out", str(tmp_path / "out")], env=ONE_OF_EACH, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["points"]) == {"generate", "openai"} and results["openai_over_generate"] > 0
+    for front, points in results["raw"].items():
+        assert len(points) == 2 and all(p["requests"] > 0 and p["errors"] == 0 for p in points), (front, points)
+    assert "| openai |" in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_the_gpu_check_says_why_it_cannot_run_and_rehearses_on_the_cpu(tmp_path):
     """python -m loadtest gpu: where no GPU is usable it refuses, saying why; --provider cpu runs
     the same points on tiny models and 0.3 s points (plumbing, not speed)."""

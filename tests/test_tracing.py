@@ -132,6 +132,19 @@ def test_a_generation_is_traced_with_its_stream(traced, stream):
     assert attributes(generation)["rnnserve.tokens"] >= 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_openai_completion_is_traced_under_the_model_its_body_names(traced, stream):
+    receiver, url, _ = traced
+    caller, header = traceparent(20 + stream)
+    r = httpx.post(f"{url}/openai/v1/completions", headers={"traceparent": header},
+                   json={"model": "lm", "prompt": "the time", "max_tokens": 12, "stream": stream, "seed": 1})
+    assert r.status_code == 200
+    found = check_request(receiver, caller, "POST /openai/v1/completions", names={"tokenize", "generation"})
+    request, generation = found["POST /openai/v1/completions"][1], found["generation"][1]
+    assert generation.parent_span_id == request.span_id and attributes(generation)["rnnserve.tokens"] == 12
+    assert attributes(request)["rnnserve.model"] == "lm"
+
+
 def test_a_generation_over_the_grpc_stream_is_traced(traced):
     """ModelStreamInfer: the stream's span, each request's tokenize and generation under it, and the
     stream answered whole (the span ends when the stream does)."""

@@ -2,7 +2,8 @@
 model run by the engines (serving/engine/) it reaches through serving/frontend/client.py. It holds no
 ONNX Runtime session. python -m serving runs several of these beside the engines.
 
-Every client error is a 4xx with a JSON body {"error": "...", "request_id": "..."}.
+Every client error is a 4xx with a JSON body {"error": "...", "request_id": "..."} (under /openai/,
+OpenAI's error shape: serving/frontend/responses.py).
 """
 import logging
 import signal
@@ -89,16 +90,16 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
 
 
 async def core_refusal(request: Request, e: Refused):
-    return refused(e)
+    return refused(e, path=request.url.path)
 
 
 async def http_error(request: Request, e: StarletteHTTPException):  # FastAPI's own: 404 for no route, 405...
-    return refuse(e.status_code, e.detail, getattr(e, "headers", None))
+    return refuse(e.status_code, e.detail, getattr(e, "headers", None), request.url.path)
 
 
 async def validation_error(request: Request, e: RequestValidationError):
-    return refused(invalid(e, where=()))  # FastAPI's locations already start with "body", "path"...
+    return refused(invalid(e, where=()), path=request.url.path)  # FastAPI's locations already start with "body", "path"...
 
 
 async def internal_error(request: Request, e: Exception):
-    return refused(unexpected(e))
+    return refused(unexpected(e), path=request.url.path)

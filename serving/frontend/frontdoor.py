@@ -14,12 +14,13 @@ import asyncio
 import logging
 import os
 
+import msgspec
 from fastapi import FastAPI
 from pydantic import ValidationError
 from starlette.requests import Request
 
 from serving.frontend.core import tensors
-from serving.frontend.core.envelope import Outcome, begun, entered
+from serving.frontend.core.envelope import Outcome, begun, entered, named
 from serving.frontend.core.front import Front
 from serving.frontend.core.refused import Refused, busy, invalid, unexpected
 from serving.frontend.responses import refuse, refused
@@ -37,7 +38,7 @@ class FrontDoor:
     def __init__(self, app: FastAPI, front: Front):
         self.app, self.state, self.front, self.settings = app, app.state, front, front.settings
         self.served_by = (b"x-rnnserve-frontend", str(os.getpid()).encode())  # which front-end answered: they share a port
-        self.guarded = (CONTROL, "/v1/models", "/v2/models") if self.settings.token_for_inference else (CONTROL,)
+        self.guarded = (CONTROL, "/v1/models", "/v2/models", "/openai/") if self.settings.token_for_inference else (CONTROL,)
 
     async def __call__(self, scope, receive, send):
         """The request in its envelope (serving/frontend/core/envelope.py): an inference route's
@@ -53,7 +54,9 @@ class FrontDoor:
         outcome = begun(headers.get(b"x-request-id", b"").decode("latin-1"), route.endpoint if route else "")
         answer = self.answering(send, outcome)
         scope["rnnserve.outcome"] = outcome  # a stream renames its endpoint (generate_stream)
-        attributes = {"http.route": route.path, "url.path": path, "rnnserve.model": params["name"]} if route else {}
+        attributes = {"http.route": route.path, "url.path": path} if route else {}
+        if "name" in params:  # else a body names it (serving/frontend/core/envelope.py's named())
+            attributes["rnnserve.model"] = params["name"]
         try:
             with entered(self.front, outcome, route.span if route else "", headers, headers.get(b"authorization", b""),
                          guard, params.get("name", ""), bool(route and route.queued), **attributes):
@@ -61,11 +64,11 @@ class FrontDoor:
                     await self.enter(scope, receive, answer, headers, found)
                 except asyncio.CancelledError:
                     if not outcome.answered:
-                        await refused(SHUT_DOWN)(scope, receive, answer)
+                        await refused(SHUT_DOWN, path=path)(scope, receive, answer)
                     raise
         except Refused as e:  # refused at the door
             if not outcome.answered:
-                await refused(e)(scope, receive, answer)
+                await refused(e, path=path)(scope, receive, answer)
 
     def answering(self, send, outcome: Outcome):
         """send, adding the request id, the front-end's pid and (draining) Connection: close to the
@@ -99,10 +102,10 @@ class FrontDoor:
         """The whole body: 413 past max_body_bytes (counted as it arrives, so chunked bodies too),
         408 if it has not all arrived within body_timeout_s (a slow or stalled client holds only
         its own connection); None when refused or the client left."""
-        limit, timeout_s = self.settings.max_body_bytes, self.settings.body_timeout_s
+        limit, timeout_s, path = self.settings.max_body_bytes, self.settings.body_timeout_s, scope["path"]
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            await refuse(413, f"body over {limit} bytes")(scope, receive, send)
+            await refuse(413, f"body over {limit} bytes", path=path)(scope, receive, send)
             return None
         chunks, size = [], 0
         try:
@@ -114,16 +117,18 @@ class FrontDoor:
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
                     if size > limit:
-                        await refuse(413, f"body over {limit} bytes", {"Connection": "close"})(scope, receive, send)
+                        await refuse(413, f"body over {limit} bytes", {"Connection": "close"}, path)(scope, receive, send)
                         return None
                     if not message.get("more_body", False):
                         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         except TimeoutError:
-            await refuse(408, f"the body did not arrive within {timeout_s:g}s", {"Connection": "close"})(scope, receive, send)
+            await refuse(408, f"the body did not arrive within {timeout_s:g}s", {"Connection": "close"},
+                         path)(scope, receive, send)
             return None
 
     async def direct(self, scope, receive, send, body: bytes, headers: dict, found: tuple[Route, dict]):
-        """A hot route's handler, called with its validated body and path parameters."""
+        """A hot route's handler, called with its validated body and path parameters; a request
+        whose model is named in its body (OpenAI's) counted under it, valid or not."""
         route, params = found
         scope["app"] = self.app  # as Starlette sets it: request.app
         try:
@@ -133,10 +138,23 @@ class FrontDoor:
             try:
                 parsed = route.body.model_validate_json(body)
             except ValidationError as e:
+                if route.model_in_body:
+                    named(self.front.engines, scope["rnnserve.outcome"], model_of(body))
                 raise tensors.unsplit(e, body) if route.binary and header_length is None else invalid(e) from None
+            if route.model_in_body:
+                named(self.front.engines, scope["rnnserve.outcome"], parsed.model)
             response = await route.handler(request=Request(scope, receive), body=parsed, **params)
         except Refused as e:
-            response = refused(e)
+            response = refused(e, path=scope["path"])
         except Exception as e:  # what the handler did not answer itself
-            response = refused(unexpected(e))
+            response = refused(unexpected(e), path=scope["path"])
         await response(scope, receive, send)
+
+
+def model_of(body: bytes) -> str:
+    """The model a JSON body names, "" where it names none (a body that did not validate)."""
+    try:
+        model = msgspec.json.decode(body).get("model")
+    except (msgspec.DecodeError, AttributeError):
+        return ""
+    return model if isinstance(model, str) else ""

@@ -24,6 +24,7 @@ class Outcome:
     endpoint: str = ""  # an inference endpoint's name in /metrics; "" for a request not counted
     status: int | None = None  # the HTTP status it was answered with (gRPC: the status its code stands for)
     answered: bool = False  # the transport has begun its answer: an error now cannot change it
+    model: str = ""  # its model label in /metrics (counted() sets it; named() where the body names the model)
 
 
 @contextmanager
@@ -31,15 +32,29 @@ def counted(client: EngineClient | None, name: str, outcome: Outcome):
     """A request counted once, however it is answered: in flight while it runs, then its status
     and latency in /metrics; one that ended unanswered, its client gone (e.g. before it sent its
     whole body), as 499."""
-    model = name if client and client.deployed(name) else metrics.NOT_DEPLOYED
-    in_flight, started = metrics.of(metrics.IN_FLIGHT, model), time.perf_counter()
-    in_flight.inc()
+    outcome.model, started = label(client, name), time.perf_counter()
+    metrics.of(metrics.IN_FLIGHT, outcome.model).inc()
     try:
         yield outcome
     finally:
-        in_flight.dec()
-        metrics.of(metrics.REQUESTS, model, outcome.endpoint, str(outcome.status or LEFT)).inc()
-        metrics.of(metrics.REQUEST_LATENCY, model, outcome.endpoint).observe(time.perf_counter() - started)
+        metrics.of(metrics.IN_FLIGHT, outcome.model).dec()
+        metrics.of(metrics.REQUESTS, outcome.model, outcome.endpoint, str(outcome.status or LEFT)).inc()
+        metrics.of(metrics.REQUEST_LATENCY, outcome.model, outcome.endpoint).observe(time.perf_counter() - started)
+
+
+def label(client: EngineClient | None, name: str) -> str:
+    """A request's model label: the name if a model is deployed under it, else NOT_DEPLOYED."""
+    return name if client and client.deployed(name) else metrics.NOT_DEPLOYED
+
+
+def named(client: EngineClient | None, outcome: Outcome | None, name: str):
+    """A counted request whose model is named in its body, not its path (OpenAI's): counted under
+    that model from now on, in flight and when it is answered, and its span says which."""
+    tracing.set_attributes(**{"rnnserve.model": name})
+    if outcome and outcome.endpoint and (model := label(client, name)) != outcome.model:
+        metrics.of(metrics.IN_FLIGHT, outcome.model).dec()
+        outcome.model = model
+        metrics.of(metrics.IN_FLIGHT, model).inc()
 
 
 def shed(client: EngineClient | None, name: str):

@@ -11,11 +11,12 @@ RETRY_AFTER_S = 1  # what every 503 tells its client
 
 
 class Refused(Exception):
-    """A request answered with `status` and `message`; retry_after_s: when to try again."""
+    """A request answered with `status` and `message`; retry_after_s: when to try again; param: the
+    request field at fault, where one is (OpenAI's error shape names it)."""
 
-    def __init__(self, status: int, message: str, retry_after_s: int | None = None):
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.retry_after_s = status, message, retry_after_s
+        self.status, self.message, self.retry_after_s, self.param = status, message, retry_after_s, param
 
 
 def busy(message: str) -> Refused:
@@ -40,6 +41,9 @@ def unexpected(error: Exception) -> Refused:
 
 def invalid(error: ValidationError, where: tuple = ("body",)) -> Refused:
     """A 400 naming the first five fields wrong, each with where it is and what is wrong with it
-    (FastAPI's validation would answer 422)."""
+    (FastAPI's validation would answer 422); its param: the first one's top-level field."""
+    errors = error.errors()
+    first = [part for part in (*where, *errors[0]["loc"]) if part not in ("body", "query", "path")] if errors else []
     return Refused(400, "invalid request: " + "; ".join(
-        f"{'.'.join(map(str, (*where, *e['loc'])))}: {e['msg']}" for e in error.errors()[:5]))
+        f"{'.'.join(map(str, (*where, *e['loc'])))}: {e['msg']}" for e in errors[:5]),
+        param=str(first[0]) if first else None)

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
-from serving.frontend.routes import control, docs, lm, metrics, v1, v2, v2_generate
+from serving.frontend.openai_schemas import (ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelCard,
+                                             ModelList, OpenAIErrorResponse)
+from serving.frontend.routes import control, docs, lm, metrics, openai, v1, v2, v2_generate
 from serving.frontend.schemas import (CarriedStepRequest, CarriedStepResponse, ControlResponse, GenerateRequest,
                                       GenerateResponse, InferRequest, InferResponse,
                                       ModelMetadata, ModelVersionState, PredictRequest, PredictResponse,
@@ -29,6 +31,7 @@ class Route:
     body: type | None = None  # a direct route's request schema
     queued: bool = False  # its requests wait in the model's queue: shed at the door when it is full
     binary: bool = False  # a JSON header, then raw tensor bytes (serving/frontend/core/tensors.py)
+    model_in_body: bool = False  # its model is named in its body ("model"), not its path: OpenAI's
     options: dict = field(default_factory=dict)  # FastAPI's: response_model, responses, ...
 
     @property
@@ -42,6 +45,7 @@ class Route:
 
 
 EVENTS = {"responses": {200: {"content": {"text/event-stream": {}}}}}
+OPENAI_ERRORS = {"4XX": {"model": OpenAIErrorResponse}, "5XX": {"model": OpenAIErrorResponse}}  # not rnnserve's
 TABLE = [
     Route("POST", "/v1/models/{name}:predict", v1.predict, "v1_predict", PredictRequest, queued=True,
           options={"response_model": PredictResponse}),
@@ -81,6 +85,14 @@ TABLE = [
           TritonGenerateRequest, options=EVENTS),
     Route("POST", "/v2/models/{name}/versions/{version}/generate_stream", v2_generate.generate_stream_version,
           "v2_generate_stream", TritonGenerateRequest, options=EVENTS),
+    Route("GET", "/openai/v1/models", openai.list_models,
+          options={"response_model": ModelList, "responses": OPENAI_ERRORS}),
+    Route("GET", "/openai/v1/models/{model}", openai.model_card,
+          options={"response_model": ModelCard, "responses": OPENAI_ERRORS}),
+    Route("POST", "/openai/v1/completions", openai.completions, "openai_completions", CompletionRequest,
+          model_in_body=True, options={"response_model": Completion, "responses": EVENTS["responses"] | OPENAI_ERRORS}),
+    Route("POST", "/openai/v1/chat/completions", openai.chat_completions, "openai_chat", ChatRequest,
+          model_in_body=True, options={"response_model": ChatCompletion, "responses": EVENTS["responses"] | OPENAI_ERRORS}),
     Route("POST", "/v2/repository/index", control.index, options={"response_model": list[ModelVersionState]}),
     Route("POST", "/v2/repository/models/{name}/load", control.load, options={"response_model": ControlResponse}),
     Route("POST", "/v2/repository/models/{name}/unload", control.unload, options={"response_model": ControlResponse}),
@@ -89,7 +101,7 @@ TABLE = [
     Route("GET", "/docs/{asset}", docs.asset, options={"include_in_schema": False}),
 ]
 TAGS = {"v1": "v1", "v2": "v2", "v2_generate": "v2 generate (Triton)", "lm": "language models",
-        "control": "model control", "metrics": "metrics", "docs": "docs"}
+        "control": "model control", "metrics": "metrics", "docs": "docs", "openai": "OpenAI-compatible"}
 INFERENCE = [(route, route.pattern) for route in TABLE if route.endpoint]
 
 
@@ -102,7 +114,7 @@ def install(app: FastAPI):
 
 def inference_route(method: str, path: str) -> tuple[Route, dict] | None:
     """The inference route a raw request is for and its path parameters, else None."""
-    if not path.startswith(("/v1/models/", "/v2/models/")):
+    if not path.startswith(("/v1/models/", "/v2/models/", "/openai/")):
         return None
     for route, pattern in INFERENCE:
         if route.method == method and (match := pattern.fullmatch(path)):

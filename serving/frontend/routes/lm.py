@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from serving.common.logs import REQUEST_ID
 from serving.frontend.core import sessions
 from serving.frontend.core.generation import Generation, GenerationFailed, started, to_the_end
+from serving.frontend.core.refused import Refused
 from serving.frontend.responses import json_response, left
 from serving.frontend.schemas import CarriedStepRequest, GenerateRequest, StepRequest
 
@@ -51,24 +52,30 @@ class OwnedStream(StreamingResponse):
             self.end()
 
 
-def event_stream(request: Request, name: str, pieces: AsyncIterator[list[str]], cancel: Callable[[], None],
-                 events_of: Callable[[list[str]], bytes], last: Callable[[], bytes], endpoint: str) -> OwnedStream:
+def error_event(e: Refused) -> bytes:
+    return sse({"error": e.message, "request_id": REQUEST_ID.get()})
+
+
+def event_stream(request: Request, name: str, pieces: AsyncIterator, cancel: Callable[[], None],
+                 events_of: Callable[[list[str]], bytes], last: Callable[[], bytes], endpoint: str,
+                 failed: Callable[[Refused], bytes] = error_event) -> OwnedStream:
     """Server-sent events: events_of(the pieces that arrived together), then last() once the
-    generation ends; a failure after the headers is an error event, {"error": ...}. Counted in
-    /metrics under `endpoint`, apart from whole answers."""
+    generation ends; a failure after the headers is an error event, failed(why): {"error": ...}.
+    Counted in /metrics under `endpoint`, apart from whole answers."""
     if outcome := request.scope.get("rnnserve.outcome"):
         outcome.endpoint = endpoint
 
     async def events():
         try:
             async for new in pieces:
-                yield events_of(new)
+                if event := events_of(new):  # none while a stop string may yet take the text back
+                    yield event
             yield last()
         except Exception as e:  # the headers are sent: the error goes in the stream
-            error = str(e) if isinstance(e, GenerationFailed) else f"generation failed: {type(e).__name__}: {e}"
             if not isinstance(e, GenerationFailed):
                 log.exception("generate %s failed while streaming", name)
-            yield sse({"error": error, "request_id": REQUEST_ID.get()})
+            yield failed(e if isinstance(e, GenerationFailed)
+                         else GenerationFailed(500, f"generation failed: {type(e).__name__}: {e}"))
     return OwnedStream(events(), cancel, media_type="text/event-stream")
 
 
