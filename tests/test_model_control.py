@@ -88,7 +88,8 @@ def answered(server, version, endpoint: str = "v1_predict", status: int = 200, m
 def test_requests_are_counted_under_the_version_that_answered_them(two_versions):
     """Three predictions by version 1, then two by version 2 (loaded in its place): each version's
     count moves by its own; a refusal before a version was chosen (an unloaded version, a bad
-    body) is counted under version "none", and so is its latency."""
+    body) is counted under version "none", and so is its latency. A language model's generation
+    (its time to first token too) and session step are counted under its version."""
     s = Server(two_versions, control="open")
     try:
         before = {(v, status): answered(s, v, status=status) for v in ("1", "2", "none") for status in (200, 400)}
@@ -108,6 +109,16 @@ def test_requests_are_counted_under_the_version_that_answered_them(two_versions)
             ("1", 200): 3, ("2", 200): 2, ("none", 200): 0, ("1", 400): 0, ("2", 400): 0, ("none", 400): 1}
         assert answered(s, "none", "v2_infer", 404) == v2_before + 1
         assert sample(httpx.get(f"{s.url}/metrics").text, latency) == latency_before + 1
+
+        first_token = 'rnnserve_time_to_first_token_seconds_count{model="lm",version="1"}'
+        lm_before = [answered(s, "1", endpoint, model="lm") for endpoint in ("generate", "session_step")]
+        first_before = sample(httpx.get(f"{s.url}/metrics").text, first_token)
+        assert httpx.post(f"{s.url}/v1/models/lm:generate", json={"prompt": "the", "max_new_tokens": 3}).status_code == 200
+        sid = httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"]
+        assert httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "the"}).status_code == 200
+        assert [answered(s, "1", endpoint, model="lm") - n
+                for endpoint, n in zip(("generate", "session_step"), lm_before)] == [1, 1]
+        assert sample(httpx.get(f"{s.url}/metrics").text, first_token) == first_before + 1
     finally:
         s.stop()
 
