@@ -1,13 +1,16 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 K8S_VERSION = "1.33.0"
+KSERVE_SCHEMA = Path(__file__).parent / "fixtures" / "kserve_inferenceservice_v1beta1.schema.json"
 
 
 def manifests():
@@ -33,6 +36,22 @@ def test_the_kserve_predictor_containers_validate_as_a_pod_spec():
     (container,) = predictor["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_the_inferenceservice_validates_against_kserves_schema_with_a_canary_and_a_logger():
+    """spec.predictor against KServe's v1beta1 InferenceService schema: minReplicas, canaryTrafficPercent
+    (a percentage: KServe's webhook checks it, not its schema), a logger of every request and
+    response; a misspelled field or a wrong type is refused."""
+    schema = json.loads(KSERVE_SCHEMA.read_text())
+    service = yaml.safe_load((DEPLOY / "kserve" / "inferenceservice.yaml").read_text())
+    jsonschema.validate(service, schema)
+    predictor = service["spec"]["predictor"]
+    assert 0 < predictor["canaryTrafficPercent"] < 100 and predictor["minReplicas"] <= predictor["maxReplicas"]
+    assert predictor["logger"]["mode"] == "all" and predictor["logger"]["url"].startswith("http")
+    for broken in ({"canaryTrafficPercnt": 10}, {"canaryTrafficPercent": "10%"}, {"logger": {"mode": "everything"}},
+                   {"logger": {"url": 7}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**service, "spec": {"predictor": {**predictor, **broken}}}, schema)
 
 
 def test_the_validator_rejects_a_broken_manifest():

@@ -224,7 +224,7 @@ def test_the_front_ends_rules_are_written_once():
     """The core's error is defined once; the 410 re-encode retry, the "no session" answers and a
     step's top_k bounds each live in one core module, and the REST schema takes the bounds from it;
     Triton's BYTES layout and the encoding of a classifier's texts (V1's instances, V2's
-    text_input) are written once."""
+    text_input) are written once; so are a request's count in /metrics and where its version is noted."""
     frontend = sorted((ROOT / "serving/frontend").rglob("*.py"))
     where = lambda test: sorted(str(p.relative_to(ROOT / "serving/frontend")) for p in frontend if test(p))
     assert where(lambda p: re.search(r"^class Refused\b", p.read_text(), re.M)) == ["core/refused.py"]
@@ -238,6 +238,10 @@ def test_the_front_ends_rules_are_written_once():
     assert where(lambda p: "HTTPException" in p.read_text()) == ["app.py", "routes/docs.py"]  # FastAPI's own
     assert where(lambda p: "<I" in constants(p)) == ["core/tensors.py"]  # Triton's BYTES layout, read and written
     assert where(lambda p: re.search(r"\bcodec\.encode\(", p.read_text())) == ["core/inference.py"]  # V1's and V2's texts
+    # a request's count and latency: recorded once, in the envelope, under the version served() noted
+    assert where(lambda p: re.search(r"metrics\.(REQUESTS|REQUEST_LATENCY)\b", p.read_text())) == ["core/envelope.py"]
+    assert where(lambda p: re.search(r"\bANSWERING\.set\(|\.version = str\(", p.read_text())) == [
+        "core/envelope.py", "core/front.py"]
 
 
 def test_the_openai_front_is_an_adapter_over_the_same_core():

@@ -1,6 +1,7 @@
 """Lifecycle: several workers following model-control calls, batchers that stop, deadlines on
 generation and sessions, stream holds, retiring that fails, files left behind, and the metrics
 that count every answer. Each test here failed before its fix."""
+import collections
 import asyncio
 import os
 import re
@@ -317,12 +318,14 @@ def test_model_control_is_closed_unless_a_token_or_open_is_set(repository):
 def counts(server) -> dict[tuple[str, str, str], float]:
     """Every rnnserve_requests_total series, and the generation histograms' counts."""
     text = httpx.get(f"{server.url}/metrics").text
-    found = re.findall(r'rnnserve_requests_total\{endpoint="([^"]+)",model="([^"]+)",status="([^"]+)"\} (\S+)', text)
-    series = {(model, endpoint, status): float(n) for endpoint, model, status, n in found}
-    for name, pattern in (("ttft", r'rnnserve_time_to_first_token_seconds_count\{model="lm"\} (\S+)'),
-                          ("stream", r'rnnserve_request_latency_seconds_count\{endpoint="generate_stream",model="lm"\} (\S+)')):
-        match = re.search(pattern, text)
-        series[name, "", ""] = float(match[1]) if match else 0.0
+    found = re.findall(r'rnnserve_requests_total\{endpoint="([^"]+)",model="([^"]+)",status="([^"]+)",version="[^"]+"\} (\S+)',
+                       text)
+    series = collections.Counter()
+    for endpoint, model, status, n in found:  # every version's together
+        series[model, endpoint, status] += float(n)
+    for name, pattern in (("ttft", r'rnnserve_time_to_first_token_seconds_count\{model="lm",version="[^"]+"\} (\S+)'),
+                          ("stream", r'rnnserve_request_latency_seconds_count\{endpoint="generate_stream",model="lm",version="[^"]+"\} (\S+)')):
+        series[name, "", ""] = sum(float(n) for n in re.findall(pattern, text))
     return series
 
 

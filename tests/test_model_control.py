@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from export.repository import export_run
 from loadtest.servers import free_port
 from serving.common.settings import Settings
-from tests.serving_fixtures import (FRONT_END, Server, alone, by_front_end, client_of, raw_http, serve,
+from tests.serving_fixtures import (FRONT_END, Server, alone, by_front_end, client_of, raw_http, sample, serve,
                                     tiny_repository)
 from tests.test_lifecycle import children
 from tests.test_export import make_run
@@ -79,9 +79,55 @@ def test_index_load_and_unload(two_versions):
         s.stop()
 
 
+def answered(server, version, endpoint: str = "v1_predict", status: int = 200, model: str = "clf") -> float:
+    """The requests /metrics counts as answered by that version of the model (the test process's servers' together)."""
+    series = f'rnnserve_requests_total{{endpoint="{endpoint}",model="{model}",status="{status}",version="{version}"}}'
+    return sample(httpx.get(f"{server.url}/metrics").text, series)
+
+
+def test_requests_are_counted_under_the_version_that_answered_them(two_versions):
+    """Three predictions by version 1, then two by version 2 (loaded in its place): each version's
+    count moves by its own; a refusal before a version was chosen (an unloaded version, a bad
+    body) is counted under version "none", and so is its latency. A language model's generation
+    (its time to first token too) and session step are counted under its version."""
+    s = Server(two_versions, control="open")
+    try:
+        before = {(v, status): answered(s, v, status=status) for v in ("1", "2", "none") for status in (200, 400)}
+        latency = 'rnnserve_request_latency_seconds_count{endpoint="v2_infer",model="clf",version="none"}'
+        v2_before, latency_before = answered(s, "none", "v2_infer", 404), sample(httpx.get(f"{s.url}/metrics").text, latency)
+        load = lambda version: httpx.post(f"{s.url}/v2/repository/models/clf/load", json={"parameters": {"version": version}})
+        assert load("1").status_code == 200
+        for _ in range(3):
+            assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": TEXTS}).status_code == 200
+        assert httpx.post(f"{s.url}/v2/models/clf/versions/2/infer", json={"inputs": []}).status_code == 404  # not loaded
+        assert load("2").status_code == 200
+        for _ in range(2):
+            assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": TEXTS}).status_code == 200
+        assert httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": "good"}).status_code == 400
+        after = {key: answered(s, key[0], status=key[1]) for key in before}
+        assert {key: after[key] - before[key] for key in before} == {
+            ("1", 200): 3, ("2", 200): 2, ("none", 200): 0, ("1", 400): 0, ("2", 400): 0, ("none", 400): 1}
+        assert answered(s, "none", "v2_infer", 404) == v2_before + 1
+        assert sample(httpx.get(f"{s.url}/metrics").text, latency) == latency_before + 1
+
+        first_token = 'rnnserve_time_to_first_token_seconds_count{model="lm",version="1"}'
+        lm_before = [answered(s, "1", endpoint, model="lm") for endpoint in ("generate", "session_step")]
+        first_before = sample(httpx.get(f"{s.url}/metrics").text, first_token)
+        assert httpx.post(f"{s.url}/v1/models/lm:generate", json={"prompt": "the", "max_new_tokens": 3}).status_code == 200
+        sid = httpx.post(f"{s.url}/v1/models/lm/sessions").json()["session_id"]
+        assert httpx.post(f"{s.url}/v1/models/lm/sessions/{sid}:step", json={"text": "the"}).status_code == 200
+        assert [answered(s, "1", endpoint, model="lm") - n
+                for endpoint, n in zip(("generate", "session_step"), lm_before)] == [1, 1]
+        assert sample(httpx.get(f"{s.url}/metrics").text, first_token) == first_before + 1
+    finally:
+        s.stop()
+
+
 def test_swaps_under_load_lose_nothing_and_each_answer_comes_from_one_version(two_versions):
-    """16 clients predict without pause while the model swaps between versions 1 and 2 six times."""
+    """16 clients predict without pause while the model swaps between versions 1 and 2 six times;
+    /metrics counts each answer under the version that gave it."""
     s = Server(two_versions, max_queue_delay_ms=2, control="open")
+    counted_before = {v: answered(s, v) for v in (1, 2)}
     expected = {v: np.array([alone(two_versions, t, version=v) for t in TEXTS]) for v in (1, 2)}
     answers, statuses = [], []
 
@@ -113,6 +159,8 @@ def test_swaps_under_load_lose_nothing_and_each_answer_comes_from_one_version(tw
         came_from = [[v for v in (1, 2) if np.abs(a - expected[v]).max() < 1e-5] for a in answers]
         assert all(len(c) == 1 for c in came_from)  # every answer is wholly one version's
         assert {c[0] for c in came_from} == {1, 2} and len(answers) > 50
+        by_version = {v: sum(c == [v] for c in came_from) for v in (1, 2)}
+        assert {v: answered(s, v) - counted_before[v] for v in (1, 2)} == by_version
         assert released(s)  # old versions released
     finally:
         s.stop()

@@ -236,7 +236,7 @@ def test_a_full_generation_pool_is_a_503_with_retry_after(repository):
 
 
 def test_requests_are_counted_under_the_model_and_the_openai_endpoints(server, client):
-    series = 'rnnserve_requests_total{endpoint="%s",model="lm",status="%s"}'
+    series = 'rnnserve_requests_total{endpoint="%s",model="lm",status="%s",version="%s"}'
     before = httpx.get(f"{server.url}/metrics").text
     client.completions.create(model="lm", prompt="the", max_tokens=3)
     list(client.chat.completions.create(model="lm", messages=[{"role": "user", "content": "a"}], max_tokens=3,
@@ -244,8 +244,8 @@ def test_requests_are_counted_under_the_model_and_the_openai_endpoints(server, c
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="lm", prompt="the", temperature=9)
     after = httpx.get(f"{server.url}/metrics").text
-    for endpoint, status in (("openai_completions", 200), ("openai_chat_stream", 200), ("openai_completions", 400)):
-        assert sample(after, series % (endpoint, status)) == sample(before, series % (endpoint, status)) + 1
+    for labels in (("openai_completions", 200, 1), ("openai_chat_stream", 200, 1), ("openai_completions", 400, "none")):
+        assert sample(after, series % labels) == sample(before, series % labels) + 1
 
 
 def v2_log_softmax(server, ids: list[int]) -> np.ndarray:

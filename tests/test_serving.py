@@ -185,9 +185,9 @@ def test_metrics_count_what_the_requests_did(server, repository):
     assert httpx.post(f"{server.url}/v1/models/nope:predict", json={"instances": ["good"]}).status_code == 404
     after = httpx.get(f"{server.url}/metrics").text
     expected = {  # series: how much it moved
-        'rnnserve_requests_total{endpoint="v1_predict",model="clf",status="200"}': 1,
-        'rnnserve_requests_total{endpoint="v1_predict",model="_not_deployed",status="404"}': 1,
-        'rnnserve_request_latency_seconds_count{endpoint="v1_predict",model="clf"}': 1,
+        'rnnserve_requests_total{endpoint="v1_predict",model="clf",status="200",version="1"}': 1,
+        'rnnserve_requests_total{endpoint="v1_predict",model="_not_deployed",status="404",version="none"}': 1,
+        'rnnserve_request_latency_seconds_count{endpoint="v1_predict",model="clf",version="1"}': 1,
         'rnnserve_queue_time_seconds_count{model="clf"}': 1, 'rnnserve_inference_time_seconds_count{model="clf"}': 1,
         'rnnserve_batch_size_count{model="clf"}': 1, 'rnnserve_batch_size_sum{model="clf"}': 3,
         'rnnserve_batch_size_bucket{le="2.0",model="clf"}': 0, 'rnnserve_batch_size_bucket{le="4.0",model="clf"}': 1,
@@ -196,7 +196,7 @@ def test_metrics_count_what_the_requests_did(server, repository):
         'rnnserve_padding_ratio_bucket{le="0.5",model="clf"}': 1}
     assert {series: sample(after, series) - sample(before, series) for series in expected} == expected
     latency, queued, ran = (sample(after, series) - sample(before, series) for series in (
-        'rnnserve_request_latency_seconds_sum{endpoint="v1_predict",model="clf"}',
+        'rnnserve_request_latency_seconds_sum{endpoint="v1_predict",model="clf",version="1"}',
         'rnnserve_queue_time_seconds_sum{model="clf"}', 'rnnserve_inference_time_seconds_sum{model="clf"}'))
     print(f"latency {latency * 1000:.1f} ms: queued {queued * 1000:.1f} ms, ran {ran * 1000:.1f} ms")
     assert 0 < queued and 0 < ran and queued + ran < latency < 30  # the request's own times

@@ -2,7 +2,11 @@
 once, whatever answered it: serving/frontend/core/envelope.py's counted(), for REST and gRPC alike).
 
 A language model's steps are recorded under the model label "<model>:step": its time per step and
-step batch size are the inference-time and batch-size histograms under that name."""
+step batch size are the inference-time and batch-size histograms under that name.
+
+The request counters and latency histograms carry the version that answered (a rollout is watched by
+the share of answers per version): only versions served take that label, and a request refused
+before a version was chosen (an unknown model or version, a bad body, a full queue) is "none"."""
 import functools
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -10,12 +14,13 @@ from prometheus_client import Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
 NOT_DEPLOYED = "_not_deployed"  # the model label of requests for names no model is deployed under
-REQUESTS = Counter("rnnserve_requests_total", "Inference requests by model, endpoint and HTTP status, "
-                   "refused ones included", ["model", "endpoint", "status"])
+NO_VERSION = "none"  # the version label of requests refused before a version was chosen
+REQUESTS = Counter("rnnserve_requests_total", "Inference requests by model, the version that answered, endpoint "
+                   "and HTTP status, refused ones included", ["model", "version", "endpoint", "status"])
 REQUEST_LATENCY = Histogram("rnnserve_request_latency_seconds", "Time from request to the end of its response "
-                            "(a stream's last event)", ["model", "endpoint"], buckets=LATENCY_BUCKETS)
+                            "(a stream's last event)", ["model", "version", "endpoint"], buckets=LATENCY_BUCKETS)
 TIME_TO_FIRST_TOKEN = Histogram("rnnserve_time_to_first_token_seconds", "Generation: request to first token",
-                                ["model"], buckets=LATENCY_BUCKETS)
+                                ["model", "version"], buckets=LATENCY_BUCKETS)
 QUEUE_TIME = Histogram("rnnserve_queue_time_seconds", "Time a request waited before its batch ran",
                        ["model"], buckets=LATENCY_BUCKETS)
 INFERENCE_TIME = Histogram("rnnserve_inference_time_seconds", "Time of one batch's ONNX Runtime calls",

@@ -12,7 +12,7 @@ from serving.common import metrics, tracing
 from serving.common.logs import start_request
 from serving.frontend.access import NEEDS_TOKEN, bearer_matches, control_closed, token_of
 from serving.frontend.client import EngineClient
-from serving.frontend.core.front import Front
+from serving.frontend.core.front import ANSWERING, Front
 from serving.frontend.core.refused import Refused, busy, unexpected
 
 LEFT = 499  # the status a request is counted with when its client left before it was answered
@@ -25,21 +25,25 @@ class Outcome:
     status: int | None = None  # the HTTP status it was answered with (gRPC: the status its code stands for)
     answered: bool = False  # the transport has begun its answer: an error now cannot change it
     model: str = ""  # its model label in /metrics (counted() sets it; named() where the body names the model)
+    version: str = metrics.NO_VERSION  # the version that answered it (front.served() sets it), its label in /metrics
 
 
 @contextmanager
 def counted(client: EngineClient | None, name: str, outcome: Outcome):
     """A request counted once, however it is answered: in flight while it runs, then its status
-    and latency in /metrics; one that ended unanswered, its client gone (e.g. before it sent its
-    whole body), as 499."""
+    and latency in /metrics under the version that answered it; one that ended unanswered, its
+    client gone (e.g. before it sent its whole body), as 499."""
     outcome.model, started = label(client, name), time.perf_counter()
+    answering = ANSWERING.set(outcome)  # for front.served(), where its version is chosen
     metrics.of(metrics.IN_FLIGHT, outcome.model).inc()
     try:
         yield outcome
     finally:
+        ANSWERING.reset(answering)
         metrics.of(metrics.IN_FLIGHT, outcome.model).dec()
-        metrics.of(metrics.REQUESTS, outcome.model, outcome.endpoint, str(outcome.status or LEFT)).inc()
-        metrics.of(metrics.REQUEST_LATENCY, outcome.model, outcome.endpoint).observe(time.perf_counter() - started)
+        labels = outcome.model, outcome.version, outcome.endpoint
+        metrics.of(metrics.REQUESTS, *labels, str(outcome.status or LEFT)).inc()
+        metrics.of(metrics.REQUEST_LATENCY, *labels).observe(time.perf_counter() - started)
 
 
 def label(client: EngineClient | None, name: str) -> str:

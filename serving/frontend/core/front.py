@@ -1,5 +1,6 @@
 """A front-end as every transport sees it (Front), whether it is ready, and the engine and version
-that serve a model: the first step of every request."""
+that serve a model: the first step of every request, where it learns the version that answers it."""
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from core.repository import Version
@@ -9,6 +10,7 @@ from serving.frontend.core.refused import Refused, busy
 
 SERVER = {"name": "rnnserve", "version": "0.2.0", "extensions": ["model_repository", "binary_tensor_data", "generate",
                                                                   "model_configuration", "statistics"]}
+ANSWERING: ContextVar = ContextVar("answering", default=None)  # the counted request's Outcome (envelope.counted)
 
 
 @dataclass(eq=False)
@@ -52,7 +54,14 @@ def served(front: Front, name: str, version: str | None = None, task: str | None
     if task and deployed.task != task:
         raise Refused(400, f"model {name!r} is a {deployed.task}: " + (
             "only language models generate or keep sessions" if task == "lm" else f"this route is for a {task}"))
+    answered_by(deployed.version)
     return link, client.version(name, deployed.version)
+
+
+def answered_by(version: int):
+    """The version that answers the request being counted, if one is: its version label in /metrics."""
+    if (outcome := ANSWERING.get()) is not None:
+        outcome.version = str(version)
 
 
 def stateless(sequence_id):

@@ -138,7 +138,7 @@ async def first_tokens(front: Front, name: str, body: GenerateRequest,
         return link, stream, generation, tokens
 
     begun = await on_the_current_version(attempt)
-    metrics.TIME_TO_FIRST_TOKEN.labels(name).observe(time.perf_counter() - started)
+    metrics.of(metrics.TIME_TO_FIRST_TOKEN, name, str(begun[2].version)).observe(time.perf_counter() - started)
     return begun
 
 

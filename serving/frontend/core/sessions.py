@@ -12,7 +12,7 @@ from core.repository import Version
 from serving.common.messages import CloseSession, Failed, OpenSession, SessionOpened, Step, Stepped
 from serving.frontend.client import Link
 from serving.frontend.core import state_token
-from serving.frontend.core.front import Front, check_text, engines, served
+from serving.frontend.core.front import Front, answered_by, check_text, engines, served
 from serving.frontend.core.inference import Left, reply_of
 from serving.frontend.core.refused import Refused, refusal
 from serving.frontend.core.state_token import Carried
@@ -57,6 +57,7 @@ def session_of(front: Front, name: str, sid: str) -> tuple[Link, TextCodec, str]
     if engine >= len(client.links):
         raise no_session(sid, name)
     served(front, name, task="lm")
+    answered_by(version)  # the session's own version, whichever is deployed now
     try:
         codec = client.version(name, int(version)).codec
     except (OSError, ValueError):
