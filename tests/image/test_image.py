@@ -260,6 +260,14 @@ def test_with_a_gpu_visible_but_unusable_the_container_refuses_the_cpu_and_says_
         assert f"engine 0: {placement}" in text and "not served on the CPU instead" in text, text[-3000:]
 
 
+def test_with_a_gpu_visible_rnnserve_providers_cpu_serves_on_the_cpu(image):
+    """What the CPU manifests set, and what the refusal above tells the operator to set: asked for
+    the CPU, either image serves there with a GPU visible."""
+    with running(image, "--device", "/dev/null:/dev/nvidia0", "-e", 'RNNSERVE_PROVIDERS=["CPUExecutionProvider"]') as (url, _, _):
+        info = ok(httpx.get(f"{url}/v1/models/clf")).json()
+        assert (info["provider"], info["device"]) == ("CPUExecutionProvider", "cpu")
+
+
 PROCESSES = """
 import json, pathlib
 rows = []
