@@ -1,15 +1,17 @@
 # syntax=docker/dockerfile:1
-# rnnserve serving image: ONNX Runtime (GPU build) + FastAPI/uvicorn + the torch-free core and the
-# serving package. No PyTorch and no training code. See docs/deployment.md, "The container".
+# rnnserve serving image: ONNX Runtime + FastAPI/uvicorn + the torch-free core and the serving
+# package. No PyTorch and no training code. See docs/deployment.md, "The container".
 #
 #   docker build -t rnnserve .                       # GPU: onnxruntime-gpu with CUDA 13 + cuDNN 9 from PyPI
+#   docker build --build-arg ORT_PACKAGE=onnxruntime==1.31.1 -t rnnserve:cpu .   # CPU: no CUDA, ~0.7 GB
 #   docker run --gpus all -p 8000:8000 -p 8001:8001 rnnserve   # REST, gRPC; needs an NVIDIA driver >= 580 (CUDA 13)
-#   docker run -p 8000:8000 -p 8001:8001 -v $PWD/model_repository:/models rnnserve   # CPU fallback, mounted models
+#   docker run -p 8000:8000 -p 8001:8001 -v $PWD/model_repository:/models rnnserve:cpu   # CPU, mounted models
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
 # ONNX Runtime's GPU wheel with the CUDA runtime and cuDNN wheels it was built against; its CPU
-# execution provider is the fallback where no GPU is visible.
+# execution provider is the fallback where no GPU is visible. onnxruntime (the same version) makes
+# the CPU image: nothing of CUDA in it.
 ARG ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]==1.31.1"
 # the model repository baked into the image; mount one at /models to override it
 ARG MODEL_REPOSITORY=model_repository

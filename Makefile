@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -n 2 --dist loadfile --durations=25
 
-# the serving image built and run for real with podman (../shared/tools/container-engine.sh)
+# the serving images (GPU and CPU) built and run for real with podman (../shared/tools/container-engine.sh)
 image-test: install
 	$(PY) -m pytest tests/image -p no:cacheprovider -o addopts="-q" -s
 

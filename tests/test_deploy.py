@@ -14,14 +14,14 @@ KSERVE_SCHEMA = Path(__file__).parent / "fixtures" / "kserve_inferenceservice_v1
 
 
 def manifests():
-    return sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+    return sorted((DEPLOY / "kubernetes").rglob("*.yaml"))  # cpu/ included
 
 
 def validate(manifest: dict):
     kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("path", manifests(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", manifests(), ids=lambda p: str(p.relative_to(DEPLOY / "kubernetes")))
 def test_kubernetes_manifests_validate_against_the_schemas(path):
     for manifest in yaml.safe_load_all(path.read_text()):
         validate(manifest)
@@ -52,6 +52,11 @@ def test_the_inferenceservice_validates_against_kserves_schema_with_a_canary_and
                    {"logger": {"url": 7}}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate({**service, "spec": {"predictor": {**predictor, **broken}}}, schema)
+
+
+@pytest.mark.parametrize("name", ["inferenceservice.yaml", "inferenceservice-cpu.yaml"])
+def test_every_inferenceservice_validates_against_kserves_schema(name):
+    jsonschema.validate(yaml.safe_load((DEPLOY / "kserve" / name).read_text()), json.loads(KSERVE_SCHEMA.read_text()))
 
 
 def test_the_validator_rejects_a_broken_manifest():
@@ -88,3 +93,34 @@ def test_every_replica_reads_one_state_key_from_an_optional_secret():
     for container in (pod["containers"][0] for pod in pods):
         (key,) = [e for e in container["env"] if e["name"] == "RNNSERVE_STATE_KEY"]
         assert key["valueFrom"]["secretKeyRef"] == {"name": "rnnserve-state", "key": "key", "optional": True}
+
+
+def test_the_cpu_manifests_run_the_cpu_image_as_the_gpu_ones_run_the_gpu_image():
+    """For CPU nodes, kubernetes/cpu/deployment.yaml and kserve/inferenceservice-cpu.yaml: the CPU
+    image, no GPU asked for, the CPU provider named; otherwise the GPU manifests' pod (same name,
+    labels, probes, drain, secrets), so the Service and the autoscaler apply to either."""
+    gpu = yaml.safe_load((DEPLOY / "kubernetes" / "deployment.yaml").read_text())
+    cpu = yaml.safe_load((DEPLOY / "kubernetes" / "cpu" / "deployment.yaml").read_text())
+    service = yaml.safe_load((DEPLOY / "kserve" / "inferenceservice-cpu.yaml").read_text())
+    validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
+              "spec": {"containers": service["spec"]["predictor"]["containers"]}})
+    assert cpu["metadata"] == gpu["metadata"] and cpu["spec"]["selector"] == gpu["spec"]["selector"]
+    (container,) = cpu["spec"]["template"]["spec"]["containers"]
+    (predictor,) = service["spec"]["predictor"]["containers"]
+    (gpu_container,) = gpu["spec"]["template"]["spec"]["containers"]
+    for c in (container, predictor):
+        assert c["image"] == "rnnserve:cpu"
+        assert not any("nvidia.com/gpu" in r for r in c["resources"].values())
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RNNSERVE_PROVIDERS"]["value"] == '["CPUExecutionProvider"]'
+        assert env["RNNSERVE_STATE_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "rnnserve-state"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    same = ("ports", "lifecycle", "readinessProbe", "livenessProbe", "startupProbe")
+    assert {k: container[k] for k in same} == {k: gpu_container[k] for k in same}
+    sized = {"RNNSERVE_PROVIDERS", "RNNSERVE_ENGINES", "RNNSERVE_WORKERS"}  # what a CPU pod sets its own way
+    assert [e for e in container["env"] if e["name"] not in sized] == \
+        [e for e in gpu_container["env"] if e["name"] not in sized]
+    pod, gpu_pod = cpu["spec"]["template"], gpu["spec"]["template"]
+    assert pod["metadata"] == gpu_pod["metadata"]
+    assert {k: v for k, v in pod["spec"].items() if k != "containers"} == \
+        {k: v for k, v in gpu_pod["spec"].items() if k != "containers"}
