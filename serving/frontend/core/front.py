@@ -13,8 +13,9 @@ SERVER = {"name": "rnnserve", "version": "0.2.0", "extensions": ["model_reposito
 
 @dataclass(eq=False)
 class Front:
-    """One front-end process: its settings, its engines (once its lifespan has started them), and
-    whether it takes requests (ready) or is shutting down (draining)."""
+    """One front-end process: its settings, its engines (once its lifespan has started them),
+    whether it takes requests (ready) and whether it is shutting down (draining: from SIGTERM on,
+    readiness false while requests are still taken for a while)."""
     settings: Settings
     engines: EngineClient | None = None
     ready: bool = False
@@ -24,7 +25,7 @@ class Front:
 def ready(front: Front) -> bool:
     """The server is ready: this front-end is not starting or draining, and every engine has said
     what it serves and serves something."""
-    return bool(front.ready and front.engines and front.engines.ready)
+    return bool(front.ready and not front.draining and front.engines and front.engines.ready)
 
 
 def engines(front: Front, every: bool = False) -> EngineClient:
