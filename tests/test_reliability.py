@@ -148,9 +148,10 @@ def test_sigterm_under_load_answers_every_request_the_server_read(repository, tm
 
 
 def test_after_sigterm_readiness_fails_at_once_while_requests_are_served_for_the_window(repository, tmp_path):
-    """RNNSERVE_DRAIN_SERVE_S: from SIGTERM readiness is 503 (gRPC ServerReady false) while
-    predict is still answered 200, each answer closing its connection, for the window; then 503
-    for RNNSERVE_DRAIN_S; then the port closes."""
+    """RNNSERVE_DRAIN_SERVE_S: from SIGTERM readiness is 503 (gRPC ServerReady false, and a
+    model's readiness 400 and false, as for a server not ready) while predict is still answered
+    200, each answer closing its connection, for the window; then 503 for RNNSERVE_DRAIN_S; then
+    the port closes."""
     import tritonclient.grpc as triton  # a user's gRPC client, unchanged
     grpc_port = free_port()
     process, url = serve(repository, "--workers", "1", log=open(tmp_path / "server.log", "w"), drain_serve_s=2,
@@ -166,17 +167,22 @@ def test_after_sigterm_readiness_fails_at_once_while_requests_are_served_for_the
             with httpx.Client(base_url=url, timeout=5) as fresh:  # a new connection for each, as a balancer's
                 ready = outcome(fresh.get("/v2/health/ready"))
             with httpx.Client(base_url=url, timeout=5) as fresh:
+                model_ready = outcome(fresh.get("/v2/models/clf/ready"))
+            with httpx.Client(base_url=url, timeout=5) as fresh:
                 predicted = outcome(fresh.post("/v1/models/clf:predict", json={"instances": ["good"]}))
-            seen.append((round(time.perf_counter() - signalled, 2), ready, predicted, grpc.is_server_ready()))
+            seen.append((round(time.perf_counter() - signalled, 2), ready, predicted, grpc.is_server_ready(),
+                         model_ready, grpc.is_model_ready("clf")))
             time.sleep(0.1)
         process.wait(15)
     finally:
         grpc.close()
         process.kill()
-    print(f"after SIGTERM (s, readiness, predict, gRPC ready): {seen}")
+    print(f"after SIGTERM (s, readiness, predict, gRPC ready, model ready, gRPC model ready): {seen}")
     serving = [row for row in seen if row[0] < 1.9]
     refusing = [row for row in seen if row[0] > 2.1]
-    assert serving and all(row[1:] == ("503 close retry-after", "200 close", False) for row in serving), seen
+    assert serving and all(row[1:] == ("503 close retry-after", "200 close", False, "400 close", False)
+                           for row in serving), seen
+    assert all(row[4:] == ("400 close", False) for row in seen), seen
     assert refusing and all(row[1:3] == ("503 close retry-after",) * 2 for row in refusing), seen
     assert "SIGTERM: not ready; serving on for 2s" in (tmp_path / "server.log").read_text()
 

@@ -84,7 +84,10 @@ def check_texts(front: Front, texts: list[str], what: str):
 def unready(front: Front, name: str, version: str | None = None) -> str | None:
     """Why `name` (that version, if given) is not ready to serve, or None when it is: one answer
     for REST and gRPC, as Triton gives it (HTTP 400, gRPC ready: false) for a model it does not
-    serve, a version it has not loaded, or a server that is not ready."""
+    serve, a version it has not loaded, or a server that is not ready (draining included, while it
+    still serves)."""
+    if front.draining:
+        return "the server is shutting down"
     try:
         served(front, name, version)
     except Refused as e:
