@@ -11,7 +11,8 @@ The processes on the machine:
   reach the engines over ZeroMQ ipc sockets (serving/frontend/client.py);
 - this one: it starts them, restarts an engine that dies (what was in flight there is answered
   503 at once by the front-ends), and on SIGTERM drains the front-ends (readiness false and every
-  answer closing its connection, new requests 503 for RNNSERVE_DRAIN_S, then the port closed and
+  answer closing its connection; requests still served for RNNSERVE_DRAIN_SERVE_S while a load
+  balancer takes the replica out, then answered 503 for RNNSERVE_DRAIN_S, then the port closed and
   the requests in flight answered within RNNSERVE_SHUTDOWN_GRACE_S), then stops the engines and
   removes its runtime folder.
 """

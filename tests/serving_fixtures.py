@@ -164,7 +164,8 @@ def serve(repository: Path, *args: str, log=subprocess.DEVNULL, wait_for: str = 
     RNNSERVE_<NAME> settings; returns once wait_for answers 200 (within ready_timeout_s). Without a
     drain window unless one is asked for: the tests that stop it do not wait one out."""
     port = free_port()
-    env = os.environ | {f"RNNSERVE_{k.upper()}": str(v) for k, v in ({"drain_s": 0} | settings).items()}
+    settings = {"drain_serve_s": 0, "drain_s": 0} | settings
+    env = os.environ | {f"RNNSERVE_{k.upper()}": str(v) for k, v in settings.items()}
     process = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
                                 "--port", str(port), *args], env=env, stderr=log)
     url = f"http://127.0.0.1:{port}"

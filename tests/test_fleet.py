@@ -3,9 +3,13 @@ sharing one state key, behind HAProxy on 127.0.0.1 (Debian's package, installed 
 tests/tools/haproxy.sh), round robin with a new connection to a replica for every request, as a
 Kubernetes Service with no session affinity spreads them. Sessions and Triton sequences go on
 through it with their state tokens and answer, step by step, what one server answers."""
+import asyncio
 import queue
+import signal
 import subprocess
 import time
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -14,6 +18,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from loadtest.servers import free_port
+from serving.common.settings import Settings
 from tests.serving_fixtures import FRONT_END, serve, tiny_repository
 
 KEY = "one-state-key-for-the-whole-fleet"
@@ -54,11 +59,16 @@ backend grpc_replicas
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+def haproxy() -> str:
+    """The path of HAProxy, installed by tests/tools/haproxy.sh if it is missing."""
+    found = subprocess.run(["sh", str(Path(__file__).parent / "tools" / "haproxy.sh")], capture_output=True, text=True)
+    assert found.returncode == 0, f"HAProxy could not be installed: {found.stderr[-2000:]}"
+    return found.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, haproxy):
     """(the balancer's REST url, its gRPC port, the replicas' REST urls)."""
-    haproxy = subprocess.run(["sh", str(Path(__file__).parent / "tools" / "haproxy.sh")], capture_output=True,
-                             text=True)
-    assert haproxy.returncode == 0, f"HAProxy could not be installed: {haproxy.stderr[-2000:]}"
     replicas, urls, ports = [], [], []
     for i in range(2):
         grpc_port = free_port()
@@ -70,7 +80,7 @@ def fleet(tmp_path_factory):
     rest_port, grpc_port = free_port(), free_port()
     config = tmp_path_factory.mktemp("haproxy") / "haproxy.cfg"
     config.write_text(haproxy_config(rest_port, grpc_port, ports))
-    balancer = subprocess.Popen([haproxy.stdout.strip(), "-db", "-f", str(config)], stderr=subprocess.DEVNULL)
+    balancer = subprocess.Popen([haproxy, "-db", "-f", str(config)], stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{rest_port}"
         for _ in range(100):
@@ -179,3 +189,158 @@ def test_triton_sequences_through_the_balancer_answer_what_one_server_answers(fl
                         result.as_numpy("next_probabilities").tolist(), int(result.as_numpy("total_tokens")[0])))
             state = result.as_numpy("state")[0]
         same(got, expected)
+
+
+# A replica stopped under load. The balancer asks each replica's readiness every 500 ms and takes
+# it out at the second 503 in a row (0.5 to 1 s after SIGTERM), as Kubernetes takes a terminating
+# pod out of its Service (there, a few seconds after).
+USERS = 16
+CHECK_MS = 500
+SERVE_S = Settings.model_fields["drain_serve_s"].default
+NO_RETRY = "    retries 0\n"  # every failed request is the client's: most balancers do not retry a POST
+RETRYING = """    retries 3
+    option redispatch 1
+    option http-buffer-request
+    retry-on conn-failure empty-response 503
+"""  # HAProxy's layer-7 retries, each on another replica
+REDISPATCH = "    retries 3\n    option redispatch 1\n"  # only a connection that fails is tried on another replica
+
+
+def checked_config(rest_port: int, ports: list[int], retries: str) -> str:
+    servers = "\n".join(f"    server r{i} 127.0.0.1:{port} check inter {CHECK_MS} fall 2 rise 2"
+                        for i, port in enumerate(ports))
+    return f"""global
+    maxconn 512
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend rest
+    bind 127.0.0.1:{rest_port}
+    default_backend replicas
+backend replicas
+    balance roundrobin
+    option http-server-close
+    http-reuse never
+    option httpchk GET /v2/health/ready
+{retries}{servers}
+"""
+
+
+@contextmanager
+def balanced(folder: Path, haproxy: str, retries: str, **settings):
+    """Two replicas (one engine, one front-end each: its pid is the replica's FRONT_END header)
+    behind HAProxy checking their readiness: (the balancer's url, the replicas' processes)."""
+    replicas, ports = [], []
+    try:
+        for i in range(2):
+            process, url = serve(tiny_repository(folder / f"replica-{i}"), engines=1, workers=1, **settings)
+            replicas.append(process)
+            ports.append(int(url.rsplit(":", 1)[1]))
+        rest_port = free_port()
+        (folder / "haproxy.cfg").write_text(checked_config(rest_port, ports, retries))
+        balancer = subprocess.Popen([haproxy, "-db", "-f", str(folder / "haproxy.cfg")], stderr=subprocess.DEVNULL)
+        try:
+            url, seen, deadline = f"http://127.0.0.1:{rest_port}", set(), time.time() + 30
+            while len(seen) < 2:  # both replicas in the balancer's rotation
+                assert time.time() < deadline, f"the balancer reached {seen} only"
+                try:
+                    seen.add(httpx.get(f"{url}/v2/health/ready").headers.get(FRONT_END))
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            yield url, replicas
+        finally:
+            balancer.terminate()
+            balancer.wait(10)
+    finally:
+        for process in replicas:
+            process.kill()
+            process.wait(30)
+
+
+def under_load(url: str, stop) -> tuple[list[tuple[float, str, str | None]], float, int]:
+    """USERS clients posting V1 predict through the balancer without pause; after a second,
+    stop() (a coroutine function: it stops a replica and returns once it is gone). Returns every
+    request's (sent, status or the error's name, the FRONT_END that answered), when stop began
+    (perf_counter) and how many requests were in flight then."""
+    outcomes, in_flight, done = [], [0], asyncio.Event()
+
+    async def user(client: httpx.AsyncClient):
+        while not done.is_set():
+            sent = time.perf_counter()
+            in_flight[0] += 1
+            try:
+                r = await client.post("/v1/models/clf:predict", json={"instances": ["good film"]})
+                outcomes.append((sent, str(r.status_code), r.headers.get(FRONT_END)))
+            except httpx.HTTPError as e:
+                outcomes.append((sent, type(e).__name__, None))
+            finally:
+                in_flight[0] -= 1
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=USERS)) as client:
+            users = [asyncio.create_task(user(client)) for _ in range(USERS)]
+            await asyncio.sleep(1)
+            stopped, flying = time.perf_counter(), in_flight[0]
+            await stop()
+            await asyncio.sleep(1)  # and on, on the replica left
+            done.set()
+            await asyncio.gather(*users)
+            return stopped, flying
+
+    stopped, flying = asyncio.run(scenario())
+    return outcomes, stopped, flying
+
+
+def sigterm_under_load(url: str, replica: subprocess.Popen) -> tuple[dict, int, float]:
+    """SIGTERM to a replica under load: (the outcomes counted, the requests that replica answered
+    after the signal, how long it took to exit)."""
+    async def stop():
+        replica.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(replica.wait, 60)
+
+    outcomes, stopped, _ = under_load(url, stop)
+    exited = time.perf_counter() - stopped  # under_load slept 1 s after the exit
+    counts = Counter(status for _, status, _ in outcomes)
+    after = sum(sent > stopped and by == str(replica.pid) for sent, _, by in outcomes)
+    return counts, after, exited - 1
+
+
+@pytest.mark.parametrize("retries", [NO_RETRY, RETRYING], ids=["no-retry", "retrying"])
+def test_a_replica_stopped_with_sigterm_under_load_loses_nothing(tmp_path, haproxy, retries):
+    """SIGTERM to one of two replicas under 16 users: it serves on, readiness 503, while the
+    balancer takes it out (RNNSERVE_DRAIN_SERVE_S), then refuses, closes and exits; every request
+    is answered 200, with a balancer that retries and with one that does not."""
+    with balanced(tmp_path, haproxy, retries, drain_serve_s=SERVE_S, drain_s=5) as (url, replicas):
+        counts, after, exited_s = sigterm_under_load(url, replicas[0])
+    print(f"SIGTERM under {USERS} users ({'no retries' if retries == NO_RETRY else 'retrying'}): {dict(counts)}; "
+          f"{after} served by the stopping replica after the signal; it exited {exited_s:.1f} s after it")
+    assert set(counts) == {"200"}, counts
+    assert after > 0  # the balancer sent it requests before it saw it unready: served, not refused
+    assert SERVE_S <= exited_s < SERVE_S + 5 + 5
+
+
+def test_without_the_serving_window_a_balancer_that_does_not_retry_fails_requests(tmp_path, haproxy):
+    """What the window is for: with RNNSERVE_DRAIN_SERVE_S=0 (the drain before it) the requests the
+    balancer sends before its next check are answered 503, and it passes them on."""
+    with balanced(tmp_path, haproxy, NO_RETRY, drain_serve_s=0, drain_s=5) as (url, replicas):
+        counts, after, _ = sigterm_under_load(url, replicas[0])
+    print(f"SIGTERM under {USERS} users, no serving window, no retries: {dict(counts)}")
+    assert counts["503"] > 0 and set(counts) == {"200", "503"}, counts
+
+
+def test_a_replica_killed_under_load_loses_at_most_what_it_had_in_flight(tmp_path, haproxy):
+    """SIGKILL to one of two replicas under 16 users, behind a balancer that sends a request whose
+    connection fails to the other replica (HAProxy's retries for connection failures): the
+    requests the killed one was answering fail (their connection closed unanswered, or 502 from
+    the balancer), no others."""
+    with balanced(tmp_path, haproxy, REDISPATCH) as (url, replicas):
+        async def stop():
+            replicas[0].kill()
+            await asyncio.to_thread(replicas[0].wait, 10)
+        outcomes, _, flying = under_load(url, stop)
+    counts = Counter(status for _, status, _ in outcomes)
+    failed = len(outcomes) - counts["200"]
+    print(f"SIGKILL under {USERS} users: {dict(counts)}; {failed} failed, {flying} in flight at the kill")
+    assert failed <= flying <= USERS, (counts, flying)

@@ -288,7 +288,7 @@ def test_the_server_removes_the_folders_it_created_when_it_exits(repository, tmp
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
                                "--port", str(port), "--workers", str(workers)], stderr=subprocess.DEVNULL,
-                              env=env | {"TMPDIR": str(scratch), "RNNSERVE_DRAIN_S": "0"})
+                              env=env | {"TMPDIR": str(scratch), "RNNSERVE_DRAIN_SERVE_S": "0", "RNNSERVE_DRAIN_S": "0"})
     ours = lambda: sorted(p.name.rsplit("-", 1)[0] for p in scratch.glob("rnnserve-*"))  # (ONNX Runtime writes .ses)
     try:
         wait_ready(f"http://127.0.0.1:{port}")

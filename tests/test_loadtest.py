@@ -13,9 +13,10 @@ from loadtest.workloads import predict_body
 from tests.serving_fixtures import Server, tiny_repository
 
 # The harnesses' rnnserve servers: one engine and one front-end, closing the port at SIGTERM
-# without the 5 s drain: what the tests check (every point measured, no errors, the tables
+# without the drain's 5 + 5 s: what the tests check (every point measured, no errors, the tables
 # written) on three processes a server instead of five.
-ONE_OF_EACH = os.environ | {"RNNSERVE_ENGINES": "1", "RNNSERVE_WORKERS": "1", "RNNSERVE_DRAIN_S": "0"}
+ONE_OF_EACH = os.environ | {"RNNSERVE_ENGINES": "1", "RNNSERVE_WORKERS": "1", "RNNSERVE_DRAIN_SERVE_S": "0",
+                            "RNNSERVE_DRAIN_S": "0"}
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from loadtest.client import LoadResult, read_response
+from loadtest.servers import free_port
 from serving.common.settings import Settings
 from tests.serving_fixtures import Server, alone, serve, tiny_repository
 
@@ -144,6 +145,46 @@ def test_sigterm_under_load_answers_every_request_the_server_read(repository, tm
     print(f"SIGTERM with {waiting} of 200 unanswered: {counts}; exited {exited_s:.1f} s after it")
     assert set(outcomes) <= {"200", "200 close", "503 close retry-after"}, counts
     assert exited_s < DRAIN_S + 30  # the drain window, then the grace period (RNNSERVE_SHUTDOWN_GRACE_S)
+
+
+def test_after_sigterm_readiness_fails_at_once_while_requests_are_served_for_the_window(repository, tmp_path):
+    """RNNSERVE_DRAIN_SERVE_S: from SIGTERM readiness is 503 (gRPC ServerReady false, and a
+    model's readiness 400 and false, as for a server not ready) while predict is still answered
+    200, each answer closing its connection, for the window; then 503 for RNNSERVE_DRAIN_S; then
+    the port closes."""
+    import tritonclient.grpc as triton  # a user's gRPC client, unchanged
+    grpc_port = free_port()
+    process, url = serve(repository, "--workers", "1", log=open(tmp_path / "server.log", "w"), drain_serve_s=2,
+                         drain_s=2, grpc_port=grpc_port)  # the port closes 4 s after SIGTERM: past the probes
+    grpc = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    try:
+        assert grpc.is_server_ready()
+        process.send_signal(signal.SIGTERM)
+        signalled = time.perf_counter()
+        time.sleep(0.2)
+        seen = []  # (seconds after SIGTERM, readiness, predict, gRPC ServerReady)
+        while time.perf_counter() - signalled < 2.8:
+            with httpx.Client(base_url=url, timeout=5) as fresh:  # a new connection for each, as a balancer's
+                ready = outcome(fresh.get("/v2/health/ready"))
+            with httpx.Client(base_url=url, timeout=5) as fresh:
+                model_ready = outcome(fresh.get("/v2/models/clf/ready"))
+            with httpx.Client(base_url=url, timeout=5) as fresh:
+                predicted = outcome(fresh.post("/v1/models/clf:predict", json={"instances": ["good"]}))
+            seen.append((round(time.perf_counter() - signalled, 2), ready, predicted, grpc.is_server_ready(),
+                         model_ready, grpc.is_model_ready("clf")))
+            time.sleep(0.1)
+        process.wait(15)
+    finally:
+        grpc.close()
+        process.kill()
+    print(f"after SIGTERM (s, readiness, predict, gRPC ready, model ready, gRPC model ready): {seen}")
+    serving = [row for row in seen if row[0] < 1.9]
+    refusing = [row for row in seen if row[0] > 2.1]
+    assert serving and all(row[1:] == ("503 close retry-after", "200 close", False, "400 close", False)
+                           for row in serving), seen
+    assert all(row[4:] == ("400 close", False) for row in seen), seen
+    assert refusing and all(row[1:3] == ("503 close retry-after",) * 2 for row in refusing), seen
+    assert "SIGTERM: not ready; serving on for 2s" in (tmp_path / "server.log").read_text()
 
 
 def test_after_the_drain_window_new_connections_are_refused_at_once(repository, tmp_path):

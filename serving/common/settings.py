@@ -67,7 +67,14 @@ class Settings(BaseSettings):
                                                             "0: only on a load call")
     control_sync_s: float = Field(1.0, gt=0, description="how often each engine expires idle sessions, checks the "
                                                          "poll and releases retired versions")
-    drain_s: float = Field(5.0, ge=0, description="on SIGTERM, how long the port stays open while every answer closes "
+    drain_serve_s: float = Field(5.0, ge=0, description="on SIGTERM, how long readiness answers 503 (gRPC ServerReady "
+                                                        "false) while every request is still served, its answer "
+                                                        "closing its connection: the time a load balancer takes to "
+                                                        "see the replica unready, or Kubernetes to take a terminating "
+                                                        "pod out of its Service (a preStop sleep's usual 5 s); most "
+                                                        "balancers do not retry a POST, so a 503 meanwhile would be "
+                                                        "a failed request; 0: no such window")
+    drain_s: float = Field(5.0, ge=0, description="then how long the port stays open while every answer closes "
                                                   "its connection and new requests get 503 with Retry-After (an "
                                                   "answer, not a reset); 5 as uvicorn's keep-alive timeout, so that "
                                                   "every connection idle at SIGTERM is closed by then; 0: close the "

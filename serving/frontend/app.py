@@ -29,25 +29,40 @@ log = logging.getLogger(__name__)
 ENGINES_TIMEOUT_S = 900.0  # the longest a front-end waits for the engines' first word (their models load first)
 
 
-def drain_on_sigterm(front: Front, drain_s: float):
-    """On SIGTERM readiness turns false, so readiness and every request for a model get 503 with
-    Retry-After, and every answer closes its connection (serving/frontend/frontdoor.py); the port stays open
-    for drain_s. Then uvicorn's own handler: it closes the port and the idle connections, waits for
-    the requests in flight (at most shutdown_grace_s) and runs the lifespan's shutdown. Chained in
-    front of uvicorn's handler (main thread only)."""
+def drain_on_sigterm(front: Front, serve_s: float, drain_s: float):
+    """On SIGTERM readiness turns false (a load balancer's health check, or Kubernetes, takes the
+    replica out) and every answer closes its connection (serving/frontend/frontdoor.py), but for
+    serve_s every request is still served: a balancer that has not yet seen the replica unready
+    sends it requests, and most do not retry a POST. Then for drain_s every request for a model
+    gets 503 with Retry-After, the port still open. Then uvicorn's own handler: it closes the port
+    and the idle connections, waits for the requests in flight (at most shutdown_grace_s) and runs
+    the lifespan's shutdown. Chained in front of uvicorn's handler (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         return
     uvicorn_handler = signal.getsignal(signal.SIGTERM)
 
+    def refusing():
+        front.ready = False
+        log.info("drain: answering 503 for %gs, then closing the port", drain_s)
+
     def draining(sig, frame):
-        front.ready, front.draining = False, True
-        log.info("SIGTERM: not ready; answering 503 for %gs, then closing the port", drain_s)
+        front.draining = True
+        log.info("SIGTERM: not ready; serving on for %gs, then answering 503 for %gs, then closing the port",
+                 serve_s, drain_s)
+        later(serve_s, refusing)
         if callable(uvicorn_handler):
-            closing = threading.Timer(drain_s, uvicorn_handler, (sig, frame))
-            closing.daemon = True  # a process that stops sooner (SIGINT) does not wait for it
-            closing.start()
+            later(serve_s + drain_s, uvicorn_handler, sig, frame)
 
     signal.signal(signal.SIGTERM, draining)
+
+
+def later(delay_s: float, then, *args):
+    """then(*args) after delay_s on a timer thread; at once (on this thread) for 0."""
+    if delay_s == 0:
+        return then(*args)
+    timer = threading.Timer(delay_s, then, args)
+    timer.daemon = True  # a process that stops sooner (SIGINT) does not wait for it
+    timer.start()
 
 
 def create_app(settings: Settings | None = None) -> FrontDoor:
@@ -68,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
             from serving.frontend.grpc import v2  # grpcio only where it is asked for
             grpc_server = await v2.start(front)
         front.ready = True
-        drain_on_sigterm(front, settings.drain_s)
+        drain_on_sigterm(front, settings.drain_serve_s, settings.drain_s)
         yield
         front.ready = False
         if grpc_server:

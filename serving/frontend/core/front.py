@@ -15,8 +15,9 @@ ANSWERING: ContextVar = ContextVar("answering", default=None)  # the counted req
 
 @dataclass(eq=False)
 class Front:
-    """One front-end process: its settings, its engines (once its lifespan has started them), and
-    whether it takes requests (ready) or is shutting down (draining)."""
+    """One front-end process: its settings, its engines (once its lifespan has started them),
+    whether it takes requests (ready) and whether it is shutting down (draining: from SIGTERM on,
+    readiness false while requests are still taken for a while)."""
     settings: Settings
     engines: EngineClient | None = None
     ready: bool = False
@@ -26,7 +27,7 @@ class Front:
 def ready(front: Front) -> bool:
     """The server is ready: this front-end is not starting or draining, and every engine has said
     what it serves and serves something."""
-    return bool(front.ready and front.engines and front.engines.ready)
+    return bool(front.ready and not front.draining and front.engines and front.engines.ready)
 
 
 def engines(front: Front, every: bool = False) -> EngineClient:
@@ -92,7 +93,10 @@ def check_texts(front: Front, texts: list[str], what: str):
 def unready(front: Front, name: str, version: str | None = None) -> str | None:
     """Why `name` (that version, if given) is not ready to serve, or None when it is: one answer
     for REST and gRPC, as Triton gives it (HTTP 400, gRPC ready: false) for a model it does not
-    serve, a version it has not loaded, or a server that is not ready."""
+    serve, a version it has not loaded, or a server that is not ready (draining included, while it
+    still serves)."""
+    if front.draining:
+        return "the server is shutting down"
     try:
         served(front, name, version)
     except Refused as e:
