@@ -2,7 +2,10 @@
 sharing one state key, behind HAProxy on 127.0.0.1 (Debian's package, installed by
 tests/tools/haproxy.sh), round robin with a new connection to a replica for every request, as a
 Kubernetes Service with no session affinity spreads them. Sessions and Triton sequences go on
-through it with their state tokens and answer, step by step, what one server answers."""
+through it with their state tokens and answer, step by step, what one server answers. Replicas
+stopped under load lose nothing (SIGTERM) or what they had in flight (SIGKILL); replicas polling
+one shared repository all serve a version dropped into it, and model control through one replica
+is that replica's own."""
 import asyncio
 import queue
 import shutil
