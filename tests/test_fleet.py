@@ -2,9 +2,13 @@
 sharing one state key, behind HAProxy on 127.0.0.1 (Debian's package, installed by
 tests/tools/haproxy.sh), round robin with a new connection to a replica for every request, as a
 Kubernetes Service with no session affinity spreads them. Sessions and Triton sequences go on
-through it with their state tokens and answer, step by step, what one server answers."""
+through it with their state tokens and answer, step by step, what one server answers. Replicas
+stopped under load lose nothing (SIGTERM) or what they had in flight (SIGKILL); replicas polling
+one shared repository all serve a version dropped into it, and model control through one replica
+is that replica's own."""
 import asyncio
 import queue
+import shutil
 import signal
 import subprocess
 import time
@@ -17,9 +21,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
+from export.repository import export_run
 from loadtest.servers import free_port
 from serving.common.settings import Settings
-from tests.serving_fixtures import FRONT_END, serve, tiny_repository
+from tests.serving_fixtures import FRONT_END, alone, serve, tiny_repository
+from tests.test_export import make_run
 
 KEY = "one-state-key-for-the-whole-fleet"
 SCRIPTS = [["the time traveller", " (for so it will", " be convenient", " to speak of him)"],
@@ -229,14 +235,16 @@ backend replicas
 
 
 @contextmanager
-def balanced(folder: Path, haproxy: str, retries: str, **settings):
+def balanced(folder: Path, haproxy: str, retries: str, shared: Path | None = None, **settings):
     """Two replicas (one engine, one front-end each: its pid is the replica's FRONT_END header)
-    behind HAProxy checking their readiness: (the balancer's url, the replicas' processes)."""
-    replicas, ports = [], []
+    behind HAProxy checking their readiness, each over its copy of the tiny repository or both over
+    `shared`: (the balancer's url, the replicas' processes, their REST urls)."""
+    replicas, ports, urls = [], [], []
     try:
         for i in range(2):
-            process, url = serve(tiny_repository(folder / f"replica-{i}"), engines=1, workers=1, **settings)
+            process, url = serve(shared or tiny_repository(folder / f"replica-{i}"), engines=1, workers=1, **settings)
             replicas.append(process)
+            urls.append(url)
             ports.append(int(url.rsplit(":", 1)[1]))
         rest_port = free_port()
         (folder / "haproxy.cfg").write_text(checked_config(rest_port, ports, retries))
@@ -249,7 +257,7 @@ def balanced(folder: Path, haproxy: str, retries: str, **settings):
                     seen.add(httpx.get(f"{url}/v2/health/ready").headers.get(FRONT_END))
                 except httpx.HTTPError:
                     time.sleep(0.1)
-            yield url, replicas
+            yield url, replicas, urls
         finally:
             balancer.terminate()
             balancer.wait(10)
@@ -312,7 +320,7 @@ def test_a_replica_stopped_with_sigterm_under_load_loses_nothing(tmp_path, hapro
     """SIGTERM to one of two replicas under 16 users: it serves on, readiness 503, while the
     balancer takes it out (RNNSERVE_DRAIN_SERVE_S), then refuses, closes and exits; every request
     is answered 200, with a balancer that retries and with one that does not."""
-    with balanced(tmp_path, haproxy, retries, drain_serve_s=SERVE_S, drain_s=5) as (url, replicas):
+    with balanced(tmp_path, haproxy, retries, drain_serve_s=SERVE_S, drain_s=5) as (url, replicas, _):
         counts, after, exited_s = sigterm_under_load(url, replicas[0])
     print(f"SIGTERM under {USERS} users ({'no retries' if retries == NO_RETRY else 'retrying'}): {dict(counts)}; "
           f"{after} served by the stopping replica after the signal; it exited {exited_s:.1f} s after it")
@@ -324,7 +332,7 @@ def test_a_replica_stopped_with_sigterm_under_load_loses_nothing(tmp_path, hapro
 def test_without_the_serving_window_a_balancer_that_does_not_retry_fails_requests(tmp_path, haproxy):
     """What the window is for: with RNNSERVE_DRAIN_SERVE_S=0 (the drain before it) the requests the
     balancer sends before its next check are answered 503, and it passes them on."""
-    with balanced(tmp_path, haproxy, NO_RETRY, drain_serve_s=0, drain_s=5) as (url, replicas):
+    with balanced(tmp_path, haproxy, NO_RETRY, drain_serve_s=0, drain_s=5) as (url, replicas, _):
         counts, after, _ = sigterm_under_load(url, replicas[0])
     print(f"SIGTERM under {USERS} users, no serving window, no retries: {dict(counts)}")
     assert counts["503"] > 0 and set(counts) == {"200", "503"}, counts
@@ -335,7 +343,7 @@ def test_a_replica_killed_under_load_loses_at_most_what_it_had_in_flight(tmp_pat
     connection fails to the other replica (HAProxy's retries for connection failures): the
     requests the killed one was answering fail (their connection closed unanswered, or 502 from
     the balancer), no others."""
-    with balanced(tmp_path, haproxy, REDISPATCH) as (url, replicas):
+    with balanced(tmp_path, haproxy, REDISPATCH) as (url, replicas, _):
         async def stop():
             replicas[0].kill()
             await asyncio.to_thread(replicas[0].wait, 10)
@@ -344,3 +352,113 @@ def test_a_replica_killed_under_load_loses_at_most_what_it_had_in_flight(tmp_pat
     failed = len(outcomes) - counts["200"]
     print(f"SIGKILL under {USERS} users: {dict(counts)}; {failed} failed, {flying} in flight at the kill")
     assert failed <= flying <= USERS, (counts, flying)
+
+
+# One repository that every replica polls (a shared volume): the source of truth for what the fleet
+# serves. A new version is published as export does: copied in under a name that is not a version,
+# then renamed, so that no replica ever reads half of it.
+POLL_S = 1.0
+TEXTS = ["good film", "the plot was awful", "a", "great great good film the plot"]
+
+
+def shared_repository(folder: Path) -> tuple[Path, Path]:
+    """(the shared repository, with clf version 1; a staging one whose clf/2 has other weights)."""
+    staged = tiny_repository(folder / "staging")
+    export_run(make_run(folder / "runs" / "clf2", "classifier", "bilstm", seed=1), staged, name="clf", cases=5)
+    return tiny_repository(folder / "shared"), staged
+
+
+def publish(version: Path, repository: Path, number: int):
+    """Copy a version folder into the repository as that version, atomically: beside it, then renamed."""
+    partial = repository / version.parent.name / f".{number}.partial"
+    shutil.copytree(version, partial)
+    partial.rename(repository / version.parent.name / str(number))
+
+
+def served(url: str) -> str | None:
+    """The version of clf a replica serves now (None: none)."""
+    r = httpx.get(f"{url}/v1/models/clf")
+    return r.json()["version"] if r.status_code == 200 else None
+
+
+def infer(client: httpx.AsyncClient | httpx.Client):
+    return client.post("/v2/models/clf/infer", json={
+        "inputs": [{"name": "text_input", "shape": [len(TEXTS)], "datatype": "BYTES", "data": TEXTS}],
+        "outputs": [{"name": "probabilities"}]})
+
+
+def test_a_version_dropped_into_the_shared_repository_is_served_by_every_replica_within_the_poll(tmp_path, haproxy):
+    """Two replicas polling one repository every POLL_S behind HAProxy, 4 users posting V2 infer
+    through it: version 2 published into the repository is served by each replica within the poll
+    interval (plus its load and warm-up), and every answer meanwhile is exactly one version's."""
+    shared, staged = shared_repository(tmp_path)
+    expected = {v: np.array([alone(staged, t, version=v) for t in TEXTS]) for v in (1, 2)}
+    with balanced(tmp_path, haproxy, NO_RETRY, shared=shared, repository_poll_s=POLL_S,
+                  control_sync_s=0.1) as (url, _, replicas):
+        assert [served(r) for r in replicas] == ["1", "1"]
+        answers, done = [], asyncio.Event()
+
+        async def user(client: httpx.AsyncClient):
+            while not done.is_set():
+                r = await infer(client)
+                answers.append((r.status_code, r.json()))
+
+        async def scenario() -> list[float]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                users = [asyncio.create_task(user(client)) for _ in range(4)]
+                await asyncio.sleep(1)
+                published, took = time.perf_counter(), {}
+                await asyncio.to_thread(publish, staged / "clf" / "2", shared, 2)
+                while len(took) < len(replicas) and time.perf_counter() - published < POLL_S + 20:
+                    for replica in replicas:
+                        if replica not in took and await asyncio.to_thread(served, replica) == "2":
+                            took[replica] = time.perf_counter() - published
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1)  # and on, on version 2 everywhere
+                done.set()
+                await asyncio.gather(*users)
+                return [took.get(r, float("inf")) for r in replicas]
+
+        took = asyncio.run(scenario())
+    by_version = Counter(body.get("model_version") for _, body in answers)
+    print(f"version 2 served by each replica {', '.join(f'{s:.2f}' for s in took)} s after it was published "
+          f"(polling every {POLL_S} s); answers by version: {dict(by_version)}")
+    assert max(took) <= POLL_S + 5, took
+    assert {status for status, _ in answers} == {200}
+    assert set(by_version) == {"1", "2"}
+    for _, body in answers:  # each answer is all one version's, the one it names
+        got = np.array(body["outputs"][0]["data"]).reshape(len(TEXTS), 2)
+        assert np.abs(got - expected[int(body["model_version"])]).max() < 1e-5
+
+
+def test_control_through_one_replica_is_that_replicas_own(tmp_path, haproxy):
+    """A load (pinned) or unload through replica A's control API changes what A serves, not B:
+    replicas share no control; B goes on serving what the repository says (its latest version),
+    and each reports its own truthfully. A load without a version unpins A, which follows the
+    repository again."""
+    shared, staged = shared_repository(tmp_path)
+    publish(staged / "clf" / "2", shared, 2)
+    with balanced(tmp_path, haproxy, NO_RETRY, shared=shared, repository_poll_s=POLL_S, control_sync_s=0.1,
+                  control="open") as (url, _, (a, b)):
+        assert [served(a), served(b)] == ["2", "2"]
+        assert httpx.post(f"{a}/v2/repository/models/clf/load", json={"parameters": {"version": "1"}}).status_code == 200
+        time.sleep(2 * POLL_S)  # polls go by: A stays pinned, B does not follow A
+        assert [served(a), served(b)] == ["1", "2"]
+        ready = lambda replica: {(r["name"], r["version"]) for r in
+                                 httpx.post(f"{replica}/v2/repository/index", json={"ready": True}).json()}
+        assert ready(a) == {("clf", "1"), ("lm", "1")} and ready(b) == {("clf", "2"), ("lm", "1")}
+        with httpx.Client(base_url=url) as client:  # the balancer's answers: A's and B's
+            assert Counter(infer(client).json()["model_version"] for _ in range(10)) == {"1": 5, "2": 5}
+
+        assert httpx.post(f"{a}/v2/repository/models/clf/unload").status_code == 200
+        time.sleep(2 * POLL_S)  # polling leaves a model unloaded by a call alone
+        assert [served(a), served(b)] == [None, "2"]
+        with httpx.Client(base_url=url) as client:
+            assert Counter(infer(client).status_code for _ in range(10)) == {404: 5, 200: 5}
+
+        assert httpx.post(f"{a}/v2/repository/models/clf/load").json()["version"] == "2"  # the latest, unpinned
+        publish(staged / "clf" / "1", shared, 3)
+        deadline = time.time() + POLL_S + 10
+        while [served(a), served(b)] != ["3", "3"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert [served(a), served(b)] == ["3", "3"]  # both follow the repository again
