@@ -158,8 +158,13 @@ def test_a_restarted_engine_serves_what_it_served_and_the_others_answer_meanwhil
         answer = httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ["good film"]} ).json()["predictions"][0]
         assert np.abs(np.array(list(answer["probabilities"].values())) - alone(repository, "good film", version=1)).max() < 1e-5
     finally:
+        stopping = time.time()
         server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        # Known bug (open): a restarted engine sometimes does not stop on SIGTERM (about 1 run in 3-5
+        # of this test, 2026-12-06); the supervisor kills it after RNNSERVE_SHUTDOWN_GRACE_S (30 s).
+        # This test is about the restart, so it waits that out and says how long the stop took.
+        server.wait(60)
+        print(f"the server stopped {time.time() - stopping:.1f}s after SIGTERM")
 
 
 def test_with_no_model_loadable_the_server_stays_up_unready_and_says_why(repository, tmp_path):
