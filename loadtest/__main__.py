@@ -4,6 +4,7 @@
         [--scenario predict|v2|generate|all] [--out results/run]
     python -m loadtest bench [--model imdb-bilstm --lm timemachine-gru --repository model_repository --runs runs]
     python -m loadtest soak [--model imdb-gru --lm timemachine-gru --minutes 10 --users 32 --reload-every-s 60]
+    python -m loadtest swaps [--model imdb-gru --lm timemachine-gru --swaps 10 --every-s 3 --users 8]
     python -m loadtest ipc [--messages 20000]
     python -m loadtest protocols [--model imdb-gru --rows 32 --users 64]
     python -m loadtest gpu [--quick] [--model imdb-gru --lm timemachine-gru --encoder NAME]
@@ -15,7 +16,7 @@
 
 `run` drives Locust headless against any host and writes its CSV and HTML reports plus a
 summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py;
-`soak`: loadtest/soak.py; `ipc`: what the front-end <-> engine transport costs (loadtest/ipc.py);
+`soak`: loadtest/soak.py; `swaps`: an engine's memory over hot swaps (loadtest/swaps.py); `ipc`: what the front-end <-> engine transport costs (loadtest/ipc.py);
 `protocols`: V2 JSON vs binary vs gRPC, tracing off vs on, and V1 predict vs V2 text_input
 (loadtest/protocols.py); `gpu`: the
 CUDA tests and the GPU goals' operating points in one command (loadtest/gpu.py); `loop`: what the
@@ -40,6 +41,7 @@ from loadtest.loop import loop as run_loop
 from loadtest.protocols import protocols as run_protocols
 from loadtest.soak import soak as run_soak
 from loadtest.state import state as run_state
+from loadtest.swaps import swaps as run_swaps
 from loadtest.tune import tune as run_tune
 
 def main(argv=None):
@@ -72,6 +74,16 @@ def main(argv=None):
     bench.add_argument("--out", type=Path, default=Path("results/bench"))
     bench.add_argument("--server-env", nargs="*", default=[], metavar="RNNSERVE_X=VALUE",
                        help="settings for the rnnserve server under test")
+    swapped = commands.add_parser("swaps", help="one engine's RSS over hot swaps under load (loadtest/swaps.py)")
+    swapped.add_argument("--model", default="imdb-gru")
+    swapped.add_argument("--lm", help="a language model to swap too, with streams running")
+    swapped.add_argument("--repository", type=Path, default=Path("model_repository"))
+    swapped.add_argument("--swaps", type=int, default=10)
+    swapped.add_argument("--every-s", type=float, default=3.0, help="seconds between swaps")
+    swapped.add_argument("--users", type=int, default=8, help="concurrent predict clients")
+    swapped.add_argument("--server-env", nargs="*", default=[], metavar="NAME=VALUE",
+                         help="environment of the server under test (e.g. MALLOC_ARENA_MAX=2)")
+    swapped.add_argument("--out", type=Path, default=Path("results/swaps"))
     soak = commands.add_parser("soak", help="mixed load for minutes, swaps, a killed engine, memory (loadtest/soak.py)")
     soak.add_argument("--model", default="imdb-gru")
     soak.add_argument("--lm", default="timemachine-gru", help="language model for generations and sessions")
@@ -172,6 +184,8 @@ def main(argv=None):
         return run_protocols(args)
     if args.command == "ipc":
         return run_ipc(args)
+    if args.command == "swaps":
+        return run_swaps(args)
     if args.command == "soak":
         return run_soak(args)
     if args.command == "run":

@@ -40,9 +40,10 @@ def machine_busy_s() -> float:
 
 def start(name: str, command: list[str], env: dict, port: int, ready_path: str, cwd: Path | None = None) -> subprocess.Popen:
     """Start a server and wait until GET ready_path answers 200 (every worker loaded). Its log
-    goes to a file (a pipe nobody reads would fill and stop it); the error shows its tail."""
+    goes to a file (a pipe nobody reads would fill and stop it; proc.log_path); the error shows its tail."""
     log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
     proc = subprocess.Popen(command, env=os.environ | env, stdout=subprocess.DEVNULL, stderr=log, cwd=cwd)
+    proc.log_path = Path(log.name)  # for harnesses that wait on what the server logs
     deadline = time.time() + 120
     while time.time() < deadline:
         try:

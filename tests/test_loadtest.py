@@ -255,3 +255,18 @@ def test_a_short_soak_loses_nothing_through_swaps_and_a_killed_engine(tmp_path):
         for kind, s in w["kinds"].items():
             assert s["answered"] > 0 and set(s["statuses"]) <= {"200", "503", "404"}, (kind, s)
             assert "404" not in s["statuses"] or (kind == "session" and w["engine_killed"]), (kind, s)
+
+
+def test_the_swaps_benchmark_samples_the_engine_after_each_release(tmp_path):
+    """python -m loadtest swaps on tiny models, 3 swaps under load: each swap's row is taken after
+    the engine released the retired versions, every request answered 200; plumbing, not memory."""
+    tiny_repository(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "loadtest", "swaps", "--model", "clf", "--lm", "lm", "--repository",
+                           str(tmp_path / "repo"), "--swaps", "3", "--every-s", "1", "--users", "4",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "swaps.json").read_text())
+    assert [row["swap"] for row in report["rows"]] == [0, 1, 2, 3]
+    assert all(row["floor_mb"] > 0 for row in report["rows"]) and report["rows"][1]["floor_ratio"] == 1.0
+    assert report["answered"] > 0 and report["lost"] == 0 and set(report["statuses"]) == {"200"}, report
+    assert "| swap | engine RSS MB, lowest |" in (tmp_path / "out" / "swaps.md").read_text()
