@@ -104,7 +104,7 @@ def answer(link: Link, rid: int, reply):
         future.set_result(reply)
 
 
-class Wire(asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """One connection to an engine: each whole frame that arrives is read as it comes."""
 
     def __init__(self, client: "EngineClient", link: Link):
@@ -275,11 +275,11 @@ class EngineClient:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                _, wire = await loop.create_unix_connection(lambda: Wire(self, link), link.address)
+                _, connection = await loop.create_unix_connection(lambda: Connection(self, link), link.address)
             except OSError:  # not listening yet, or restarting: its socket file is missing or refuses
                 await asyncio.sleep(RECONNECT_S)
                 continue
-            await wire.lost
+            await connection.lost
 
     def connected_to(self, link: Link, transport: asyncio.Transport):
         """Say hello first on every (re)connection; what waited for the connection follows it."""
