@@ -137,3 +137,16 @@ def test_a_front_end_that_leaves_mid_work_frees_it_and_the_engine_serves_the_oth
         assert s.engine_thread.is_alive()
     finally:
         s.stop()
+
+
+def test_a_connection_that_sends_what_no_front_end_would_is_closed_and_the_others_are_served(repository):
+    s = Server(repository)
+    try:
+        wire = Wire(s.engine.address)
+        wire.send(b"\xc1 not msgpack")
+        with pytest.raises(ConnectionError):
+            wire.recv()  # the engine closed it
+        r = httpx.post(f"{s.url}/v1/models/clf:predict", json={"instances": ["good film"]}, timeout=30)
+        assert r.status_code == 200 and s.engine_thread.is_alive() and len(s.engine.connections.open) == 1, r.text
+    finally:
+        s.stop()

@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import Future
 
+import msgspec
 import numpy as np
 
 from core.repository import UnknownModel
@@ -119,7 +120,14 @@ class Engine:
     def take(self, timeout_s: float):
         arrived, gone = self.connections.poll(timeout_s)
         for sender, frame in arrived:
-            for message in decode_requests(frame):
+            try:
+                messages = decode_requests(frame)
+            except msgspec.DecodeError as e:  # not a front-end speaking: its connection is closed, the rest go on
+                log.error("engine %d: a frame it cannot read (%s): closing that connection", self.index, e)
+                self.connections.drop(sender)
+                gone.append(sender)
+                continue
+            for message in messages:
                 try:
                     self.handle(sender, message)
                 except Exception as e:  # a bug met by one message fails that message, not the engine
