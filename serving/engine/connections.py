@@ -13,7 +13,6 @@ socket drains. A front-end that closes its connection, or dies, is forgotten her
 gone; a reply still addressed to it is dropped.
 """
 import itertools
-import logging
 import os
 import selectors
 import socket
@@ -21,7 +20,6 @@ from collections.abc import Callable
 
 from serving.common.frames import Frames, pack, socket_path
 
-log = logging.getLogger(__name__)
 READ_BYTES = 1 << 18
 
 
