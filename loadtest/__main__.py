@@ -95,7 +95,8 @@ def main(argv=None):
     soak.add_argument("--window-s", type=float, default=30.0, help="one row of figures per window")
     soak.add_argument("--reload-every-s", type=float, default=60.0, help="reload the model under load; 0: never")
     soak.add_argument("--out", type=Path, default=Path("results/soak"))
-    transport = commands.add_parser("ipc", help="the front-end <-> engine transport's cost (loadtest/ipc.py)")
+    transport = commands.add_parser("ipc", help="the front-end <-> engine transport's cost: the Unix sockets, and "
+                                                "ZeroMQ, the transport before them (loadtest/ipc.py)")
     transport.add_argument("--messages", type=int, default=20000)
     wire = commands.add_parser("protocols", help="V2 JSON vs binary vs gRPC; tracing off vs on; V1 vs V2 text "
                                                    "(loadtest/protocols.py)")

@@ -4,7 +4,7 @@
 
 1. The engine alone: the engine in a process of its own serving --model, its ONNX Runtime call
    replaced by one that returns zeros (no inference: what is left is the host's work: take,
-   decode, queue, pad, split, answer), fed over its ZeroMQ socket by a driver here as fast as it
+   decode, queue, pad, split, answer), fed over its Unix socket by a driver here as fast as it
    answers: requests of 1 text (64 in flight) and of 32 texts (16 in flight), short and long IMDB
    texts encoded with the model's codec. Reported: the engine process's CPU (from /proc) per
    request and per row, with the server's default settings for the CPU.
@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zmq
 
 from core.repository import latest, read_version
 from loadtest.bench import measure
 from loadtest.servers import cpu_name, free_port, start
 from loadtest.workloads import predict_body, texts
+from loadtest.wire import Wire
 from serving.common.messages import Catalog, Failed, Hello, Infer, Result, Results, Rows, decode_replies, encode
 from serving.common.settings import Settings
 from serving.engine.engine import Engine
@@ -74,17 +74,16 @@ def host_cost(model_dir: Path, rows: dict[str, list[list[int]]], seconds: float)
     """The engine in a process of its own (so that the driver here does not share its GIL) fed as
     fast as it answers; the process's CPU per request and per row."""
     runtime = tempfile.mkdtemp(prefix="rnnserve-engine-")
-    address, repository = f"ipc://{runtime}/engine-0", Path(runtime) / "repo"
+    address, repository = f"{runtime}/engine-0.sock", Path(runtime) / "repo"
     repository.mkdir()
     name = model_dir.parent.name
     (repository / name).symlink_to(model_dir.parent.resolve())
     engine = multiprocessing.get_context("spawn").Process(target=engine_without_inference, args=(repository, address),
                                                           daemon=True)
     engine.start()
-    socket = zmq.Context.instance().socket(zmq.DEALER)
-    socket.connect(address)
-    socket.send(encode([Hello()]))
-    catalog = next(m for m in decode_replies(socket.recv()) if isinstance(m, Catalog))
+    wire = Wire(address)
+    wire.send(encode([Hello()]))
+    catalog = next(m for m in decode_replies(wire.recv()) if isinstance(m, Catalog))
     version, out = catalog.models[0].version, {}
     try:
         for workload, per_request, in_flight in POINTS:
@@ -95,11 +94,11 @@ def host_cost(model_dir: Path, rows: dict[str, list[list[int]]], seconds: float)
             while time.perf_counter() - started < seconds:
                 more = in_flight - (sent - done)  # as many as were answered: one frame, as a front-end sends
                 if more:
-                    socket.send(encode([request(i, name, version, texts_of(i)) for i in range(sent, sent + more)]))
+                    wire.send(encode([request(i, name, version, texts_of(i)) for i in range(sent, sent + more)]))
                     sent += more
-                done += answered(socket.recv())
+                done += answered(wire.recv())
             while done < sent:
-                done += answered(socket.recv())
+                done += answered(wire.recv())
             wall, cpu = time.perf_counter() - started, process_cpu_s(engine.pid) - cpu0
             out[f"{workload}|{per_request}"] = {
                 "requests": done, "requests_per_s": done / wall,
@@ -108,7 +107,7 @@ def host_cost(model_dir: Path, rows: dict[str, list[list[int]]], seconds: float)
                   f"engine CPU {1e6 * cpu / done:7.1f} us per request, {1e6 * cpu / (done * per_request):6.2f} "
                   "us per row")
     finally:
-        socket.close()
+        wire.close()
         engine.terminate()
         engine.join(10)
     return out

@@ -8,7 +8,7 @@ The processes on the machine:
   ONNX Runtime sessions on its device, the batching and the generation loop
   (serving/engine/engine.py);
 - HTTP front-ends (uvicorn workers sharing the port): parse, validate, tokenize and answer, and
-  reach the engines over ZeroMQ ipc sockets (serving/frontend/client.py);
+  reach the engines over Unix sockets (serving/frontend/client.py);
 - this one: it starts them, restarts an engine that dies (what was in flight there is answered
   503 at once by the front-ends), and on SIGTERM drains the front-ends (readiness false and every
   answer closing its connection; requests still served for RNNSERVE_DRAIN_SERVE_S while a load
@@ -31,6 +31,7 @@ import uvicorn
 from pydantic import ValidationError
 from uvicorn.supervisors import Multiprocess
 
+from serving.common.frames import socket_path
 from serving.common.logs import configure_logging
 from serving.common.settings import Settings
 
@@ -145,7 +146,11 @@ def main(argv=None):
     runtime = tempfile.mkdtemp(prefix="rnnserve-")  # the engines' sockets and the metrics files; removed at exit
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", runtime)
     os.environ["RNNSERVE_RUNTIME_DIR"] = runtime
-    addresses = [f"ipc://{runtime}/engine-{i}" for i in range(engines)]
+    try:
+        addresses = [socket_path(f"{runtime}/engine-{i}.sock") for i in range(engines)]
+    except ValueError as e:  # TMPDIR too deep for a Unix socket's path: refuse to start, saying so
+        shutil.rmtree(runtime, ignore_errors=True)
+        sys.exit(f"python -m serving: {e}")
     os.environ["RNNSERVE_ENGINE_ADDRESSES"] = json.dumps(addresses)
     log.info("%d engine(s)%s, %d HTTP front-end(s)", engines, f" on {gpus} CUDA device(s)" if gpus else "", workers)
     processes = Engines(addresses, [i % max(1, gpus) for i in range(engines)])

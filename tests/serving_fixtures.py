@@ -1,5 +1,5 @@
 """A real server on 127.0.0.1 over a repository of tiny exported models: in this process (an
-engine in a thread and a uvicorn front-end in another, talking over a ZeroMQ ipc socket as the
+engine in a thread and a uvicorn front-end in another, talking over a Unix socket as the
 processes of python -m serving do), or python -m serving itself where its processes are tested."""
 import atexit
 import functools
@@ -124,7 +124,7 @@ class Server:
 
     def __init__(self, repository: Path, wait_for: str = "/v2/health/ready", **settings):
         self.runtime = tempfile.mkdtemp(prefix="rnnserve-test-")
-        address = f"ipc://{self.runtime}/engine-0"
+        address = f"{self.runtime}/engine-0.sock"
         self.settings = Settings(repository=repository, engine_addresses=[address], **settings)
         self.engine = Engine(self.settings, address)
         self.engine_thread = threading.Thread(target=self.engine.run, name="engine", daemon=True)

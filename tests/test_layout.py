@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("core", "models", "export", "serving", "loadtest")
 FORBIDDEN = {  # part -> what it must never import
     "core": {"models", "export", "serving", "loadtest", "torch"},
-    "serving": {"models", "export", "torch"},
+    "serving": {"models", "export", "torch", "zmq"},  # front-ends and engines speak Unix sockets
     "models": {"export", "serving", "loadtest"},
     "export": {"serving", "loadtest"},
 }
@@ -80,7 +80,8 @@ def test_the_rules_catch_an_import_where_it_does_not_belong(tmp_path):
 
 @pytest.mark.parametrize("modules,absent", [
     ("core.tokenize, core.codec, core.repository", ("torch", "models", "export", "serving", "loadtest")),
-    ("serving.__main__, serving.frontend.app", ("torch", "models", "export", "onnxruntime")),
+    ("serving.__main__, serving.frontend.app", ("torch", "models", "export", "onnxruntime", "zmq")),
+    ("serving.engine.engine", ("torch", "models", "export", "zmq")),
     ("serving.common.messages, serving.common.settings, serving.common.metrics", ("onnxruntime",)),
 ])
 def test_importing_a_part_loads_none_of_what_it_must_not(modules, absent):
@@ -249,9 +250,19 @@ def test_the_openai_front_is_an_adapter_over_the_same_core():
     as :generate's do, never through the engine client or its messages; OpenAI's error shape is
     written once, where every refusal becomes an HTTP answer (responses.py)."""
     adapter = sorted((ROOT / "serving/frontend").rglob("openai*.py"))
-    engine_side = {"serving.frontend.client", "serving.common.messages", "zmq", "msgspec"}
+    engine_side = {"serving.frontend.client", "serving.common.messages", "serving.common.frames", "msgspec"}
     assert len(adapter) == 3 and {str(p.relative_to(ROOT)): sorted(imported_modules(p) & engine_side)
                                   for p in adapter if imported_modules(p) & engine_side} == {}
     shaped = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "serving").rglob("*.py"))
               if "invalid_request_error" in constants(p)]
     assert shaped == ["serving/frontend/responses.py"]
+
+
+def test_the_wire_between_front_ends_and_engines_is_written_once():
+    """A frame's layout is serving/common/frames.py's (the other "<I" is Triton's BYTES layout); only
+    the engine's connections and the front-end's engine client open the Unix sockets."""
+    serving = sorted((ROOT / "serving").rglob("*.py"))
+    where = lambda test: sorted(str(p.relative_to(ROOT / "serving")) for p in serving if test(p))
+    assert where(lambda p: "<I" in constants(p)) == ["common/frames.py", "frontend/core/tensors.py"]
+    assert where(lambda p: re.search(r"socket\.AF_UNIX\b|create_unix_connection", p.read_text())) == [
+        "engine/connections.py", "frontend/client.py"]

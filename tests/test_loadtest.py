@@ -122,11 +122,13 @@ def test_the_benchmark_harness_measures_every_stack_without_errors(tmp_path):
     assert "rnnserve / naive-onnxruntime, 64 users" in (tmp_path / "out" / "results.md").read_text()
 
 
-def test_the_transport_benchmark_runs():
+def test_the_transport_benchmark_measures_both_transports():
+    """The Unix sockets the server speaks, then ZeroMQ, the transport before them, as the comparison."""
     done = subprocess.run([sys.executable, "-m", "loadtest", "ipc", "--messages", "512"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert [line.split()[0] for line in done.stdout.splitlines()] == ["1", "8", "64"]
+    assert [tuple(line.split()[:2]) for line in done.stdout.splitlines()] == [
+        (transport, n) for transport in ("unix", "zeromq") for n in ("1", "8", "64")]
 
 
 def test_the_protocol_benchmark_measures_every_protocol_and_tracing_mode_without_errors(tmp_path):

@@ -1,6 +1,7 @@
-"""What front-ends and engines say to each other: msgspec structs, sent as msgpack over ZeroMQ.
+"""What front-ends and engines say to each other: msgspec structs, sent as msgpack in the frames of
+a Unix stream socket (serving/common/frames.py).
 
-A front-end holds one DEALER socket per engine; an engine binds one ROUTER socket. Each frame
+A front-end holds one connection per engine; an engine listens on one socket. Each frame
 carries a list of messages: a front-end sends what its event loop produced in one turn, an
 engine sends, per front-end, what one batch or one generation step produced. Deadlines are
 time.monotonic() values: every process on a machine reads the same clock.

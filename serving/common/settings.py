@@ -24,7 +24,7 @@ class Settings(BaseSettings):
                                               "GPUs, less one per engine)")
     engines: int = Field(0, ge=0, description="inference engine processes, each owning the sessions on its device; "
                                               "0: one per CUDA device, else one per CPU core")
-    engine_addresses: list[str] = Field([], description="the engines' ZeroMQ addresses (python -m serving sets them)")
+    engine_addresses: list[str] = Field([], description="the engines' Unix socket paths (python -m serving sets them)")
     runtime_dir: Path | None = Field(None, description="the server's own folder for what its processes share: sockets, "
                                                        "metrics, what model control asked of each engine (python -m "
                                                        "serving sets it)")

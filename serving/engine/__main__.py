@@ -1,6 +1,6 @@
 """One inference engine process (python -m serving starts them; see serving/engine/engine.py).
 
-    python -m serving.engine --address ipc:///tmp/rnnserve/engine-0 [--index 0] [--device 0]
+    python -m serving.engine --address /tmp/rnnserve/engine-0.sock [--index 0] [--device 0]
 
 Settings come from the environment (RNNSERVE_*), as for the server. SIGTERM stops the loop
 after the step it is in.
@@ -19,7 +19,7 @@ from serving.engine.engine import Engine
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m serving.engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--address", required=True, help="ZeroMQ address to bind, e.g. ipc:///tmp/rnnserve/engine-0")
+    p.add_argument("--address", required=True, help="the Unix socket path to listen on, e.g. /tmp/rnnserve/engine-0.sock")
     p.add_argument("--index", type=int, default=0, help="this engine's number among the server's")
     p.add_argument("--device", type=int, default=0, help="the CUDA device it runs on (when CUDA is available)")
     args = p.parse_args(argv)

@@ -1,8 +1,8 @@
 """The inference engine: one per device, owning every ONNX Runtime session on it, every model's
 queue and batches (batching.py) and every generation (generation.py), fed by the HTTP front-ends
-over a ZeroMQ ROUTER socket.
+over a Unix stream socket it listens on (connections.py).
 
-    python -m serving.engine --address ipc:///tmp/rnnserve/engine-0 [--index 0] [--device 0]
+    python -m serving.engine --address /tmp/rnnserve/engine-0.sock [--index 0] [--device 0]
 
 The loop, top to bottom: take what arrived (requests join their model's queue, cancels mark
 them, control verbs start loads), swap in versions that finished loading, send the refusals at
@@ -11,15 +11,16 @@ done, send every batch that is due to the device (device_thread.py: with a GPU a
 the loop runs the classifier calls while the loop goes on; on the CPU they run inline), run one step of every language model with work, hand back the
 results (one frame per front-end), and now and then expire sessions, poll the repository and
 release retired versions. It sleeps only when nothing is due, until a message comes or a call ends.
+A front-end that leaves (its connection closed: it stopped or died) is forgotten, and what it had
+queued or generating here is dropped as its Cancel would drop it.
 """
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future
 
+import msgspec
 import numpy as np
-import zmq
 
 from core.repository import UnknownModel
 from serving.common.messages import (Cancel, Catalog, CloseSession, Control, Deployed, Depths, Done, Failed, Generate,
@@ -28,6 +29,7 @@ from serving.common.messages import (Cancel, Catalog, CloseSession, Control, Dep
 from serving.common.settings import Settings
 from serving.engine import devices
 from serving.engine.batching import Pending
+from serving.engine.connections import Connections
 from serving.engine.deployments import Deployment, Deployments
 from serving.engine.device_thread import DeviceThread
 from serving.engine.runner import ModelLoadError
@@ -47,26 +49,18 @@ class Engine:
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self.next_housekeeping = self.next_poll = 0.0
-        self.socket: zmq.Socket | None = None
+        self.connections = Connections(address)
         threaded = settings.device_thread
         self.device = DeviceThread(f"engine-{index}-device", devices.usable_gpus(settings.providers) > 0
                                    if threaded is None else threaded)
-        self.poller = zmq.Poller()
 
     def run(self):
-        """Load every model, bind, then serve until stop()."""
+        """Load every model, listen, then serve until stop()."""
         devices.prepare_cuda()
         log.info("engine %d: %s", self.index, self.placement())
         self.deployments.start()
-        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.SNDHWM, 0)
-        self.socket.setsockopt(zmq.RCVHWM, 0)
-        if self.address.startswith("ipc://") and os.path.exists(self.address[6:]):
-            os.unlink(self.address[6:])  # a dead engine's socket file
-        self.socket.bind(self.address)
-        self.poller.register(self.socket, zmq.POLLIN)
-        self.poller.register(self.device.done, zmq.POLLIN)
+        self.connections.listen()
+        self.connections.watch(self.device.done, self.device.woken)
         self.ready.set()
         log.info("engine %d ready on %s: %s", self.index, self.address,
                  ", ".join(f"{d.name} v{d.version} ({d.runner.provider})" for d in self.deployments.all()))
@@ -94,8 +88,8 @@ class Engine:
             for deployment in self.deployments.all():  # what is on the device is answered
                 deployment.batcher.finish(self.post, wait=True)
             self.flush()
+            self.connections.close()
             self.device.close()
-            self.socket.close()
             self.deployments.close()
             log.info("engine %d stopped", self.index)
 
@@ -124,22 +118,34 @@ class Engine:
     # --- take what arrived ---
 
     def take(self, timeout_s: float):
-        events = dict(self.poller.poll(int(timeout_s * 1000) if timeout_s > 0 else 0))
-        if self.device.done in events:
-            self.device.woken()
-        if self.socket not in events:
-            return
-        while True:
+        arrived, gone = self.connections.poll(timeout_s)
+        for sender, frame in arrived:
             try:
-                sender, frame = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            for message in decode_requests(frame):
+                messages = decode_requests(frame)
+            except msgspec.DecodeError as e:  # not a front-end speaking: its connection is closed, the rest go on
+                log.error("engine %d: a frame it cannot read (%s): closing that connection", self.index, e)
+                self.connections.drop(sender)
+                gone.append(sender)
+                continue
+            for message in messages:
                 try:
                     self.handle(sender, message)
                 except Exception as e:  # a bug met by one message fails that message, not the engine
                     log.exception("engine %d could not handle %s", self.index, type(message).__name__)
                     self.post(sender, Failed(getattr(message, "id", 0), 500, f"{type(e).__name__}: {e}"))
+        for sender in gone:
+            self.forget(sender)
+
+    def forget(self, sender: bytes):
+        """A front-end left: its queued requests, generations and session steps are dropped, as its
+        Cancel of each would drop them (a generation's slot is free for the next)."""
+        self.frontends.discard(sender)
+        self.outbox.pop(sender, None)
+        for deployment in self.deployments.all():
+            deployment.batcher.cancel(sender, [rid for who, rid in list(deployment.batcher.by_id) if who == sender])
+            if deployment.lm:
+                lm = deployment.lm
+                lm.cancel(sender, [rid for who, rid in [*lm.streams, *lm.waiting_steps] if who == sender])
 
     def handle(self, sender: bytes, m):
         if isinstance(m, Infer):
@@ -286,5 +292,5 @@ class Engine:
             return
         depths = Depths({d.name: len(d.batcher) for d in self.deployments.current.values()})
         for frontend, messages in self.outbox.items():
-            self.socket.send_multipart([frontend, encode([*messages, depths])])
+            self.connections.send(frontend, encode([*messages, depths]))
         self.outbox = {}

@@ -1,11 +1,13 @@
-"""A front-end's side of the engines: one ZeroMQ DEALER socket per engine, requests sent in one
-frame per event-loop turn, replies matched to their futures, generation tokens to their streams.
+"""A front-end's side of the engines: one Unix stream connection per engine, requests sent in one
+frame per event-loop turn (serving/common/frames.py), replies matched to their futures, generation
+tokens to their streams.
 
 It knows what each engine serves (its catalog), how full each model's queue is there (for
 shedding), and reads each deployed version's codec and manifest from the repository, so that
 texts are encoded with the vocabulary of the version that will run them. When an engine dies,
-everything waiting on it is answered 503 at once (ZeroMQ reports the disconnection); when it is
-back, the front-end says hello again and is ready once it has the catalog.
+everything waiting on it is answered 503 at once (its connection closes); the front-end connects
+again every RECONNECT_S until it is back (the server restarts it), says hello again and is ready
+once it has the catalog.
 """
 import asyncio
 import itertools
@@ -16,16 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import zmq
-import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from core.repository import Version, read_version
+from serving.common.frames import Frames, pack, socket_path
 from serving.common.messages import (Cancel, Catalog, Deployed, Depths, Failed, Generate, Hello, Logprobs,
                                      PromptLogprobs, Result, Results, Tokens, decode_replies, encode)
 
 log = logging.getLogger(__name__)
 COALESCE_S = 0.0005
+RECONNECT_S = 0.05  # how often a front-end tries an engine that is not (or no longer) there
 
 
 class Stream:
@@ -87,7 +88,7 @@ class Link:
     """One engine as this front-end sees it."""
     index: int
     address: str
-    socket: zmq.asyncio.Socket
+    transport: asyncio.Transport | None = None  # None while not connected: what is sent waits in outbox
     catalog: dict[str, Deployed] | None = None  # None until the engine has said what it serves
     queued: dict[str, int] = field(default_factory=dict)
     waiting: dict[int, asyncio.Future] = field(default_factory=dict)
@@ -103,11 +104,34 @@ def answer(link: Link, rid: int, reply):
         future.set_result(reply)
 
 
+class Connection(asyncio.Protocol):
+    """One connection to an engine: each whole frame that arrives is read as it comes."""
+
+    def __init__(self, client: "EngineClient", link: Link):
+        self.client, self.link = client, link
+        self.frames = Frames()
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.Transport):
+        self.transport = transport
+        self.client.connected_to(self.link, transport)
+
+    def data_received(self, data: bytes):
+        for frame in self.frames.feed(data):
+            self.client.received(self.link, frame)
+
+    def connection_lost(self, exc: Exception | None):
+        if self.link.transport is self.transport:  # the engine went (close() lets go of it first)
+            self.client.disconnected(self.link)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
 class EngineClient:
     def __init__(self, addresses: list[str], repository: Path):
-        self.context = zmq.asyncio.Context.instance()
         self.repository = Path(repository)
-        self.links = [Link(i, a, self.context.socket(zmq.DEALER)) for i, a in enumerate(addresses)]
+        self.links = [Link(i, socket_path(a)) for i, a in enumerate(addresses)]
         self.ids = itertools.count(1)
         self.versions: dict[tuple[str, int], Version] = {}
         self.tasks: list[asyncio.Task] = []
@@ -115,15 +139,7 @@ class EngineClient:
         self.serving: dict[str, list[tuple[Link, Deployed]]] = {}  # model -> the engines serving it
 
     async def start(self):
-        for link in self.links:
-            link.socket.setsockopt(zmq.LINGER, 0)
-            link.socket.setsockopt(zmq.SNDHWM, 0)
-            link.socket.setsockopt(zmq.RCVHWM, 0)
-            monitor = link.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-            link.socket.connect(link.address)
-            self.send(link, Hello())  # queued until connected
-            self.tasks += [asyncio.create_task(self.read(link), name=f"engine-{link.index}-replies"),
-                           asyncio.create_task(self.watch(link, monitor), name=f"engine-{link.index}-watch")]
+        self.tasks += [asyncio.create_task(self.connect(link), name=f"engine-{link.index}") for link in self.links]
 
     async def wait_for_engines(self, timeout_s: float):
         """Until every engine has said what it serves (each has loaded and warmed up its models):
@@ -139,8 +155,9 @@ class EngineClient:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for link in self.links:
-            link.socket.disable_monitor()
-            link.socket.close()
+            if (transport := link.transport) is not None:
+                link.transport = None
+                transport.close()
 
     @property
     def connected(self) -> bool:
@@ -211,9 +228,11 @@ class EngineClient:
         link.outbox.append(message)
 
     def flush(self, link: Link):
+        if link.transport is None or not link.outbox:  # it waits for the connection (Hello goes first)
+            return
         frame, link.outbox = encode(link.outbox), []
         link.flushed = asyncio.get_running_loop().time()
-        link.socket.send(frame)
+        link.transport.write(pack(frame))
 
     def request(self, link: Link, message, timeout_s: float) -> asyncio.Future:
         """Send a message that has one reply (Result, Failed, Done, SessionOpened); the future gets
@@ -251,57 +270,68 @@ class EngineClient:
 
     # --- replies and the engines' comings and goings ---
 
-    async def read(self, link: Link):
+    async def connect(self, link: Link):
+        """Connect to the engine, and again whenever it is gone, until it is back."""
+        loop = asyncio.get_running_loop()
         while True:
-            for reply in decode_replies(await link.socket.recv()):
-                if isinstance(reply, Tokens):
-                    for rid, token, last in zip(reply.ids, reply.tokens, reply.last):
-                        if stream := link.streams.get(rid):
-                            stream.push(token, last)
-                            if last:
-                                del link.streams[rid]
-                elif isinstance(reply, Depths):
-                    link.queued = reply.queued
-                elif isinstance(reply, Logprobs):
-                    for rid, logprob, top in zip(reply.ids, reply.logprobs, reply.top):
-                        if stream := link.streams.get(rid):
-                            stream.logprobs.append((logprob, top))
-                elif isinstance(reply, PromptLogprobs):
-                    if stream := link.streams.get(reply.id):
-                        stream.scored(reply.logprobs, reply.last)
-                        if reply.last:
-                            del link.streams[reply.id]
-                elif isinstance(reply, Catalog):
-                    self.catalogued(link, {d.name: d for d in reply.models})
-                elif isinstance(reply, Results):  # a batch's answers: each request's rows, a view of one buffer
-                    outputs, start = np.frombuffer(reply.data, np.float32).reshape(-1, reply.width), 0
-                    for rid, n in zip(reply.ids, reply.rows):
-                        answer(link, rid, outputs[start: start + n])
-                        start += n
-                elif isinstance(reply, Result):
-                    answer(link, reply.id, np.frombuffer(reply.data, np.float32).reshape(reply.shape))
-                elif link.waiting.get(reply.id) is not None:
-                    answer(link, reply.id, reply)
-                elif isinstance(reply, Failed) and (stream := link.streams.pop(reply.id, None)):
-                    stream.fail(reply)
+            try:
+                _, connection = await loop.create_unix_connection(lambda: Connection(self, link), link.address)
+            except OSError:  # not listening yet, or restarting: its socket file is missing or refuses
+                await asyncio.sleep(RECONNECT_S)
+                continue
+            await connection.lost
 
-    async def watch(self, link: Link, monitor: zmq.asyncio.Socket):
-        """Say hello on every (re)connection; on a lost engine, answer everything waiting on it."""
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())["event"]
-                if event == zmq.EVENT_CONNECTED:
-                    self.send(link, Hello())
-                elif event == zmq.EVENT_DISCONNECTED:
-                    log.error("engine %d (%s) is gone: answering its %d requests and %d streams with 503",
-                              link.index, link.address, len(link.waiting), len(link.streams))
-                    self.catalogued(link, None)
-                    gone = Failed(0, 503, f"engine {link.index} stopped before answering; retry")
-                    for rid, future in link.waiting.items():
-                        if not future.done():
-                            future.set_result(Failed(rid, gone.status, gone.error))
-                    for stream in link.streams.values():
-                        stream.fail(gone)
-                    link.waiting, link.streams = {}, {}
-        finally:
-            monitor.close()
+    def connected_to(self, link: Link, transport: asyncio.Transport):
+        """Say hello first on every (re)connection; what waited for the connection follows it."""
+        link.transport = transport
+        link.outbox.insert(0, Hello())
+        self.flush(link)
+
+    def disconnected(self, link: Link):
+        """A lost engine: everything waiting on it is answered 503 at once, and it serves nothing
+        until it says its catalog again."""
+        log.error("engine %d (%s) is gone: answering its %d requests and %d streams with 503",
+                  link.index, link.address, len(link.waiting), len(link.streams))
+        link.transport, link.outbox = None, []  # what it did not take is answered below
+        self.catalogued(link, None)
+        gone = Failed(0, 503, f"engine {link.index} stopped before answering; retry")
+        for rid, future in link.waiting.items():
+            if not future.done():
+                future.set_result(Failed(rid, gone.status, gone.error))
+        for stream in link.streams.values():
+            stream.fail(gone)
+        link.waiting, link.streams = {}, {}
+
+    def received(self, link: Link, frame: memoryview):
+        """A frame of replies from the engine, each to its request or stream."""
+        for reply in decode_replies(frame):
+            if isinstance(reply, Tokens):
+                for rid, token, last in zip(reply.ids, reply.tokens, reply.last):
+                    if stream := link.streams.get(rid):
+                        stream.push(token, last)
+                        if last:
+                            del link.streams[rid]
+            elif isinstance(reply, Depths):
+                link.queued = reply.queued
+            elif isinstance(reply, Logprobs):
+                for rid, logprob, top in zip(reply.ids, reply.logprobs, reply.top):
+                    if stream := link.streams.get(rid):
+                        stream.logprobs.append((logprob, top))
+            elif isinstance(reply, PromptLogprobs):
+                if stream := link.streams.get(reply.id):
+                    stream.scored(reply.logprobs, reply.last)
+                    if reply.last:
+                        del link.streams[reply.id]
+            elif isinstance(reply, Catalog):
+                self.catalogued(link, {d.name: d for d in reply.models})
+            elif isinstance(reply, Results):  # a batch's answers: each request's rows, a view of one buffer
+                outputs, start = np.frombuffer(reply.data, np.float32).reshape(-1, reply.width), 0
+                for rid, n in zip(reply.ids, reply.rows):
+                    answer(link, rid, outputs[start: start + n])
+                    start += n
+            elif isinstance(reply, Result):
+                answer(link, reply.id, np.frombuffer(reply.data, np.float32).reshape(reply.shape))
+            elif link.waiting.get(reply.id) is not None:
+                answer(link, reply.id, reply)
+            elif isinstance(reply, Failed) and (stream := link.streams.pop(reply.id, None)):
+                stream.fail(reply)
