@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import uvicorn
 from pydantic import ValidationError
@@ -70,10 +71,14 @@ class Engines:
         self.stopping.set()
         for process in self.processes:
             process.send_signal(signal.SIGTERM)
-        for process in self.processes:
+        for i, process in enumerate(self.processes):
             try:
                 process.wait(grace_s)
             except subprocess.TimeoutExpired:
+                log.error("engine %d (pid %d) has not stopped %gs after SIGTERM: its threads' stacks follow; "
+                          "killing it", i, process.pid, grace_s)
+                process.send_signal(signal.SIGUSR1)  # faulthandler's dump (serving/engine/__main__.py)
+                time.sleep(0.5)
                 process.kill()
 
 

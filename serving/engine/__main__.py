@@ -7,6 +7,7 @@ after the step it is in.
 """
 import argparse
 import ctypes
+import faulthandler
 import os
 import signal
 
@@ -28,6 +29,7 @@ def main(argv=None):
     tracing.configure(settings.tracing, "engine")
     engine = Engine(settings, args.address, args.index, args.device)
     signal.signal(signal.SIGTERM, lambda *_: engine.stop())
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid>: every thread's stack on stderr
     die_with_parent()
     try:
         engine.run()
