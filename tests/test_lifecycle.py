@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from loadtest.servers import free_port
 from serving.common import metrics
 from serving.frontend.app import create_app
-from tests.serving_fixtures import (FRONT_END, Server, by_front_end, client_of, sample, serve, slowed_steps,
+from tests.serving_fixtures import (FRONT_END, Server, alone, by_front_end, client_of, sample, serve, slowed_steps,
                                     tiny_repository, wait_ready)
 
 
@@ -94,6 +95,37 @@ def test_an_engine_that_dies_answers_its_requests_at_once_and_is_restarted(repos
         assert httpx.post(f"{url}/v1/models/clf:predict", json={"instances": ["good"]}, timeout=30).status_code == 200
         log.seek(0)
         assert "exited with -9: restarting it" in log.read()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+
+
+def test_requests_of_an_engine_that_dies_are_answered_by_another_serving_the_model(repository, tmp_path):
+    """Two engines; requests wait in both (their batches wait 2 s for company) when engine 0 is
+    killed: those it held are sent to engine 1 at once, and every request is answered 200 with
+    the model's own answer, not 503."""
+    log = open(tmp_path / "server.log", "w+")
+    server, url = serve(repository, "--workers", "1", "--engines", "2", log=log, max_queue_delay_ms=2000,
+                        request_timeout_s=20)
+    try:
+        engine = next(pid for pid, command in children(server.pid) if "--index 0" in command)
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                waiting = [asyncio.create_task(client.post("/v1/models/clf:predict", json={"instances": ["good film"]}))
+                           for _ in range(10)]
+                await asyncio.sleep(0.5)  # sent, and waiting in their engines' queues for 1.5 s more
+                os.kill(engine, signal.SIGKILL)
+                return await asyncio.gather(*waiting)
+
+        responses = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
+        expected = alone(repository, "good film")
+        for r in responses:
+            assert np.abs(np.array(list(r.json()["predictions"][0]["probabilities"].values())) - expected).max() < 1e-5
+        log.seek(0)
+        moved = [int(line.split("is gone with ")[1].split()[0]) for line in log if "engine 0" in line and "is gone" in line]
+        assert moved and moved[0] > 0, moved  # engine 0 held some of them when it died
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)

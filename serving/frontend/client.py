@@ -5,7 +5,8 @@ tokens to their streams.
 It knows what each engine serves (its catalog), how full each model's queue is there (for
 shedding), and reads each deployed version's codec and manifest from the repository, so that
 texts are encoded with the vocabulary of the version that will run them. When an engine dies,
-everything waiting on it is answered 503 at once (its connection closes); the front-end connects
+everything waiting on it is answered at once (its connection closes) with Lost, a 503 the core
+sends to another engine where one serves the model; the front-end connects
 again every RECONNECT_S until it is back (the server restarts it), says hello again and is ready
 once it has the catalog.
 """
@@ -95,6 +96,10 @@ class Link:
     streams: dict[int, Stream] = field(default_factory=dict)
     outbox: list = field(default_factory=list)
     flushed: float = 0.0
+
+
+class Lost(Failed):
+    """The reply to a request whose engine went before answering it (made here, never sent)."""
 
 
 def answer(link: Link, rid: int, reply):
@@ -288,16 +293,17 @@ class EngineClient:
         self.flush(link)
 
     def disconnected(self, link: Link):
-        """A lost engine: everything waiting on it is answered 503 at once, and it serves nothing
+        """A lost engine: everything waiting on it is answered Lost at once, and it serves nothing
         until it says its catalog again."""
-        log.error("engine %d (%s) is gone: answering its %d requests and %d streams with 503",
+        log.error("engine %d (%s) is gone with %d requests and %d streams: each goes to another engine serving "
+                  "its model, else is answered 503",
                   link.index, link.address, len(link.waiting), len(link.streams))
         link.transport, link.outbox = None, []  # what it did not take is answered below
         self.catalogued(link, None)
-        gone = Failed(0, 503, f"engine {link.index} stopped before answering; retry")
+        gone = Lost(0, 503, f"engine {link.index} stopped before answering; retry")
         for rid, future in link.waiting.items():
             if not future.done():
-                future.set_result(Failed(rid, gone.status, gone.error))
+                future.set_result(Lost(rid, gone.status, gone.error))
         for stream in link.streams.values():
             stream.fail(gone)
         link.waiting, link.streams = {}, {}

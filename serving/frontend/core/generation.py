@@ -106,8 +106,8 @@ class GenerationFailed(Refused):
 async def first_tokens(front: Front, name: str, body: GenerateRequest,
                        asked_version: str | None = None) -> tuple[Link, Stream, Generation, list[int]]:
     """Start the generation on an engine and wait for its first token(s): until then a refusal or
-    the deadline (504) is the request's status. A version swapped out meanwhile (410) is tried
-    once more."""
+    the deadline (504) is the request's status. A version swapped out meanwhile (410), or an engine
+    gone before the first token while another serves the model, is tried once more."""
     client, timeout_s = engines(front), front.settings.request_timeout_s
     started = time.perf_counter()
 
@@ -137,7 +137,7 @@ async def first_tokens(front: Front, name: str, body: GenerateRequest,
         generation = Generation(version.codec, body, prompt, version.number, prompt_logprobs=stream.prompt_logprobs)
         return link, stream, generation, tokens
 
-    begun = await on_the_current_version(attempt)
+    begun = await on_the_current_version(front, name, attempt)
     metrics.of(metrics.TIME_TO_FIRST_TOKEN, name, str(begun[2].version)).observe(time.perf_counter() - started)
     return begun
 

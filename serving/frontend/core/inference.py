@@ -9,7 +9,7 @@ from core.codec import TextCodec
 from core.repository import Version
 from serving.common import tracing
 from serving.common.messages import Failed, Infer, Rows
-from serving.frontend.client import EngineClient, Link
+from serving.frontend.client import EngineClient, Link, Lost
 from serving.frontend.core import tensors
 from serving.frontend.core.front import Front, check_texts, served
 from serving.frontend.core.refused import Refused, refusal
@@ -48,14 +48,17 @@ async def reply_of(client: EngineClient, link: Link, future: asyncio.Future, rid
             watcher.cancel()
 
 
-async def on_the_current_version(attempt: Callable[[], Awaitable]):
+async def on_the_current_version(front: Front, name: str, attempt: Callable[[], Awaitable]):
     """attempt() once more if the version it was encoded for was swapped out meanwhile (a Failed
-    410: the engine serves a newer one now); any other Failed, or a second 410, is refused."""
+    410: the engine serves a newer one now), or if its engine went before answering (Lost) while
+    another engine serves `name`: nothing of it reached the client. Any other Failed, or a second
+    one, is refused."""
     for tries_left in (1, 0):
         reply = await attempt()
         if not isinstance(reply, Failed):
             return reply
-        if reply.status != 410 or not tries_left:
+        again = reply.status == 410 or (isinstance(reply, Lost) and front.engines.deployed(name))
+        if not again or not tries_left:
             raise refusal(reply)
 
 
@@ -77,7 +80,7 @@ async def infer(front: Front, name: str, encode, version: str | None = None, tas
                         tracing.traceparent())
         return await reply_of(client, link, client.request(link, message, timeout), rid, left)
 
-    outputs = await on_the_current_version(attempt)
+    outputs = await on_the_current_version(front, name, attempt)
     return ran["version"], ran["kept"], outputs
 
 
