@@ -13,6 +13,7 @@
     python -m loadtest fronts [--lm timemachine-gru --streams 64 --seconds 6 --repeats 3]
     python -m loadtest tune MODEL [--p99-ms 100 --users 64 --texts 1 --minutes 10 --write]
     python -m loadtest state [--lm timemachine-gru --users 16 --seconds 5 --repeats 3]
+    python -m loadtest profile [--model imdb-gru --users 1,64 --seconds 8]
 
 `run` drives Locust headless against any host and writes its CSV and HTML reports plus a
 summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py;
@@ -25,7 +26,8 @@ per request and row, and the whole stack against a minimal app, with negligible 
 (loadtest/engine.py); `fronts`: :generate's streams against the same through OpenAI's completions
 (loadtest/fronts.py); `tune`: the model's best serving config on this machine, measured and
 written to its config.json (loadtest/tune.py); `state`: what a session's state token costs, in
-bytes, microseconds and steps/s against a step by session id (loadtest/state.py).
+bytes, microseconds and steps/s against a step by session id (loadtest/state.py); `profile`: py-spy
+flame graphs of the front-end and the engine under load (loadtest/profile.py).
 """
 import argparse
 import sys
@@ -38,6 +40,7 @@ from loadtest.gpu import gpu as run_gpu
 from loadtest.headless import SCENARIOS, run_locust
 from loadtest.ipc import ipc as run_ipc
 from loadtest.loop import loop as run_loop
+from loadtest.profile import profile as run_profile
 from loadtest.protocols import protocols as run_protocols
 from loadtest.soak import soak as run_soak
 from loadtest.state import state as run_state
@@ -168,7 +171,20 @@ def main(argv=None):
     carried.add_argument("--seconds", type=float, default=5.0, help="per measured point")
     carried.add_argument("--repeats", type=int, default=3)
     carried.add_argument("--out", type=Path, default=Path("results/state"))
+    spied = commands.add_parser("profile", help="py-spy flame graphs of the front-end and the engine under load "
+                                "(loadtest/profile.py)")
+    spied.add_argument("--model", default="imdb-gru")
+    spied.add_argument("--repository", type=Path, default=Path("model_repository"))
+    spied.add_argument("--users", type=lambda s: [int(u) for u in s.split(",")], default=[1, 64],
+                       help="concurrent users, comma-separated: one point each")
+    spied.add_argument("--seconds", type=float, default=8.0, help="per point")
+    spied.add_argument("--rate", type=int, default=1000, help="samples per second")
+    spied.add_argument("--top", type=int, default=12, help="functions listed per process")
+    spied.add_argument("--out", type=Path, default=Path("results/profile"))
+    spied.add_argument("--tree", type=Path, help="another checkout whose python -m serving is profiled instead")
     args = p.parse_args(argv)
+    if args.command == "profile":
+        return run_profile(args)
     if args.command == "state":
         return run_state(args)
     if args.command == "tune":

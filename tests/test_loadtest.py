@@ -272,3 +272,18 @@ def test_the_swaps_benchmark_samples_the_engine_after_each_release(tmp_path):
     assert all(row["floor_mb"] > 0 for row in report["rows"]) and report["rows"][1]["floor_ratio"] == 1.0
     assert report["answered"] > 0 and report["lost"] == 0 and set(report["statuses"]) == {"200"}, report
     assert "| swap | engine RSS MB, lowest |" in (tmp_path / "out" / "swaps.md").read_text()
+
+
+def test_the_profile_samples_the_front_end_and_the_engine_under_load(tmp_path):
+    """python -m loadtest profile on the tiny classifier, one user for 2 s: py-spy's flame graph of
+    each process shows its own serving code (the front-end's door, the engine's loop), titled with
+    what was profiled, and the summary names where each process's own samples went."""
+    tiny_repository(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "loadtest", "profile", "--model", "clf", "--repository",
+                           str(tmp_path / "repo"), "--users", "1", "--seconds", "2", "--rate", "200",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for role, code in (("front-end", "FrontDoor.__call__"), ("engine", "Engine.run")):
+        svg = (tmp_path / "out" / f"{role}-1users.svg").read_text()
+        assert code in svg and f"rnnserve's {role}, 1 user(s)" in svg and str(tmp_path) not in svg
+    assert done.stdout.count("own samples: ") == 2, done.stdout
