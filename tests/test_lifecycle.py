@@ -3,6 +3,7 @@ generation and sessions, stream holds, retiring that fails, files left behind, a
 that count every answer. Each test here failed before its fix."""
 import collections
 import asyncio
+import gc
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from loadtest.servers import free_port
-from serving.common import metrics
+from serving.common import heap, metrics
 from serving.frontend.app import create_app
 from tests.serving_fixtures import (FRONT_END, Server, alone, by_front_end, client_of, sample, serve, slowed_steps,
                                     tiny_repository, wait_ready)
@@ -399,5 +400,16 @@ def test_metrics_count_every_answer_once(repository):
                        ("lm", "generate_stream", "200"): 1, ("lm", "generate", "200"): 1,
                        ("clf", "v1_predict", "503"): shed, ("lm", "session_create", "200"): 1,
                        ("lm", "session_step", "404"): 1, ("ttft", "", ""): 2, ("stream", "", ""): 1}, new
+    finally:
+        s.stop()
+
+
+def test_a_ready_server_has_frozen_its_start_up_heap(repository):
+    """Once ready, the start-up heap is out of the collector's way (serving/common/heap.py): frozen,
+    and young collections every THRESHOLDS[0] allocations, in the front-end's and the engine's
+    process (here one process: the fixture's in-process server)."""
+    s = Server(repository)
+    try:
+        assert gc.get_freeze_count() > 10_000 and gc.get_threshold() == heap.THRESHOLDS
     finally:
         s.stop()

@@ -23,6 +23,7 @@ import msgspec
 import numpy as np
 
 from core.repository import UnknownModel
+from serving.common.heap import freeze_startup_heap
 from serving.common.messages import (Cancel, Catalog, CloseSession, Control, Deployed, Depths, Done, Failed, Generate,
                                      Hello, Infer, OpenSession, SessionOpened, Step, decode_requests,
                                      encode)
@@ -61,6 +62,7 @@ class Engine:
         self.deployments.start()
         self.connections.listen()
         self.connections.watch(self.device.done, self.device.woken)
+        freeze_startup_heap()
         self.ready.set()
         log.info("engine %d ready on %s: %s", self.index, self.address,
                  ", ".join(f"{d.name} v{d.version} ({d.runner.provider})" for d in self.deployments.all()))

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.common import tracing
+from serving.common.heap import freeze_startup_heap
 from serving.common.logs import configure_logging
 from serving.common.settings import Settings
 from serving.frontend import routes
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
             from serving.frontend.grpc import v2  # grpcio only where it is asked for
             grpc_server = await v2.start(front)
         front.ready = True
+        freeze_startup_heap()
         drain_on_sigterm(front, settings.drain_serve_s, settings.drain_s)
         yield
         front.ready = False
