@@ -47,7 +47,7 @@ class Engine:
         self.frontends: set[bytes] = set()
         self.loading: list[tuple[Future, bytes | None, int | None]] = []  # (load, who asked, their request id)
         self.outbox: dict[bytes, list] = {}
-        self.stopping = threading.Event()
+        self.stopping = False  # a bool, not an Event: see stop()
         self.ready = threading.Event()
         self.next_housekeeping = self.next_poll = 0.0
         self.connections = Connections(address)
@@ -67,7 +67,7 @@ class Engine:
         log.info("engine %d ready on %s: %s", self.index, self.address,
                  ", ".join(f"{d.name} v{d.version} ({d.runner.provider})" for d in self.deployments.all()))
         try:
-            while not self.stopping.is_set():
+            while not self.stopping:
                 self.take(self.wait_s())
                 self.finish_loads()
                 for deployment in self.deployments.all():
@@ -96,7 +96,12 @@ class Engine:
             log.info("engine %d stopped", self.index)
 
     def stop(self):
-        self.stopping.set()
+        """End the loop after the turn it is in (it sleeps IDLE_S at most). SIGTERM's handler: it takes
+        no lock, since a second SIGTERM may run it again in the middle of the first (an engine the
+        supervisor restarted gets two at the server's stop: the supervisor's and PR_SET_PDEATHSIG's,
+        whose parent thread ends then); Event.set() there deadlocked on its own lock, and the engine
+        never stopped."""
+        self.stopping = True
 
     def placement(self) -> str:
         """Which device this engine owns, as its start-up log line says."""
