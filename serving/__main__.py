@@ -69,6 +69,7 @@ class Engines:
 
     def stop(self, grace_s: float):
         self.stopping.set()
+        self.watcher.join()  # its restart in progress ends first: the engine it starts gets the SIGTERM too
         for process in self.processes:
             process.send_signal(signal.SIGTERM)
         for i, process in enumerate(self.processes):

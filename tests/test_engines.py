@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ import pytest
 from core.codec import softmax
 from core.repository import read_version
 from export.repository import export_run
+from serving.__main__ import Engines
 from serving.common.settings import Settings
 from serving.engine.engine import Engine
 from tests.serving_fixtures import FRONT_END, Server, alone, by_front_end, sample, serve, tiny_repository
@@ -119,6 +121,36 @@ def test_an_engine_stops_when_a_second_sigterm_interrupts_the_first(tmp_path):
     handler.join(5)
     assert not handler.is_alive(), "stop() deadlocked when interrupted by itself"
     assert engine.stopping
+
+
+def test_an_engine_restarted_as_the_server_stops_is_stopped_too(monkeypatch):
+    """An engine dies and the watcher thread restarts it just as the server stops: the new one gets
+    the SIGTERM too (before, stop() could signal the dead one, wait on it, and leave the new one to
+    run; here the restart is held until stop() has begun). Engines are `sleep` processes here."""
+    engines = Engines(["engine-0.sock"], [0])
+    restarting = threading.Event()
+
+    def spawn(i):
+        if engines.processes[i] is not None:  # the watcher's restart, held until the stop has begun
+            restarting.set()
+            engines.stopping.wait(10)
+            time.sleep(0.3)
+        engines.processes[i] = subprocess.Popen(["sleep", "60"])
+
+    monkeypatch.setattr(engines, "spawn", spawn)
+    engines.start()
+    first = engines.processes[0]
+    first.kill()
+    first.wait()
+    assert restarting.wait(10)
+    engines.stop(grace_s=10)
+    engines.watcher.join(10)  # before, still restarting as stop() returned
+    restarted = engines.processes[0]
+    try:
+        assert restarted is not first and restarted.wait(5) == -signal.SIGTERM
+    finally:
+        restarted.kill()
+        restarted.wait()
 
 
 def test_a_model_is_served_as_its_config_says(repository, tmp_path):
