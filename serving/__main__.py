@@ -9,12 +9,12 @@ The processes on the machine:
   (serving/engine/engine.py);
 - HTTP front-ends (uvicorn workers sharing the port): parse, validate, tokenize and answer, and
   reach the engines over Unix sockets (serving/frontend/client.py);
-- this one: it starts them, restarts an engine that dies (what was in flight there goes to another
-  engine serving its model, else is answered 503 at once, by the front-ends), and on SIGTERM drains the front-ends (readiness false and every
-  answer closing its connection; requests still served for RNNSERVE_DRAIN_SERVE_S while a load
-  balancer takes the replica out, then answered 503 for RNNSERVE_DRAIN_S, then the port closed and
-  the requests in flight answered within RNNSERVE_SHUTDOWN_GRACE_S), then stops the engines and
-  removes its runtime folder.
+- this one: it starts them, restarts an engine that dies (the front-ends send what was in flight
+  there to another engine serving its model, else answer it 503 at once), and on SIGTERM drains
+  the front-ends (readiness false and every answer closing its connection; requests still served
+  for RNNSERVE_DRAIN_SERVE_S while a load balancer takes the replica out, then answered 503 for
+  RNNSERVE_DRAIN_S, then the port closed and the requests in flight answered within
+  RNNSERVE_SHUTDOWN_GRACE_S), then stops the engines and removes its runtime folder.
 """
 import argparse
 import json

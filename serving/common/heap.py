@@ -5,12 +5,11 @@ collected every 20,000 allocations instead of 700.
 
     freeze_startup_heap()  # once, when the process is ready to serve
 
-Without it the front-end spent a fifth of its CPU per request collecting: the full collections
-walked the whole start-up heap, and a request's few hundred short-lived objects set off a young
-collection every few requests (py-spy: the share sat on whatever frame allocated; the front-end's
-CPU per request over a negligible model 137-142 µs, with this 109-111 µs, docs/benchmarks.md).
-A request's garbage is almost all freed by reference counting; the cycles it leaves (futures,
-tracebacks) wait a few thousand requests longer for a collection.
+With it the front-end's CPU per request over a negligible model fell by a fifth (137-142 µs to
+109-111 µs, docs/benchmarks.md); before it, py-spy put 5-7% of the front-end's samples on frames
+that merely allocated, the collector's work charged to whatever set it off. A request's garbage
+is almost all freed by reference counting; the cycles it leaves (futures, tracebacks) wait longer
+for a collection.
 """
 import gc
 
