@@ -51,7 +51,9 @@ class Engines:
     def spawn(self, i: int):
         command = [sys.executable, "-m", "serving.engine", "--address", self.addresses[i], "--index", str(i),
                    "--device", str(self.devices[i])]
-        self.processes[i] = subprocess.Popen(command)
+        # a session of its own: a signal to the server's process group (Ctrl-C, `timeout`, a process manager)
+        # stops the server, which drains and then stops its engines, instead of stopping them mid-drain
+        self.processes[i] = subprocess.Popen(command, start_new_session=True)
         log.info("engine %d started (pid %d) on %s", i, self.processes[i].pid, self.addresses[i])
 
     def start(self):

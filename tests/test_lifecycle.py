@@ -334,6 +334,36 @@ def test_the_server_removes_the_folders_it_created_when_it_exits(repository, wor
     shutil.rmtree(scratch)  # what ONNX Runtime left there
 
 
+def test_a_sigterm_to_the_servers_process_group_drains_before_the_engines_stop(repository, tmp_path):
+    """SIGTERM to the whole process group (Ctrl-C's way, `timeout`'s, a process manager's): the
+    server serves on through its drain window and then stops its engines. Before, the engines got
+    the signal too, stopped at once and were restarted mid-drain ("exited with 0: restarting it"),
+    the requests meanwhile answered 503."""
+    log = open(tmp_path / "server.log", "w+")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1", "--engines", "1"], stderr=log,
+                              env=os.environ | {"RNNSERVE_DRAIN_SERVE_S": "2", "RNNSERVE_DRAIN_S": "0"},
+                              start_new_session=True)  # a group of its own, to signal as a whole
+    signalled = False
+    try:
+        wait_ready(f"http://127.0.0.1:{port}")
+        os.killpg(server.pid, signal.SIGTERM)
+        signalled = True
+        statuses = []
+        deadline = time.time() + 1.5  # inside the 2 s serving window
+        while time.time() < deadline:
+            statuses.append(httpx.post(f"http://127.0.0.1:{port}/v1/models/clf:predict",
+                                       json={"instances": ["good film"]}, timeout=10).status_code)
+        assert statuses and set(statuses) == {200}, statuses
+    finally:
+        if not signalled:
+            server.terminate()
+        code = server.wait(30)
+    log.seek(0)
+    assert code == 0 and "exited with" not in log.read()
+
+
 def test_model_control_is_closed_unless_a_token_or_open_is_set(repository):
     s = Server(repository)
     try:
