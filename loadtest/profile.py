@@ -6,8 +6,8 @@
 python -m serving with one front-end and one engine (`--workers 1 --engines 1`: the front-end is
 the server process itself), loaded by the harness's client (loadtest/client.py) with one short
 text per request at each --users (--tree: another checkout's python -m serving, e.g. the commit
-before a change, over the same repository). While a point runs, py-spy samples the front-end and the engine
-at --rate Hz without pausing them (`--nonblocking`; idle frames left out). Writes
+before a change, over the same repository). While a point runs, py-spy samples the front-end
+and the engine at --rate Hz without pausing them (`--nonblocking`; idle frames left out). Writes
 `<role>-<users>users.svg` under --out and prints each point's requests/s, p50 and each
 process's CPU per request, and the functions whose own code holds the largest share of each
 process's samples (read from the flame graph). Needs py-spy (the test extra).
