@@ -12,7 +12,9 @@ I/O threads included), read from /proc. The client here is blocking, as the echo
 """
 import multiprocessing
 import os
+import shutil
 import socket
+import tempfile
 import time
 
 import zmq
@@ -82,8 +84,7 @@ def round_trips(sock, per_frame: int, depth: int, messages: int) -> None:
 
 def measure(transport: str, messages: int) -> list[dict]:
     echo, client, address = TRANSPORTS[transport]
-    folder = f"/tmp/rnnserve-ipc-{os.getpid()}"
-    os.makedirs(folder, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="rnnserve-ipc-", dir="/tmp")  # new each time: no stale socket in the way
     address = address(folder)
     engine = multiprocessing.get_context("spawn").Process(target=echo, args=(address,))
     engine.start()
@@ -104,9 +105,7 @@ def measure(transport: str, messages: int) -> list[dict]:
     sock.send(STOP)
     engine.join()
     sock.close()
-    for name in os.listdir(folder):
-        os.unlink(f"{folder}/{name}")
-    os.rmdir(folder)
+    shutil.rmtree(folder)
     return rows
 
 

@@ -12,6 +12,7 @@ and the engine at --rate Hz without pausing them (`--nonblocking`; idle frames l
 process's CPU per request, and the functions whose own code holds the largest share of each
 process's samples (read from the flame graph). Needs py-spy (the test extra).
 """
+import os
 import re
 import shutil
 import subprocess
@@ -48,9 +49,9 @@ def titled(svg: Path, title: str):
 
 
 def profile(args) -> dict:
-    if shutil.which("py-spy") is None and not (Path(sys.executable).parent / "py-spy").exists():
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    if spy is None:
         sys.exit("python -m loadtest profile needs py-spy: pip install py-spy (make install puts it in .venv)")
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     args.out.mkdir(parents=True, exist_ok=True)
     model = latest(args.repository, args.model).parent.name
     port = free_port()
