@@ -9,11 +9,11 @@
     python -m loadtest protocols [--model imdb-gru --rows 32 --users 64]
     python -m loadtest gpu [--quick] [--model imdb-gru --lm timemachine-gru --encoder NAME]
     python -m loadtest loop [--model imdb-gru]
-    python -m loadtest engine [--model imdb-gru --seconds 5]
+    python -m loadtest engine [--model imdb-gru --seconds 5 --repeats 3]
     python -m loadtest fronts [--lm timemachine-gru --streams 64 --seconds 6 --repeats 3]
     python -m loadtest tune MODEL [--p99-ms 100 --users 64 --texts 1 --minutes 10 --write]
     python -m loadtest state [--lm timemachine-gru --users 16 --seconds 5 --repeats 3]
-    python -m loadtest profile [--model imdb-gru --users 1,64 --seconds 8]
+    python -m loadtest profile [--model imdb-gru --users 1,64 --texts 1 --seconds 8]
 
 `run` drives Locust headless against any host and writes its CSV and HTML reports plus a
 summary (requests/s, p50/p95/p99, failures) as JSON and markdown. `bench`: see loadtest/bench.py;
@@ -137,6 +137,7 @@ def main(argv=None):
     host.add_argument("--model", default="imdb-gru", help="its codec, vocabulary and labels")
     host.add_argument("--repository", type=Path, default=Path("model_repository"))
     host.add_argument("--seconds", type=float, default=5.0, help="per measured point")
+    host.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the whole stack")
     host.add_argument("--stack", action=argparse.BooleanOptionalAction, default=True,
                       help="also the whole stack against the minimal FastAPI app")
     host.add_argument("--out", type=Path, default=Path("results/engine"))
@@ -177,6 +178,7 @@ def main(argv=None):
     spied.add_argument("--repository", type=Path, default=Path("model_repository"))
     spied.add_argument("--users", type=lambda s: [int(u) for u in s.split(",")], default=[1, 64],
                        help="concurrent users, comma-separated: one point each")
+    spied.add_argument("--texts", type=int, default=1, help="texts per request")
     spied.add_argument("--seconds", type=float, default=8.0, help="per point")
     spied.add_argument("--rate", type=int, default=1000, help="samples per second")
     spied.add_argument("--top", type=int, default=12, help="functions listed per process")

@@ -1,6 +1,6 @@
 """What the engine's host work costs, and the whole stack's, when the model's compute is nothing.
 
-    python -m loadtest engine [--model imdb-gru --repository model_repository] [--seconds 5]
+    python -m loadtest engine [--model imdb-gru --repository model_repository] [--seconds 5 --repeats 3]
 
 1. The engine alone: the engine in a process of its own serving --model, its ONNX Runtime call
    replaced by one that returns zeros (no inference: what is left is the host's work: take,
@@ -8,11 +8,14 @@
    answers: requests of 1 text (64 in flight) and of 32 texts (16 in flight), short and long IMDB
    texts encoded with the model's codec. Reported: the engine process's CPU (from /proc) per
    request and per row, with the server's default settings for the CPU.
-2. The whole stack with a model of 8 GRU units (compute next to nothing; --model's vocabulary and
-   tokenizer): python -m serving with one front-end and one engine, against a minimal FastAPI app
-   with two workers that parses the same body, tokenizes, encodes and answers JSON with no model
+2. The whole stack with a model whose compute is negligible: an untrained 8-unit GRU with --model's
+   vocabulary, tokenizer and labels, reading the first TINY_MAX_LEN tokens of each text. rnnserve
+   with one front-end and one engine, and with two front-ends (the minimal app's count of HTTP
+   processes) and one engine, against a minimal FastAPI app with two workers that parses the same
+   body, tokenizes and encodes with the same codec and answers JSON with no model
    (loadtest/baselines/minimal_app.py); one load-generator process; 1 text at 64 users and 32 texts
-   at 16 users. Reported: requests/s of each and the ratio.
+   at 16 users, the servers interleaved in --repeats rounds. Reported: the medians of requests/s,
+   their ratio to the minimal app's, and the CPU each spent per request (front-ends + engine).
 Writes results.json and results.md under --out.
 """
 import json
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from core.repository import latest, read_version
-from loadtest.bench import measure
+from loadtest.bench import measure, median_point
 from loadtest.servers import cpu_name, free_port, start
 from loadtest.workloads import predict_body, texts
 from loadtest.wire import Wire
@@ -36,6 +39,13 @@ from serving.engine.runner import Runner
 
 TICK = 100  # os.sysconf("SC_CLK_TCK") on Linux
 POINTS = [("short", 1, 64), ("short", 32, 16), ("long", 1, 64), ("long", 32, 16)]  # workload, texts, in flight
+# Whole texts (82 tokens on average) cost ONNX Runtime ~15 us of CPU per row even with 8 units
+# (measured on the 2-core AMD box): 0.5 ms of a 32-text request, more than the minimal app spends on
+# all of it. 8 tokens cost it ~2 us per row: what is left to compare is the host path.
+TINY_MAX_LEN = 8
+LAYOUTS = {"rnnserve, 1 front-end": ("1", "1"), "rnnserve, 2 front-ends": ("2", "1")}  # --workers, --engines
+STACK_POINTS = ((1, 64), (32, 16))  # texts per request, users
+MINIMAL = "minimal FastAPI app"
 
 
 def process_cpu_s(pid: int) -> float:
@@ -114,7 +124,8 @@ def host_cost(model_dir: Path, rows: dict[str, list[list[int]]], seconds: float)
 
 
 def tiny_model(model_dir: Path, folder: Path) -> Path:
-    """An untrained 8-unit GRU with the model's vocabulary, tokenizer and labels, exported."""
+    """An untrained 8-unit GRU with the model's vocabulary, tokenizer and labels, reading the first
+    TINY_MAX_LEN tokens, exported."""
     import torch  # training-side code, only for making this model
     from export.repository import export_run
     from models.checkpoint import save_run
@@ -123,34 +134,41 @@ def tiny_model(model_dir: Path, folder: Path) -> Path:
     torch.manual_seed(0)
     m = version.manifest
     model = build(ModelConfig("classifier", "gru", len(version.codec.vocab), len(m.labels), embed_dim=8, hidden_size=8))
-    save_run(folder / "run", model, version.codec.tokenizer, version.codec.vocab, m.labels, m.max_len,
+    save_run(folder / "run", model, version.codec.tokenizer, version.codec.vocab, m.labels, TINY_MAX_LEN,
              {"note": "untrained: a model whose compute is negligible"}, {"data": "none"})
     return export_run(folder / "run", folder / "repo", name="tiny", cases=5)
 
 
-def whole_stack(model_dir: Path, stream: dict[str, list[str]], seconds: float, out: Path) -> dict:
+def whole_stack(model_dir: Path, stream: dict[str, list[str]], seconds: float, repeats: int, out: Path) -> dict:
+    """Each server started once; every point measured on each in turn, --repeats times; the medians."""
     tiny = tiny_model(model_dir, out / "tiny")
-    servers = {"rnnserve": ([sys.executable, "-m", "serving", "--host", "127.0.0.1", "--workers", "1", "--engines", "1"],
-                            {"RNNSERVE_REPOSITORY": str(tiny.parent.parent)}, "/v2/health/ready"),
-               "minimal FastAPI app": ([sys.executable, "-m", "uvicorn", "loadtest.baselines.minimal_app:app",
-                                       "--workers", "2", "--log-level", "warning"], {"MODEL_DIR": str(tiny)}, "/docs")}
-    points = {}
-    for name, (command, env, ready) in servers.items():
-        port = free_port()
-        server = start(name, command + ["--port", str(port)], env, port, ready)
-        try:
-            for per_request, users in ((1, 64), (32, 16)):
-                texts_ = stream["short"]
-                requests = [("/v1/models/tiny:predict", predict_body(*texts_[i: i + per_request]))
-                            for i in range(0, len(texts_) - per_request + 1, per_request)]
-                point = measure(server.pid, port, requests, users, seconds, 1, per_request)
-                points[f"{name}|{per_request}"] = point
-                print(f"{name:20s} {per_request:2d} texts, {users} users: {point['requests_per_s']:7.0f} req/s, "
-                      f"p50 {point['p50_ms']:.1f} ms, p99 {point['p99_ms']:.1f} ms, {point['errors']} errors")
-        finally:
+    serve = [sys.executable, "-m", "serving", "--host", "127.0.0.1"]
+    commands = {name: (serve + ["--workers", workers, "--engines", engines],
+                       {"RNNSERVE_REPOSITORY": str(tiny.parent.parent)}, "/v2/health/ready")
+                for name, (workers, engines) in LAYOUTS.items()}
+    commands[MINIMAL] = ([sys.executable, "-m", "uvicorn", "loadtest.baselines.minimal_app:app", "--workers", "2",
+                          "--log-level", "warning"], {"MODEL_DIR": str(tiny)}, "/docs")
+    servers = {}
+    try:
+        for name, (command, env, ready) in commands.items():
+            port = free_port()
+            servers[name] = start(name, command + ["--port", str(port)], env, port, ready), port
+        rounds = {}
+        for _ in range(repeats):
+            for per_request, users in STACK_POINTS:
+                requests = [("/v1/models/tiny:predict", predict_body(*stream["short"][i: i + per_request]))
+                            for i in range(0, len(stream["short"]) - per_request + 1, per_request)]
+                for name, (server, port) in servers.items():
+                    point = measure(server.pid, port, requests, users, seconds, 1, per_request)
+                    rounds.setdefault(f"{name}|{per_request}", []).append(point)
+                    print(f"{name:22s} {per_request:2d} texts, {users} users: {point['requests_per_s']:7.0f} req/s, "
+                          f"p50 {point['p50_ms']:.1f} ms, CPU {1000 * point['server_cpu_s_per_1000']:.0f} us/request, "
+                          f"{point['errors']} errors")
+    finally:
+        for server, _ in servers.values():
             server.terminate()
             server.wait(30)
-    return points
+    return {key: median_point(points) for key, points in rounds.items()}
 
 
 def engine(args) -> dict:
@@ -162,7 +180,7 @@ def engine(args) -> dict:
     results = {"machine": cpu_name(), "model": args.model, "date": time.strftime("%Y-%m-%d %H:%M"),
                "engine_alone": host_cost(model_dir, rows, args.seconds)}
     if args.stack:
-        results["whole_stack"] = whole_stack(model_dir, stream, args.seconds, args.out)
+        results["whole_stack"] = whole_stack(model_dir, stream, args.seconds, args.repeats, args.out)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(markdown(results))
     print(markdown(results))
@@ -178,10 +196,14 @@ def markdown(r: dict) -> str:
                      f"{p['engine_us_per_request']:.1f} | {p['engine_us_per_row']:.2f} |")
     if "whole_stack" in r:
         s = r["whole_stack"]
-        lines += ["", "| 8-unit GRU, one load process | rnnserve req/s | minimal FastAPI app req/s | ratio |",
-                  "|---|---|---|---|"]
-        for n, users in ((1, 64), (32, 16)):
-            ours, theirs = s[f"rnnserve|{n}"], s[f"minimal FastAPI app|{n}"]
-            lines.append(f"| {n} text(s) per request, {users} users | {ours['requests_per_s']:.0f} | "
-                         f"{theirs['requests_per_s']:.0f} | {ours['requests_per_s'] / theirs['requests_per_s']:.2f}x |")
+        lines += ["", f"An 8-unit GRU over {TINY_MAX_LEN} tokens, one load process; medians of "
+                  f"{s[MINIMAL + '|1']['repeats']} interleaved rounds:", "",
+                  "| texts per request, users | server | req/s | ratio to the minimal app | CPU us per request | p50 ms |",
+                  "|---|---|---|---|---|---|"]
+        for n, users in STACK_POINTS:
+            theirs = s[f"{MINIMAL}|{n}"]["requests_per_s"]
+            for name in [*LAYOUTS, MINIMAL]:
+                p = s[f"{name}|{n}"]
+                lines.append(f"| {n}, {users} | {name} | {p['requests_per_s']:.0f} | {p['requests_per_s'] / theirs:.2f}x | "
+                             f"{1000 * p['server_cpu_s_per_1000']:.0f} | {p['p50_ms']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -1,14 +1,14 @@
 """Where each process's time goes under load: py-spy flame graphs of the front-end and the engine.
 
-    python -m loadtest profile [--model imdb-gru --repository model_repository] [--users 1,64] [--seconds 8]
-                               [--tree ../before]
+    python -m loadtest profile [--model imdb-gru --repository model_repository] [--users 1,64] [--texts 1]
+                               [--seconds 8] [--tree ../before]
 
 python -m serving with one front-end and one engine (`--workers 1 --engines 1`: the front-end is
-the server process itself), loaded by the harness's client (loadtest/client.py) with one short
-text per request at each --users (--tree: another checkout's python -m serving, e.g. the commit
+the server process itself), loaded by the harness's client (loadtest/client.py) with --texts short
+texts per request at each --users (--tree: another checkout's python -m serving, e.g. the commit
 before a change, over the same repository). While a point runs, py-spy samples the front-end
 and the engine at --rate Hz without pausing them (`--nonblocking`; idle frames left out). Writes
-`<role>-<users>users.svg` under --out and prints each point's requests/s, p50 and each
+`<role>-<users>users-<texts>texts.svg` under --out and prints each point's requests/s, p50 and each
 process's CPU per request, and the functions whose own code holds the largest share of each
 process's samples (read from the flame graph). Needs py-spy (the test extra).
 """
@@ -61,27 +61,28 @@ def profile(args) -> dict:
     roles = {"front-end": server.pid,
              "engine": next(pid for pid, p in processes(server.pid).items() if p["role"] == "engine 0")}
     short = texts("short", 800, seed=5)
-    requests = [(f"/v1/models/{model}:predict", predict_body(text)) for text in short]
+    n = args.texts
+    requests = [(f"/v1/models/{model}:predict", predict_body(*short[i: i + n])) for i in range(0, len(short) - n + 1, n)]
     results = {"machine": cpu_name(), "model": model, "points": {}}
     try:
         measure(server.pid, port, requests, 8, 2, 1, 1)  # warm
         for users in args.users:
             spies = {role: subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", str(args.rate), "--duration",
                                              str(int(args.seconds)), "--nonblocking", "--format", "flamegraph",
-                                             "--output", str(args.out / f"{role}-{users}users.svg")],
+                                             "--output", str(args.out / f"{role}-{users}users-{n}texts.svg")],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                      for role, pid in roles.items()}
-            point = measure(server.pid, port, requests, users, args.seconds, 1, 1)
+            point = measure(server.pid, port, requests, users, args.seconds, 1, n)
             for role, process in spies.items():
                 process.wait(60)
-                titled(args.out / f"{role}-{users}users.svg", f"rnnserve's {role}, {users} user(s), one short text "
-                       f"per request ({model}): python -m loadtest profile")
+                titled(args.out / f"{role}-{users}users-{n}texts.svg", f"rnnserve's {role}, {users} user(s), {n} short "
+                       f"text(s) per request ({model}): python -m loadtest profile")
             results["points"][users] = point
             print(f"\n{users} user(s): {point['requests_per_s']:.0f} req/s, p50 {point['p50_ms']:.2f} ms; CPU per "
                   f"request: front-end {1000 * point['frontend_cpu_ms_per_request']:.0f} us, engine "
                   f"{1000 * point['engine_cpu_ms_per_request']:.0f} us{' (disturbed)' if point['disturbed'] else ''}")
             for role in roles:
-                svg = args.out / f"{role}-{users}users.svg"
+                svg = args.out / f"{role}-{users}users-{n}texts.svg"
                 print(f"  {role} ({svg}), own samples: " + ", ".join(f"{name} {p:.1f}%" for name, p in own_shares(svg, args.top)))
     finally:
         server.terminate()

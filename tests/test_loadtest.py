@@ -193,16 +193,17 @@ def test_the_engine_benchmark_measures_the_host_cost_and_the_whole_stack(tmp_pat
     answered, the engine's CPU counted; plumbing, not speed."""
     tiny_repository(tmp_path)
     done = subprocess.run([sys.executable, "-m", "loadtest", "engine", "--model", "clf", "--repository",
-                           str(tmp_path / "repo"), "--seconds", "0.3", "--out", str(tmp_path / "out")],
-                          env=ONE_OF_EACH, capture_output=True, text=True, timeout=600)
+                           str(tmp_path / "repo"), "--seconds", "0.3", "--repeats", "2",
+                           "--out", str(tmp_path / "out")], env=ONE_OF_EACH, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["engine_alone"]) == {"short|1", "short|32", "long|1", "long|32"}
     for point in results["engine_alone"].values():
         assert point["requests"] > 0 and point["engine_us_per_request"] > 0, point
-    assert set(results["whole_stack"]) == {"rnnserve|1", "rnnserve|32", "minimal FastAPI app|1", "minimal FastAPI app|32"}
+    servers = ["rnnserve, 1 front-end", "rnnserve, 2 front-ends", "minimal FastAPI app"]
+    assert set(results["whole_stack"]) == {f"{s}|{n}" for s in servers for n in (1, 32)}
     for key, point in results["whole_stack"].items():
-        assert point["requests"] > 0 and point["errors"] == 0, (key, point)
+        assert point["repeats"] == 2 and point["requests"] > 0 and point["errors"] == 0, (key, point)
 
 
 def test_the_fronts_benchmark_streams_the_same_generations_through_generate_and_openai(tmp_path):
@@ -284,6 +285,6 @@ def test_the_profile_samples_the_front_end_and_the_engine_under_load(tmp_path):
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for role, code in (("front-end", "FrontDoor.__call__"), ("engine", "Engine.run")):
-        svg = (tmp_path / "out" / f"{role}-1users.svg").read_text()
+        svg = (tmp_path / "out" / f"{role}-1users-1texts.svg").read_text()
         assert code in svg and f"rnnserve's {role}, 1 user(s)" in svg and str(tmp_path) not in svg
     assert done.stdout.count("own samples: ") == 2, done.stdout
