@@ -8,6 +8,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from serving.common.settings import Settings
+
 DEPLOY = Path(__file__).parent.parent / "deploy"
 K8S_VERSION = "1.33.0"
 KSERVE_SCHEMA = Path(__file__).parent / "fixtures" / "kserve_inferenceservice_v1beta1.schema.json"
@@ -57,6 +59,28 @@ def test_the_inferenceservice_validates_against_kserves_schema_with_a_canary_and
 @pytest.mark.parametrize("name", ["inferenceservice.yaml", "inferenceservice-cpu.yaml"])
 def test_every_inferenceservice_validates_against_kserves_schema(name):
     jsonschema.validate(yaml.safe_load((DEPLOY / "kserve" / name).read_text()), json.loads(KSERVE_SCHEMA.read_text()))
+
+
+def pod_specs() -> dict[str, dict]:
+    """Every shipped pod spec: the Deployments' templates and the KServe predictors (a pod spec inline)."""
+    specs = {str(p.relative_to(DEPLOY)): m["spec"]["template"]["spec"] for p in manifests()
+             for m in yaml.safe_load_all(p.read_text()) if m and m["kind"] == "Deployment"}
+    return specs | {f"kserve/{p.name}": yaml.safe_load(p.read_text())["spec"]["predictor"]
+                    for p in (DEPLOY / "kserve").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", sorted(pod_specs()))
+def test_every_pod_waits_for_the_whole_drain_before_it_is_killed(name):
+    """After SIGTERM the server serves, refuses, then answers what it accepted
+    (RNNSERVE_DRAIN_SERVE_S + RNNSERVE_DRAIN_S + RNNSERVE_SHUTDOWN_GRACE_S, as the pod sets them or by
+    default); Kubernetes kills it terminationGracePeriodSeconds after the SIGTERM (30 s unless set)."""
+    spec = pod_specs()[name]
+    (container,) = [c for c in spec["containers"] if c["name"] in ("rnnserve", "kserve-container")]
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    settings = Settings(**{k: env.get(f"RNNSERVE_{k.upper()}", getattr(Settings(), k))
+                           for k in ("drain_serve_s", "drain_s", "shutdown_grace_s")})
+    drain = settings.drain_serve_s + settings.drain_s + settings.shutdown_grace_s
+    assert spec.get("terminationGracePeriodSeconds", 30) > drain, (name, drain)
 
 
 def test_the_validator_rejects_a_broken_manifest():

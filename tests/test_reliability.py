@@ -10,7 +10,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
+import types
 
 import httpx
 import numpy as np
@@ -21,6 +24,7 @@ from onnx import TensorProto, helper
 from loadtest.client import LoadResult, read_response
 from loadtest.servers import free_port
 from serving.common.settings import Settings
+from serving.frontend.app import drain_on_sigterm
 from tests.serving_fixtures import Server, alone, serve, tiny_repository
 
 TEXTS = ["good film", "the plot was awful", "a", "great great good film the plot", "bad", "awful film the a"]
@@ -76,6 +80,45 @@ def test_sigterm_answers_every_accepted_request_then_exits(repository, tmp_path)
         process.kill()
     log = (tmp_path / "server.log").read_text()
     assert "SIGTERM: not ready" in log and "Application shutdown complete" in log
+
+
+def test_a_front_end_drains_once_when_a_second_sigterm_interrupts_the_first():
+    """A front-end under the supervisor gets two SIGTERMs at a process-group stop (Ctrl-C, timeout,
+    a process manager): the group's, then the supervisor's. A signal handler runs between any two
+    lines of the code it interrupts: here the handler is called again at every line run inside a
+    first call. It must neither deadlock (starting a timer thread takes a lock the interrupted
+    start may hold) nor drain twice: uvicorn's own handler runs once, after the serve and drain
+    windows."""
+    front = types.SimpleNamespace(draining=False, ready=True)
+    stopped = []
+    before = signal.signal(signal.SIGTERM, lambda sig, frame: stopped.append(time.monotonic()))
+    try:
+        drain_on_sigterm(front, 0.05, 0.05)
+        handler = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    interrupting = []
+
+    def second_sigterm(frame, event, arg):
+        if event == "line" and not interrupting:
+            interrupting.append(frame.f_code.co_name)
+            handler(signal.SIGTERM, None)
+            interrupting.pop()
+        return second_sigterm
+
+    def first_sigterm():
+        sys.settrace(lambda frame, event, arg: second_sigterm)  # every line of the handler and what it calls
+        handler(signal.SIGTERM, None)
+        sys.settrace(None)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=first_sigterm, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive(), "the SIGTERM handler deadlocked when interrupted by itself"
+    time.sleep(0.5)
+    assert front.draining and not front.ready
+    assert len(stopped) == 1 and stopped[0] - started >= 0.1, stopped
 
 
 def test_sigterm_exits_within_the_grace_period_when_requests_take_longer(repository, tmp_path):

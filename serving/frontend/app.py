@@ -37,7 +37,8 @@ def drain_on_sigterm(front: Front, serve_s: float, drain_s: float):
     sends it requests, and most do not retry a POST. Then for drain_s every request for a model
     gets 503 with Retry-After, the port still open. Then uvicorn's own handler: it closes the port
     and the idle connections, waits for the requests in flight (at most shutdown_grace_s) and runs
-    the lifespan's shutdown. Chained in front of uvicorn's handler (main thread only)."""
+    the lifespan's shutdown. Chained in front of uvicorn's handler (main thread only). A second
+    SIGTERM (a process-group stop signals a front-end, then the supervisor does) changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         return
     uvicorn_handler = signal.getsignal(signal.SIGTERM)
@@ -47,6 +48,8 @@ def drain_on_sigterm(front: Front, serve_s: float, drain_s: float):
         log.info("drain: answering 503 for %gs, then closing the port", drain_s)
 
     def draining(sig, frame):
+        if front.draining:  # checked first: a second handler runs whole before the first takes any lock, or not at all
+            return
         front.draining = True
         log.info("SIGTERM: not ready; serving on for %gs, then answering 503 for %gs, then closing the port",
                  serve_s, drain_s)
