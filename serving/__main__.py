@@ -7,8 +7,8 @@ The processes on the machine:
 - engines (python -m serving.engine), one per CUDA device, else one per CPU core: each owns the
   ONNX Runtime sessions on its device, the batching and the generation loop
   (serving/engine/engine.py);
-- HTTP front-ends (uvicorn workers sharing the port): parse, validate, tokenize and answer, and
-  reach the engines over Unix sockets (serving/frontend/client.py);
+- HTTP front-ends (uvicorn workers, each on a socket of its own on the port): parse, validate,
+  tokenize and answer, and reach the engines over Unix sockets (serving/frontend/client.py);
 - this one: it starts them, restarts an engine that dies (the front-ends send what was in flight
   there to another engine serving its model, else answer it 503 at once), and on SIGTERM drains
   the front-ends (readiness false and every answer closing its connection; requests still served
@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,7 @@ import time
 
 import uvicorn
 from pydantic import ValidationError
-from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from serving.common.frames import socket_path
 from serving.common.logs import configure_logging
@@ -86,15 +87,49 @@ class Engines:
 
 
 class Supervisor(Multiprocess):
-    """uvicorn's supervisor of several front-ends, letting go of its copy of the listening socket
-    when it stops them: the port then closes when the last front-end closes it after its drain,
-    and new connections are refused instead of waiting in the kernel's queue to be reset when this
-    process exits."""
+    """uvicorn's supervisor of several front-ends, each listening on a socket of its own bound to
+    the port with SO_REUSEPORT, so that the kernel spreads new connections over them evenly. On one
+    shared socket the front-end awake first took a whole burst: 16 keep-alive clients landed all on
+    one of two front-ends in 7 of 12 tries (docs/benchmarks.md), the other idle. A front-end the
+    supervisor restarts listens on every socket, its predecessor's among them (the connections
+    waiting there are served). When it stops them it lets go of its copies of the sockets: the
+    port then closes when the last front-end closes its own after its drain, and new connections
+    are refused instead of waiting in the kernel's queue to be reset when this process exits."""
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config, sockets=listeners(config.host, config.port, config.workers))
+
+    def init_processes(self):
+        for listener in self.sockets:
+            process = Process(self.config, [listener])
+            process.start()
+            self.processes.append(process)
 
     def terminate_all(self):
         for listener in self.sockets:
             listener.close()
         super().terminate_all()
+
+
+def listeners(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` TCP sockets bound to host:port with SO_REUSEPORT (port 0: a free port), not yet
+    listening (each front-end listens on its own). The port is first bound alone: a port another
+    process holds, with SO_REUSEPORT or not (another server left running), is refused (OSError)
+    rather than shared with it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as alone:
+        alone.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        alone.bind((host, port))
+        port = alone.getsockname()[1]
+    bound = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.set_inheritable(True)
+        bound.append(sock)
+    return bound
 
 
 def serve_http(**options):
@@ -106,8 +141,11 @@ def serve_http(**options):
     if options["workers"] == 1:
         uvicorn.run(**options)
     else:
-        config = uvicorn.Config(**options)
-        Supervisor(config, sockets=[config.bind_socket()]).run()
+        try:
+            supervisor = Supervisor(uvicorn.Config(**options))
+        except OSError as e:  # the port is taken, or the host is not this machine's
+            sys.exit(f"python -m serving: cannot listen on {options['host']}:{options['port']}: {e.strerror}")
+        supervisor.run()
 
 
 def mark_dead(pid: int):

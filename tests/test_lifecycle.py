@@ -67,6 +67,55 @@ def test_every_worker_serves_what_the_last_control_calls_asked_for(tmp_path):
         server.wait(30)
 
 
+def test_keep_alive_connections_opened_at_once_are_spread_over_the_front_ends(repository):
+    """32 clients connect at once and keep their connections (a gateway's pool, a load test): each
+    of the two front-ends serves a fair share. On one listening socket shared by the front-ends,
+    the one awake first took the whole burst (all 16 of 16 in 7 of 12 tries): one core served
+    while the other idled. Each front-end now has a socket of its own on the port (SO_REUSEPORT);
+    fewer than 6 of 32 on either happens with probability 1e-4 under the kernel's hashing."""
+    server, url = serve(repository, "--workers", "2", "--engines", "1")
+    port = int(url.rsplit(":", 1)[1])
+
+    async def connect() -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /v2/health/ready HTTP/1.1\r\nhost: test\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.5)  # every connection open at once, none closed before the others are made
+        writer.close()
+        return re.search(rb"x-rnnserve-frontend: (\d+)", head)[1].decode()
+
+    async def burst() -> list[str]:
+        return await asyncio.gather(*(connect() for _ in range(32)))
+
+    try:
+        by_pid = collections.Counter(asyncio.run(burst()))
+        print("connections per front-end:", dict(by_pid))
+        assert len(by_pid) == 2 and min(by_pid.values()) >= 6, by_pid
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["plain", "SO_REUSEPORT"])
+def test_a_port_in_use_is_refused_at_start_saying_so(repository, shared):
+    """Another process listens on the port, even one that would share it (SO_REUSEPORT, as another
+    rnnserve left running does): python -m serving with several front-ends exits at once with a
+    message naming the address, not joining it."""
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(shared))
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        done = subprocess.run([sys.executable, "-m", "serving", "--repository", str(repository), "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "2", "--engines", "1"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        taken.close()
+    assert done.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_an_engine_that_dies_answers_its_requests_at_once_and_is_restarted(repository, tmp_path):
     """Ten requests wait in the engine (its batch waits 5 s for company; /metrics counts them) when
     it is killed: each gets 503 at once, not when the batch or their deadline was due; the engine
