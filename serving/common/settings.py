@@ -20,8 +20,8 @@ class Settings(BaseSettings):
     grpc_port: int = Field(0, ge=0, description="KServe V2 over gRPC on this port (Triton's is 8001); 0: off, so "
                                                 "that nothing listens unasked and local servers do not collide "
                                                 "on a second fixed port (the image sets 8001)")
-    workers: int = Field(0, ge=0, description="HTTP front-end processes on the port (a socket each: SO_REUSEPORT); 0: one per CPU core (with "
-                                              "GPUs, less one per engine)")
+    workers: int = Field(0, ge=0, description="HTTP front-end processes on the port (a socket each: SO_REUSEPORT); "
+                                              "0: one per CPU core (with GPUs, less one per engine)")
     engines: int = Field(0, ge=0, description="inference engine processes, each owning the sessions on its device; "
                                               "0: one per CUDA device, else one per CPU core")
     engine_addresses: list[str] = Field([], description="the engines' Unix socket paths (python -m serving sets them)")
