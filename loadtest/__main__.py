@@ -11,6 +11,7 @@
     python -m loadtest loop [--model imdb-gru]
     python -m loadtest engine [--model imdb-gru --seconds 5 --repeats 3]
     python -m loadtest fronts [--lm timemachine-gru --streams 64 --seconds 6 --repeats 3]
+    python -m loadtest mixed [--model imdb-gru --lm timemachine-gru --streams 16 --users 64 --repeats 2]
     python -m loadtest tune MODEL [--p99-ms 100 --users 64 --texts 1 --minutes 10 --write]
     python -m loadtest state [--lm timemachine-gru --users 16 --seconds 5 --repeats 3]
     python -m loadtest profile [--model imdb-gru --users 1,64 --texts 1 --seconds 8]
@@ -24,7 +25,8 @@ CUDA tests and the GPU goals' operating points in one command (loadtest/gpu.py);
 largest bodies cost a front-end's event loop (loadtest/loop.py); `engine`: the engine's host work
 per request and row, and the whole stack against a minimal app, with negligible compute
 (loadtest/engine.py); `fronts`: :generate's streams against the same through OpenAI's completions
-(loadtest/fronts.py); `tune`: the model's best serving config on this machine, measured and
+(loadtest/fronts.py); `mixed`: the streams' pace alone and beside classifier users
+(loadtest/mixed.py); `tune`: the model's best serving config on this machine, measured and
 written to its config.json (loadtest/tune.py); `state`: what a session's state token costs, in
 bytes, microseconds and steps/s against a step by session id (loadtest/state.py); `profile`: py-spy
 flame graphs of the front-end and the engine under load (loadtest/profile.py).
@@ -40,6 +42,7 @@ from loadtest.gpu import gpu as run_gpu
 from loadtest.headless import SCENARIOS, run_locust
 from loadtest.ipc import ipc as run_ipc
 from loadtest.loop import loop as run_loop
+from loadtest.mixed import mixed as run_mixed
 from loadtest.profile import profile as run_profile
 from loadtest.protocols import protocols as run_protocols
 from loadtest.soak import soak as run_soak
@@ -150,6 +153,17 @@ def main(argv=None):
     front.add_argument("--out", type=Path, default=Path("results/fronts"))
     front.add_argument("--server-env", nargs="*", default=[], metavar="RNNSERVE_X=VALUE",
                        help="settings for the server under test")
+    beside = commands.add_parser("mixed", help="streams alone and beside classifier users (loadtest/mixed.py)")
+    beside.add_argument("--model", default="imdb-gru", help="classifier in the repository")
+    beside.add_argument("--lm", default="timemachine-gru", help="language model in the repository")
+    beside.add_argument("--repository", type=Path, default=Path("model_repository"))
+    beside.add_argument("--streams", type=int, default=16, help="concurrent streams")
+    beside.add_argument("--users", type=int, default=64, help="concurrent classifier users")
+    beside.add_argument("--seconds", type=float, default=5.0, help="per measured point")
+    beside.add_argument("--repeats", type=int, default=2)
+    beside.add_argument("--out", type=Path, default=Path("results/mixed"))
+    beside.add_argument("--server-env", nargs="*", default=[], metavar="RNNSERVE_X=VALUE",
+                        help="settings for the server under test")
     tuner = commands.add_parser("tune", help="the model's best serving config, measured (loadtest/tune.py)")
     tuner.add_argument("model", help="a model of the repository")
     tuner.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -195,6 +209,8 @@ def main(argv=None):
         return run_engine(args)
     if args.command == "fronts":
         return run_fronts(args)
+    if args.command == "mixed":
+        return run_mixed(args)
     if args.command == "loop":
         return run_loop(args)
     if args.command == "gpu":

@@ -16,6 +16,7 @@ JSON = b"Content-Type: application/json\r\n"
 class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     first_byte_s: list[float] = field(default_factory=list)  # time to the first body chunk (streams)
+    chunk_gaps_s: list[float] = field(default_factory=list)  # between a stream's body chunks, as read
     errors: int = 0
     lost: int = 0  # requests that got no HTTP answer at all (a reset or refused connection)
     statuses: dict = field(default_factory=dict)
@@ -31,15 +32,15 @@ async def read_response(reader: asyncio.StreamReader, sent_at: float, result: Lo
                (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)}
     closes = headers.get(b"connection", b"").lower() == b"close"
     if headers.get(b"transfer-encoding") == b"chunked":
-        body = b""
+        body, last = b"", sent_at
         while True:
             size = int((await reader.readuntil(b"\r\n")).strip(), 16)
             chunk = await reader.readexactly(size + 2)
             if size == 0:
                 break
-            if not body:
-                result.first_byte_s.append(time.perf_counter() - sent_at)
-            body += chunk[:-2]
+            now = time.perf_counter()
+            (result.chunk_gaps_s if body else result.first_byte_s).append(now - last)
+            body, last = body + chunk[:-2], now
         return status, body, closes
     return status, await reader.readexactly(int(headers.get(b"content-length", b"0"))), closes
 
@@ -115,6 +116,7 @@ def load_in_processes(host: str, port: int, requests: list[tuple], users: int, d
     for r in results:
         merged.latencies_s += r.latencies_s
         merged.first_byte_s += r.first_byte_s
+        merged.chunk_gaps_s += r.chunk_gaps_s
         merged.errors += r.errors
         merged.lost += r.lost
         for status, n in r.statuses.items():

@@ -75,6 +75,7 @@ def test_keep_alive_connections_opened_at_once_are_spread_over_the_front_ends(re
     fewer than 6 of 32 on either happens with probability 1e-4 under the kernel's hashing."""
     server, url = serve(repository, "--workers", "2", "--engines", "1")
     port = int(url.rsplit(":", 1)[1])
+    by_front_end(url, "/v2/health/ready", answers_each=1)  # both listen (ready answers once the first does)
 
     async def connect() -> str:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

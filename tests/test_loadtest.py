@@ -206,6 +206,22 @@ def test_the_engine_benchmark_measures_the_host_cost_and_the_whole_stack(tmp_pat
         assert point["repeats"] == 2 and point["requests"] > 0 and point["errors"] == 0, (key, point)
 
 
+def test_the_mixed_benchmark_times_the_streams_alone_and_beside_classifier_users(tmp_path):
+    """python -m loadtest mixed end to end on the tiny models and 0.5 s points: both conditions
+    measured, the streams' chunk gaps read, the classifier answered beside them, nothing failed;
+    plumbing, not speed."""
+    tiny_repository(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "loadtest", "mixed", "--model", "clf", "--lm", "lm", "--repository",
+                           str(tmp_path / "repo"), "--streams", "4", "--users", "4", "--seconds", "0.5", "--repeats", "1",
+                           "--out", str(tmp_path / "out")], env=ONE_OF_EACH, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    points = json.loads((tmp_path / "out" / "results.json").read_text())["points"]
+    alone, beside = points["streams alone"], points["streams beside the classifier users"]
+    for p in (alone, beside):
+        assert p["streams_per_s"] > 0 and p["gap_max_ms"] > 0 and p["errors"] == 0, p
+    assert alone["classifier_requests_per_s"] == 0 and beside["classifier_requests_per_s"] > 0, points
+
+
 def test_the_fronts_benchmark_streams_the_same_generations_through_generate_and_openai(tmp_path):
     """python -m loadtest fronts end to end on the tiny language model and 0.3 s points: every
     stream of both fronts answered whole; plumbing, not speed."""
