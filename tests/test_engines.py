@@ -21,8 +21,10 @@ from core.codec import softmax
 from core.repository import read_version
 from export.repository import export_run
 from serving.__main__ import Engines
+from serving.common.messages import Deployed
 from serving.common.settings import Settings
 from serving.engine.engine import Engine
+from serving.frontend.client import STREAM_WEIGHT, EngineClient
 from tests.serving_fixtures import FRONT_END, Server, alone, by_front_end, sample, serve, tiny_repository
 from tests.test_export import make_run
 from tests.test_lifecycle import children
@@ -93,6 +95,22 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_classifier_request_keeps_off_the_engine_running_this_front_ends_streams(tmp_path):
+    """Two engines serve the classifier; this front-end has generations streaming on the first. A
+    classifier request goes to the second, until the second has STREAM_WEIGHT times as many
+    requests waiting as the first has streams (the first's steps wait behind its classifier calls)."""
+    engines = EngineClient(["engine-0.sock", "engine-1.sock"], tmp_path)
+    deployed = Deployed("clf", 1, "classifier", "CPUExecutionProvider", "fp32", "cpu", 64)
+    for link in engines.links:
+        engines.catalogued(link, {"clf": deployed})
+    generating, other = engines.links
+    generating.streams = {i: None for i in range(2)}
+    other.waiting = {i: None for i in range(3)}
+    assert engines.pick("clf")[0] is other  # 3 waiting there against 2 streams here
+    other.waiting = {i: None for i in range(2 * STREAM_WEIGHT + 1)}
+    assert engines.pick("clf")[0] is generating
 
 
 def test_an_engine_stops_when_a_second_sigterm_interrupts_the_first(tmp_path):

@@ -28,6 +28,13 @@ from serving.common.messages import (Cancel, Catalog, Deployed, Depths, Failed, 
 log = logging.getLogger(__name__)
 COALESCE_S = 0.0005
 RECONNECT_S = 0.05  # how often a front-end tries an engine that is not (or no longer) there
+# Choosing an engine for a classifier request, a stream of this front-end there counts as this many
+# requests waiting: the engine running a model's generations takes classifier batches only when the
+# others have far more waiting, since its steps wait behind each classifier call. Counted as one,
+# 16 streams beside 64 classifier users ran at 48 streams/s (373 alone); counted as 8, at 279, the
+# classifier answering 1,016 requests/s instead of 2,431 (python -m loadtest mixed, runs minutes
+# apart: docs/benchmarks.md).
+STREAM_WEIGHT = 8
 
 
 class Stream:
@@ -192,15 +199,15 @@ class EngineClient:
             self.heard.set()
 
     def pick(self, name: str, together: bool = False) -> tuple[Link, Deployed] | None:
-        """The engine serving `name` with the least work waiting from this front-end; together:
-        the same one for every front-end (a model's generations share its steps there, and one
-        step of 64 rows costs far less than two of 32)."""
+        """The engine serving `name` with the least work waiting from this front-end (a stream
+        weighs STREAM_WEIGHT requests); together: the same one for every front-end (a model's
+        generations share its steps there, and one step of 64 rows costs far less than two of 32)."""
         serving = self.deployed(name)
         if not serving:
             return None
         if together:
             return serving[zlib.crc32(name.encode()) % len(serving)]
-        return min(serving, key=lambda ld: len(ld[0].waiting) + len(ld[0].streams))
+        return min(serving, key=lambda ld: len(ld[0].waiting) + STREAM_WEIGHT * len(ld[0].streams))
 
     def version(self, name: str, number: int) -> Version:
         """A deployed version's codec and manifest, read once through the repository contract."""
