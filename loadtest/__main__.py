@@ -50,6 +50,14 @@ from loadtest.state import state as run_state
 from loadtest.swaps import swaps as run_swaps
 from loadtest.tune import tune as run_tune
 
+def server_under_test(parser: argparse.ArgumentParser, name: str):
+    """The options of a benchmark of one python -m serving (loadtest/servers.py's start_rnnserve)."""
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--server-env", nargs="*", default=[], metavar="RNNSERVE_X=VALUE",
+                        help="settings for the server under test")
+    parser.add_argument("--out", type=Path, default=Path(f"results/{name}"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,24 +154,18 @@ def main(argv=None):
     host.add_argument("--out", type=Path, default=Path("results/engine"))
     front = commands.add_parser("fronts", help=":generate vs OpenAI's completions, streamed (loadtest/fronts.py)")
     front.add_argument("--lm", default="timemachine-gru", help="language model in the repository")
-    front.add_argument("--repository", type=Path, default=Path("model_repository"))
     front.add_argument("--streams", type=int, default=64, help="concurrent streams")
     front.add_argument("--seconds", type=float, default=6.0, help="per measured point")
     front.add_argument("--repeats", type=int, default=3)
-    front.add_argument("--out", type=Path, default=Path("results/fronts"))
-    front.add_argument("--server-env", nargs="*", default=[], metavar="RNNSERVE_X=VALUE",
-                       help="settings for the server under test")
+    server_under_test(front, "fronts")
     beside = commands.add_parser("mixed", help="streams alone and beside classifier users (loadtest/mixed.py)")
     beside.add_argument("--model", default="imdb-gru", help="classifier in the repository")
     beside.add_argument("--lm", default="timemachine-gru", help="language model in the repository")
-    beside.add_argument("--repository", type=Path, default=Path("model_repository"))
     beside.add_argument("--streams", type=int, default=16, help="concurrent streams")
     beside.add_argument("--users", type=int, default=64, help="concurrent classifier users")
     beside.add_argument("--seconds", type=float, default=5.0, help="per measured point")
     beside.add_argument("--repeats", type=int, default=2)
-    beside.add_argument("--out", type=Path, default=Path("results/mixed"))
-    beside.add_argument("--server-env", nargs="*", default=[], metavar="RNNSERVE_X=VALUE",
-                        help="settings for the server under test")
+    server_under_test(beside, "mixed")
     tuner = commands.add_parser("tune", help="the model's best serving config, measured (loadtest/tune.py)")
     tuner.add_argument("model", help="a model of the repository")
     tuner.add_argument("--repository", type=Path, default=Path("model_repository"))

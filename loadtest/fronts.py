@@ -13,21 +13,17 @@ under --out.
 """
 import json
 import statistics
-import sys
 import time
 
 from loadtest.bench import generation_point, median_point
-from loadtest.servers import cpu_name, free_port, start
+from loadtest.servers import cpu_name, start_rnnserve
 
 FRONTS = ("generate", "openai")
 
 
 def fronts(args) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {"RNNSERVE_REPOSITORY": str(args.repository), **dict(kv.split("=", 1) for kv in args.server_env)}
-    proc = start("rnnserve", [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port)], env, port,
-                 "/v2/health/ready")
+    proc, port = start_rnnserve(args.repository, args.server_env)
     raw: dict[str, list] = {front: [] for front in FRONTS}
     try:
         generation_point(proc.pid, port, args.lm, args.streams, 1, 1)  # warm up

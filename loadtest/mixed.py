@@ -14,14 +14,13 @@ under --out.
 import json
 import multiprocessing
 import statistics
-import sys
 import time
 
 import numpy as np
 
 from loadtest.bench import generation_requests
 from loadtest.client import LoadResult, load_part
-from loadtest.servers import cpu_name, free_port, start
+from loadtest.servers import cpu_name, start_rnnserve
 from loadtest.workloads import predict_body, texts
 
 ALONE, BESIDE = "streams alone", "streams beside the classifier users"
@@ -37,10 +36,7 @@ def point(streams: LoadResult, classifier: LoadResult | None = None) -> dict:
 
 def mixed(args) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {"RNNSERVE_REPOSITORY": str(args.repository), **dict(kv.split("=", 1) for kv in args.server_env)}
-    server = start("rnnserve", [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port)], env, port,
-                   "/v2/health/ready")
+    server, port = start_rnnserve(args.repository, args.server_env)
     streams = ("127.0.0.1", port, generation_requests("generate", args.lm, max_tokens=200), args.streams, args.seconds)
     reviews = [(f"/v1/models/{args.model}:predict", predict_body(text)) for text in texts("long", 800, seed=5)]
     classifier = ("127.0.0.1", port, reviews, args.users, args.seconds)

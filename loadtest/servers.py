@@ -4,6 +4,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -16,6 +17,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_rnnserve(repository: Path, server_env: list[str]) -> tuple[subprocess.Popen, int]:
+    """python -m serving over `repository` on a free port of 127.0.0.1, in its default layout with
+    the RNNSERVE_X=VALUE settings of --server-env, ready: the process and its port."""
+    port = free_port()
+    env = {"RNNSERVE_REPOSITORY": str(repository), **dict(kv.split("=", 1) for kv in server_env)}
+    return start("rnnserve", [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port)], env, port,
+                 "/v2/health/ready"), port
 
 
 def cpu_by_role(pid: int) -> dict[str, float]:

@@ -233,3 +233,27 @@ def client_of(url: str, pid: str, timeout_s: float = 60):
                 yield client
                 return
     raise RuntimeError(f"no connection reached front-end {pid} in {timeout_s}s")
+
+
+def local_session(url: str, texts: list[str], top_k: int = 10) -> list[tuple[list[str], list[float], int]]:
+    """One server's local session over `texts`: (tokens, probabilities, total tokens) per step."""
+    sid = httpx.post(f"{url}/v1/models/lm/sessions").json()["session_id"]
+    answers = [session_step(httpx.post(f"{url}/v1/models/lm/sessions/{sid}:step", json={"text": t, "top_k": top_k}))
+               for t in texts]
+    httpx.delete(f"{url}/v1/models/lm/sessions/{sid}")
+    return answers
+
+
+def session_step(r: httpx.Response) -> tuple[list[str], list[float], int]:
+    """A session step's answer, which must be 200: (next tokens, their probabilities, total tokens)."""
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return [n["token"] for n in body["next"]], [n["probability"] for n in body["next"]], body["total_tokens"]
+
+
+def same_steps(got: list, expected: list):
+    """Step by step: the same tokens, probabilities within 1e-6, the same count."""
+    assert len(got) == len(expected)
+    for (tokens, p, total), (tokens_1, p_1, total_1) in zip(got, expected):
+        assert (tokens, total) == (tokens_1, total_1)
+        assert np.abs(np.array(p) - p_1).max() <= 1e-6

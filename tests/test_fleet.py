@@ -24,7 +24,7 @@ import tritonclient.grpc as triton
 from export.repository import export_run
 from loadtest.servers import free_port
 from serving.common.settings import Settings
-from tests.serving_fixtures import FRONT_END, alone, serve, tiny_repository
+from tests.serving_fixtures import FRONT_END, alone, local_session, same_steps, serve, session_step, tiny_repository
 from tests.test_export import make_run
 
 KEY = "one-state-key-for-the-whole-fleet"
@@ -105,25 +105,6 @@ def fleet(tmp_path_factory, haproxy):
             process.wait(30)
 
 
-def steps_of(url: str, script: list[str]) -> list[tuple[list[str], list[float], int]]:
-    """One server's local session over a script: (tokens, probabilities, total tokens) per step."""
-    sid = httpx.post(f"{url}/v1/models/lm/sessions").json()["session_id"]
-    answers = [answer(httpx.post(f"{url}/v1/models/lm/sessions/{sid}:step", json={"text": text, "top_k": 10}))
-               for text in script]
-    httpx.delete(f"{url}/v1/models/lm/sessions/{sid}")
-    return answers
-
-
-def answer(r: httpx.Response) -> tuple[list[str], list[float], int]:
-    assert r.status_code == 200, r.text
-    return [n["token"] for n in r.json()["next"]], [n["probability"] for n in r.json()["next"]], r.json()["total_tokens"]
-
-
-def same(got: list, expected: list):
-    assert [(tokens, total) for tokens, _, total in got] == [(tokens, total) for tokens, _, total in expected]
-    assert max(np.abs(np.array(p) - q).max() for (_, p, _), (_, q, _) in zip(got, expected)) <= 1e-6
-
-
 def test_the_balancer_spreads_a_sessions_steps_so_its_id_alone_is_lost(fleet):
     """What the tokens are for: without one, every other step reaches the replica that does not
     hold the session."""
@@ -137,7 +118,7 @@ def test_the_balancer_spreads_a_sessions_steps_so_its_id_alone_is_lost(fleet):
 
 def test_a_hundred_sessions_through_the_balancer_answer_what_one_server_answers(fleet):
     url, _, replicas = fleet
-    expected = [steps_of(replicas[0], script) for script in SCRIPTS]
+    expected = [local_session(replicas[0], script) for script in SCRIPTS]
     moved = 0  # steps answered by another replica than the step before
     with httpx.Client(base_url=url) as client:
         for n in range(SESSIONS):
@@ -146,26 +127,26 @@ def test_a_hundred_sessions_through_the_balancer_answer_what_one_server_answers(
             sid, state, last = opened["session_id"], opened["state"], None
             for text in script:
                 r = client.post(f"/v1/models/lm/sessions/{sid}:step", json={"text": text, "top_k": 10, "state": state})
-                got.append(answer(r))
+                got.append(session_step(r))
                 state, moved, last = r.json()["state"], moved + (last not in (None, r.headers[FRONT_END])), \
                     r.headers[FRONT_END]
-            same(got, expected[n % len(SCRIPTS)])
+            same_steps(got, expected[n % len(SCRIPTS)])
     assert moved >= SESSIONS  # each session went on on the other replica at least once (round robin: about half)
 
 
 def test_stateless_steps_through_the_balancer_answer_what_one_server_answers(fleet):
     url, _, replicas = fleet
-    expected = steps_of(replicas[1], SCRIPTS[0])
+    expected = local_session(replicas[1], SCRIPTS[0])
     with httpx.Client(base_url=url) as client:
         for _ in range(10):
             state, got, seen = None, [], set()
             for text in SCRIPTS[0]:
                 body = {"text": text, "top_k": 10} | ({"state": state} if state else {})
                 r = client.post("/v1/models/lm:step", json=body)
-                got.append(answer(r))
+                got.append(session_step(r))
                 state = r.json()["state"]
                 seen.add(r.headers[FRONT_END])
-            same(got, expected)
+            same_steps(got, expected)
             assert len(seen) == 2
 
 
@@ -173,7 +154,7 @@ def test_triton_sequences_through_the_balancer_answer_what_one_server_answers(fl
     """tritonclient.grpc unchanged, a new connection (so, round robin, the other replica) for each
     request of the sequence, the state token carried from answer to answer."""
     url, grpc_port, replicas = fleet
-    expected = steps_of(replicas[0], SCRIPTS[0])
+    expected = local_session(replicas[0], SCRIPTS[0])
     for sequence in range(1, 6):
         state, got = None, []
         for i, text in enumerate(SCRIPTS[0]):
@@ -194,7 +175,7 @@ def test_triton_sequences_through_the_balancer_answer_what_one_server_answers(fl
             got.append(([t.decode() for t in result.as_numpy("next_tokens")],
                         result.as_numpy("next_probabilities").tolist(), int(result.as_numpy("total_tokens")[0])))
             state = result.as_numpy("state")[0]
-        same(got, expected)
+        same_steps(got, expected)
 
 
 # A replica stopped under load. The balancer asks each replica's readiness every 500 ms and takes

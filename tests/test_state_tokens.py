@@ -20,7 +20,7 @@ from serving.engine.generation import LanguageModel
 from serving.engine.runner import Runner
 from serving.frontend.core.state_token import FORMAT, HEADER, Carried, seal, unseal
 from serving.frontend.core.refused import Refused
-from tests.serving_fixtures import Server, tiny_repository
+from tests.serving_fixtures import Server, local_session, same_steps, session_step, tiny_repository
 
 KEY, OTHER_KEY = "a-state-key-every-replica-has", "another-key-of-another-fleet"
 TEXTS = ["the time traveller", " (for so it will", " be convenient to speak", " of him) was expounding"]
@@ -40,26 +40,7 @@ def replicas(tmp_path_factory):
 @pytest.fixture(scope="module")
 def alone(replicas):
     """What one server's local session answers to TEXTS: (tokens, probabilities, total tokens) per step."""
-    url = replicas[0].url
-    sid = httpx.post(f"{url}/v1/models/lm/sessions").json()["session_id"]
-    answers = [answer(httpx.post(f"{url}/v1/models/lm/sessions/{sid}:step", json={"text": t, "top_k": TOP_K}))
-               for t in TEXTS]
-    httpx.delete(f"{url}/v1/models/lm/sessions/{sid}")
-    return answers
-
-
-def answer(r: httpx.Response) -> tuple[list[str], list[float], int]:
-    assert r.status_code == 200, r.text
-    body = r.json()
-    return [n["token"] for n in body["next"]], [n["probability"] for n in body["next"]], body["total_tokens"]
-
-
-def same(got: list, expected: list):
-    """Step by step: the same tokens, probabilities within 1e-6, the same count."""
-    assert len(got) == len(expected)
-    for (tokens, p, total), (tokens_1, p_1, total_1) in zip(got, expected):
-        assert (tokens, total) == (tokens_1, total_1)
-        assert np.abs(np.array(p) - p_1).max() <= 1e-6
+    return local_session(replicas[0].url, TEXTS, TOP_K)
 
 
 def test_a_stateless_step_goes_on_on_either_replica(replicas, alone):
@@ -67,9 +48,9 @@ def test_a_stateless_step_goes_on_on_either_replica(replicas, alone):
     for i, text in enumerate(TEXTS):
         r = httpx.post(f"{replicas[i % 2].url}/v1/models/lm:step",
                        json={"text": text, "top_k": TOP_K} | ({"state": state} if state else {}))
-        got.append(answer(r))
+        got.append(session_step(r))
         state = r.json()["state"]
-    same(got, alone)
+    same_steps(got, alone)
     for s in replicas:  # each step's slot was freed after it, and no session was left behind
         lm = s.deployment("lm").lm
         assert not lm.sessions and len(lm.free) == lm.max_generations + lm.max_sessions
@@ -81,14 +62,14 @@ def test_a_session_goes_on_on_the_replica_that_does_not_hold_it(replicas, alone)
     sid = httpx.post(f"{replicas[0].url}/v1/models/lm/sessions").json()["session_id"]
     r = httpx.post(f"{replicas[0].url}/v1/models/lm/sessions/{sid}:step",
                    json={"text": TEXTS[0], "top_k": TOP_K, "return_state": True})
-    got, state = [answer(r)], r.json()["state"]
+    got, state = [session_step(r)], r.json()["state"]
     for i, text in enumerate(TEXTS[1:], 1):
         r = httpx.post(f"{replicas[i % 2].url}/v1/models/lm/sessions/{sid}:step",
                        json={"text": text, "top_k": TOP_K, "state": state})
-        got.append(answer(r))
+        got.append(session_step(r))
         assert r.json()["session_id"] == sid
         state = r.json()["state"]
-    same(got, alone)
+    same_steps(got, alone)
     plain = httpx.post(f"{replicas[1].url}/v1/models/lm/sessions/{sid}:step", json={"text": "x"})
     assert plain.status_code == 200 and "state" not in plain.json()  # replica 1 holds it now, by the same id
     for s in replicas:
@@ -100,10 +81,10 @@ def test_a_new_sessions_zero_state_token_lets_its_first_step_reach_any_replica(r
     assert unseal(KEY.encode(), opened["state"], "lm") == Carried("lm", 1, 0, bytes(4 * 2 * 12))  # 2 layers x 12
     r = httpx.post(f"{replicas[1].url}/v1/models/lm/sessions/{opened['session_id']}:step",
                    json={"text": TEXTS[0], "top_k": TOP_K, "state": opened["state"]})
-    same([answer(r)], alone[:1])
+    same_steps([session_step(r)], alone[:1])
     r = httpx.post(f"{replicas[1].url}/v1/models/lm/sessions/7.1.{opened['session_id'][4:]}:step",
                    json={"text": TEXTS[0], "top_k": TOP_K, "state": opened["state"]})  # engine 7: a larger replica's
-    same([answer(r)], alone[:1])
+    same_steps([session_step(r)], alone[:1])
 
 
 def tampered(token: str) -> str:
@@ -228,7 +209,7 @@ def sequence_steps(replicas, texts, sequence_id, state=None, **parameters):
 
 def test_a_triton_sequence_goes_on_on_either_replica(replicas, alone):
     got, token = sequence_steps(replicas, TEXTS, 42, return_state=True)
-    same(got, alone)
+    same_steps(got, alone)
     assert unseal(KEY.encode(), token, "lm").tokens == alone[-1][2]
     _, error = sequence_steps(replicas, ["x"], 43, state=tampered(token))
     assert "tampered with" in error
