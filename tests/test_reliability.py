@@ -83,12 +83,12 @@ def test_sigterm_answers_every_accepted_request_then_exits(repository, tmp_path)
 
 
 def test_a_front_end_drains_once_when_a_second_sigterm_interrupts_the_first():
-    """A front-end under the supervisor gets two SIGTERMs at a process-group stop (Ctrl-C, timeout,
-    a process manager): the group's, then the supervisor's. A signal handler runs between any two
-    lines of the code it interrupts: here the handler is called again at every line run inside a
-    first call. It must neither deadlock (starting a timer thread takes a lock the interrupted
-    start may hold) nor drain twice: uvicorn's own handler runs once, after the serve and drain
-    windows."""
+    """A front-end under the supervisor gets two SIGTERMs at a process-group stop (`timeout`, kill
+    -TERM -PGID, a process manager): the group's, then the supervisor's. A signal handler runs
+    between any two lines of the code it interrupts: here the handler is called again at every
+    line run inside a first call. It must neither deadlock (starting a timer thread takes a lock
+    the interrupted start may hold) nor drain twice: uvicorn's own handler runs once, after the
+    serve and drain windows."""
     front = types.SimpleNamespace(draining=False, ready=True)
     stopped = []
     before = signal.signal(signal.SIGTERM, lambda sig, frame: stopped.append(time.monotonic()))
