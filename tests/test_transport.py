@@ -1,11 +1,13 @@
 """Front-ends <-> engines over Unix stream sockets (serving/common/frames.py, serving/engine/connections.py,
 serving/frontend/client.py): frames come out whole however the reads cut them, an answer bigger
 than the socket's buffer reaches its requests whole, and a front-end that leaves mid-work frees
-what it held while the engine goes on serving the others."""
+what it held while the engine goes on serving the others; an engine's poll after work spins before it
+sleeps, within its timeout."""
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +19,7 @@ from core.repository import read_version
 from loadtest.wire import Wire
 from serving.common.frames import MAX_PATH, Frames, pack, socket_path
 from serving.common.messages import Catalog, Generate, Hello, Infer, Rows, Tokens, decode_replies, encode
+from serving.engine.connections import Connections
 from tests.serving_fixtures import Server, alone, graph_logits, slowed, slowed_steps, streams_gone, tiny_repository
 
 PAYLOADS = [b"", b"a", b"hello frames", bytes(range(256)) * 3]
@@ -56,6 +59,42 @@ def test_an_engine_address_too_long_for_a_unix_socket_is_refused_saying_why(tmp_
                           env=os.environ | {"TMPDIR": str(deep)}, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "a Unix socket's path holds at most 107" in done.stderr, done.stderr[-2000:]
     assert not [name for name in os.listdir(deep) if name.startswith("rnnserve-")]  # its runtime folder removed
+
+
+def test_an_engine_polls_for_spin_s_after_work_before_it_sleeps_and_never_past_its_timeout(tmp_path):
+    """After a poll that found something the next one spins (CPU time: it looks without sleeping)
+    and a frame that comes during it is taken; the spin counts within the poll's timeout, so a
+    batch due sooner is not delayed; an engine with nothing to do sleeps."""
+    def timed_poll(connections, timeout_s):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        arrived, _ = connections.poll(timeout_s)
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        print(f"spin {connections.spin_s}s: a poll of {timeout_s}s took {wall:.3f}s, {cpu:.3f}s of CPU")
+        return [bytes(frame) for _, frame in arrived], wall, cpu
+
+    for spin_s in (0.0, 0.3):
+        connections = Connections(str(tmp_path / f"engine-{spin_s}.sock"), spin_s)
+        connections.listen()
+        front_end = socket.socket(socket.AF_UNIX)
+        front_end.connect(connections.path)
+        connections.poll(1.0)  # accepts it
+        try:
+            arrived, wall, cpu = timed_poll(connections, 0.5)  # after work
+            assert not arrived and 0.5 <= wall < 0.7  # not 0.8: the spin is within the 0.5
+            assert cpu >= 0.2 if spin_s else cpu < 0.1  # spinning is on the CPU; sleeping is not
+            arrived, wall, cpu = timed_poll(connections, 0.5)  # after a poll that found nothing
+            assert not arrived and 0.5 <= wall < 0.7 and cpu < 0.1
+            threading.Timer(0.05, front_end.sendall, [pack(b"hello")]).start()
+            arrived, wall, _ = timed_poll(connections, 5.0)
+            assert arrived == [b"hello"] and wall < 2.0
+            threading.Timer(0.05, front_end.sendall, [pack(b"again")]).start()
+            arrived, wall, cpu = timed_poll(connections, 5.0)  # during the spin
+            assert arrived == [b"again"] and wall < 2.0 and (cpu >= 0.03 if spin_s else cpu < 0.03)
+            arrived, wall, _ = timed_poll(connections, 0.1)
+            assert not arrived and 0.1 <= wall < 0.25  # not 0.3: the spin stops at the timeout
+        finally:
+            front_end.close()
+            connections.close()
 
 
 @pytest.fixture(scope="module")

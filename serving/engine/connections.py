@@ -1,7 +1,7 @@
 """An engine's side of the wire: a listening Unix stream socket at its address and one connection
 per front-end, all in one selector with whatever else wakes the loop (the device thread's pipe).
 
-    connections = Connections("/tmp/rnnserve-x/engine-0.sock")
+    connections = Connections("/tmp/rnnserve-x/engine-0.sock", spin_s=0.001)
     connections.watch(device.done, device.woken)
     arrived, gone = connections.poll(timeout_s)  # [(front-end, frame)], [front-ends that left]
     connections.send(frontend, payload)          # one frame (serving/common/frames.py)
@@ -11,11 +11,16 @@ generations and replies under it. Sending never blocks the loop: what the kernel
 once (a big frame, a slow reader) waits in that connection's buffer, in order, and goes out as the
 socket drains. A front-end that closes its connection, or dies, is forgotten here and reported
 gone; a reply still addressed to it is dropped.
+
+Before it sleeps, a poll that follows work keeps looking for up to spin_s: a request that comes
+meanwhile is taken at once. A sleeping process is woken by the kernel, and on a virtual machine a halted CPU's
+wake-up and its cold caches cost a one-request turn as much as its loop does (docs/benchmarks.md).
 """
 import itertools
 import os
 import selectors
 import socket
+import time
 from collections.abc import Callable
 
 from serving.common.frames import Frames, pack, socket_path
@@ -31,8 +36,9 @@ class Connection:
 
 
 class Connections:
-    def __init__(self, address: str):
-        self.path = socket_path(address)
+    def __init__(self, address: str, spin_s: float = 0.0):
+        self.path, self.spin_s = socket_path(address), spin_s
+        self.lately = False  # whether the last poll found anything: only then does the next one spin
         self.selector = selectors.DefaultSelector()
         self.listener: socket.socket | None = None
         self.open: dict[bytes, Connection] = {}
@@ -53,10 +59,10 @@ class Connections:
         self.selector.register(fd, selectors.EVENT_READ, ready)
 
     def poll(self, timeout_s: float) -> tuple[list[tuple[bytes, memoryview]], list[bytes]]:
-        """Sleep until something arrives (at most timeout_s; 0: just look), then take it: the frames
-        that arrived, each with its front-end, in order, and the front-ends that left."""
+        """Sleep until something arrives (at most timeout_s; 0: just look; spinning first), then take
+        it: the frames that arrived, each with its front-end, in order, and the front-ends that left."""
         arrived, gone = [], []
-        for key, events in self.selector.select(timeout_s):
+        for key, events in self.ready(timeout_s):
             if key.fileobj is self.listener:
                 self.accept()
             elif callable(key.data):
@@ -70,6 +76,21 @@ class Connections:
         for frontend in gone:
             self.drop(frontend)
         return arrived, gone
+
+    def ready(self, timeout_s: float) -> list:
+        """What the selector has for the loop: after a poll that found something, looked for without
+        sleeping for spin_s (at most timeout_s), then waited for until timeout_s is up. A poll that
+        found nothing does not spin the next time: an idle engine sleeps."""
+        started = now = time.perf_counter()
+        spin_until = started + min(self.spin_s, timeout_s) if self.lately else started
+        while now < spin_until:
+            if ready := self.selector.select(0):
+                break
+            now = time.perf_counter()
+        else:
+            ready = self.selector.select(max(0.0, timeout_s - (now - started)))
+        self.lately = bool(ready)
+        return ready
 
     def accept(self):
         while True:

@@ -50,7 +50,7 @@ class Engine:
         self.stopping = False  # a bool, not an Event: see stop()
         self.ready = threading.Event()
         self.next_housekeeping = self.next_poll = 0.0
-        self.connections = Connections(address)
+        self.connections = Connections(address, settings.engine_spin_us / 1e6)
         threaded = settings.device_thread
         self.device = DeviceThread(f"engine-{index}-device", devices.usable_gpus(settings.providers) > 0
                                    if threaded is None else threaded)
