@@ -21,32 +21,35 @@ def next_tokens(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, 
                 uniform: np.ndarray) -> np.ndarray:
     """(B, V) logits, and per row its temperature (0: greedy), top_k (0: off), top_p (1: off)
     and uniform draw in [0, 1) -> (B,) token ids."""
-    tokens = logits.argmax(axis=1)
     sampled = np.flatnonzero(temperature > 0)
+    every = len(sampled) == len(logits)  # no greedy row: the settings are used as they are, uncopied
+    tokens = np.empty(len(logits), np.int64) if every else logits.argmax(axis=1)
     if not len(sampled):
         return tokens
-    rows = logits[sampled].astype(np.float64)
-    z = (rows - rows.max(axis=1, keepdims=True)) / temperature[sampled, None]  # max 0: no overflow at tiny temperatures
-    k = top_k[sampled].astype(np.int64)
+    if not every:
+        logits, temperature, top_k, top_p, uniform = (a[sampled] for a in (logits, temperature, top_k, top_p, uniform))
+    z = logits.astype(np.float64)  # (S, V)
+    z -= z.max(axis=1, keepdims=True)  # max 0: no overflow at tiny temperatures
+    z /= temperature[:, None]
     vocab = z.shape[1]
-    cut = (k > 0) & (k < vocab)  # rows whose top-k keeps less than the vocabulary
+    cut = (top_k > 0) & (top_k < vocab)  # rows whose top-k keeps less than the vocabulary
     if cut.any():
-        kth = -np.sort(-z, axis=1)[np.arange(len(z)), np.clip(k, 1, vocab) - 1]  # each row's k-th largest
+        kth = -np.sort(-z, axis=1)[np.arange(len(z)), np.clip(top_k, 1, vocab) - 1]  # each row's k-th largest
         z[cut[:, None] & (z < kth[:, None])] = -np.inf
-    p = np.exp(z)  # z's max is 0 already (the largest survives any top-k)
+    p = np.exp(z, out=z)  # z's max is 0 already (the largest survives any top-k)
     p /= p.sum(axis=1, keepdims=True)
-    nucleus = np.flatnonzero(top_p[sampled] < 1)
+    nucleus = np.flatnonzero(top_p < 1)
     if len(nucleus):
         q = p[nucleus]
         order = np.argsort(-q, axis=1)
         ranked = np.take_along_axis(q, order, axis=1)
-        outside = np.cumsum(ranked, axis=1) - ranked >= top_p[sampled][nucleus, None]  # past the nucleus
+        outside = np.cumsum(ranked, axis=1) - ranked >= top_p[nucleus, None]  # past the nucleus
         np.put_along_axis(q, order, np.where(outside, 0.0, ranked), axis=1)
         q /= q.sum(axis=1, keepdims=True)
         p[nucleus] = q
     cdf = np.cumsum(p, axis=1)
     cdf /= cdf[:, -1:]
-    tokens[sampled] = (cdf <= uniform[sampled, None]).sum(axis=1)  # = searchsorted(cdf, u, side="right")
+    tokens[sampled] = (cdf <= uniform[:, None]).sum(axis=1)  # = searchsorted(cdf, u, side="right")
     return tokens
 
 
