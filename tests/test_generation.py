@@ -12,7 +12,7 @@ from core.repository import ServingConfig
 from core.tokenize import Tokenizer, Vocab
 from models.checkpoint import load_run
 from models.rnn import generate as reference_generate
-from serving.common.messages import Step, Stepped
+from serving.common.messages import Generate, PromptLogprobs, Step, Stepped, Tokens
 from serving.common.settings import Settings
 from serving.engine.generation import LanguageModel
 from serving.engine.runner import Runner
@@ -95,7 +95,7 @@ def test_concurrent_generations_share_steps_and_each_matches_its_solo_run(server
     responses = asyncio.run(fire())
     assert [r.json()["text"] for r in responses] == [solo[p] for p in prompts]
     calls, rows = step_counts(server)
-    assert rows - rows_before == 16 * 30  # one prefill plus 29 single-token steps per generation
+    assert rows - rows_before == 16 * 29  # 29 single-token steps per generation; no prefill: each prompt ran solo
     assert calls - calls_before < 16 * 30 / 4  # steps of different generations shared ONNX Runtime calls
 
 
@@ -152,6 +152,44 @@ def test_a_step_keeps_the_pool_in_the_graphs_layout_and_answers_the_top_k(folder
     assert stepped.tokens == [i for i, _ in expected]
     assert np.abs(np.array(stepped.probabilities) - [p for _, p in expected]).max() <= 1e-6
     assert lm.sessions[first].slot != slot
+
+
+def test_a_prompt_seen_before_starts_from_its_kept_state_and_samples_the_same_tokens(folder):
+    """In one engine, no server: a generation whose prompt ran before makes no call over it, and
+    samples what it sampled the first time and what an engine keeping no prompts samples (same
+    seed); one that asks for the prompt's log-probabilities runs it; beyond the budget (two
+    prompts here) the least recently used prompt is run again."""
+    runner = Runner.load(folder / "repo" / "lm" / "1", Settings(providers=["CPUExecutionProvider"]), ServingConfig())
+    calls, advance = [], runner.advance
+    runner.advance = lambda ids, *rest: calls.append(ids.shape) or advance(ids, *rest)  # (B, T) of each call
+    probe = LanguageModel(runner, 1, 1, 60, 12)
+    entry = probe.state_bytes + 4 * probe.vocab_size  # a kept prompt: its state and its (V,) float32 logits
+    kept, none_kept = LanguageModel(runner, 4, 1, 60, 12, 2 * entry), LanguageModel(runner, 4, 1, 60, 12)
+    a, b, c, ids = [3, 4, 5, 6, 7], [7, 8, 3], [4, 4, 5, 6], iter(range(100))
+
+    def generated(lm, prompt, seed=5, prompt_logprobs=False) -> tuple[list[int], list[tuple[int, int]], bool]:
+        """The tokens, the calls made over more than one token, whether the prompt was scored."""
+        calls.clear()
+        lm.start(b"f", Generate(next(ids), "lm", 1, prompt, 12, 1.0, 0, 1.0, seed, prompt_logprobs=prompt_logprobs))
+        tokens, scored = [], False
+        while lm.has_work():
+            for _, message in lm.step():
+                tokens += message.tokens if isinstance(message, Tokens) else []
+                scored |= isinstance(message, PromptLogprobs)
+        return tokens, [shape for shape in calls if shape[1] > 1], scored
+
+    first, prefills, _ = generated(kept, a)
+    assert prefills == [(1, len(a))] and len(first) == 12
+    assert generated(kept, a) == (first, [], False)  # no prefill
+    assert generated(none_kept, a) == (first, [(1, len(a))], False)
+    assert generated(kept, a, prompt_logprobs=True) == (first, [(1, len(a))], True)
+    other_seed, prefills, _ = generated(kept, a, seed=6)
+    assert other_seed != first and prefills == []
+    for prompt in (b, c):  # a is the least recently used of three
+        assert generated(kept, prompt)[1] == [(1, len(prompt))]
+    assert generated(kept, c)[1] == [] and generated(kept, b)[1] == []
+    assert generated(kept, a) == (first, [(1, len(a))], False)
+    assert len(kept.prompt_states) == 2 and not none_kept.prompt_states
 
 
 def test_tokens_that_arrive_before_the_rest_is_read_all_count():
@@ -254,8 +292,8 @@ def test_an_error_while_streaming_ends_the_stream_with_an_error_event(folder):
         assert r.status_code == 200 and [e.get("token") is not None for e in events] == [True, True, False], r.text
         assert events[-1]["request_id"] == "stream-1" and "ZeroDivisionError" in events[-1]["error"]
         calls.clear()
-        good[0] = 0
-        r = httpx.post(f"{s.url}/v1/models/lm:generate", json={"prompt": "the", "stream": True},
+        good[0] = 0  # a prompt not seen before: its first token needs a call ("the"'s state is kept)
+        r = httpx.post(f"{s.url}/v1/models/lm:generate", json={"prompt": "the time", "stream": True},
                        headers={"X-Request-ID": "first-1"})
         assert r.status_code == 500 and r.json()["request_id"] == "first-1" and "ZeroDivisionError" in r.json()["error"]
     finally:

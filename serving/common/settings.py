@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     max_generations: int = Field(256, ge=1, description="concurrent generations per model; beyond it 503")
     max_sessions: int = Field(1024, ge=1, description="live sequence sessions per model; beyond it 503")
     session_idle_s: float = Field(300.0, ge=0, description="a session unused this long expires")
+    prompt_cache_mb: float = Field(64.0, ge=0, description="per language model: the states after the prompts seen "
+                                                           "last, and their next-token logits; a generation whose "
+                                                           "prompt is one of them skips its prefill (0: off)")
 
     # request limits
     max_instances: int = Field(256, ge=1, description="texts (or V2 rows) per request; beyond it 413")

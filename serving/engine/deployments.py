@@ -79,8 +79,8 @@ class Deployments:
 
     def deployment(self, runner: Runner) -> Deployment:
         s = self.settings
-        lm = (LanguageModel(runner, s.max_generations, s.max_sessions, s.session_idle_s, s.max_new_tokens)
-              if runner.task == "lm" else None)
+        lm = (LanguageModel(runner, s.max_generations, s.max_sessions, s.session_idle_s, s.max_new_tokens,
+                            int(s.prompt_cache_mb * 2**20)) if runner.task == "lm" else None)
         return Deployment(runner, Batcher(runner, metrics.of(metrics.QUEUE_DEPTH, runner.name)), lm)
 
     def start(self):

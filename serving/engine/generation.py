@@ -13,6 +13,11 @@ token, and of each prompt token from the prefill's logits at every position.
 New generations join at the next step; finished or cancelled ones leave and free their slot.
 Work per token does not grow with the prompt or the text so far.
 
+An RNN's state after a prompt is all a generation needs of it, so the states after the prompts seen
+last are kept (with the next-token logits there; up to prompt_cache_bytes, least recently used out):
+a generation whose prompt is one of them starts from that state and skips its prefill, as vLLM's
+prefix caching skips a cached prefix. One that asks for the prompt's log-probabilities runs it.
+
 A session step may carry its state (from a state token: any replica's, serving/frontend/core/state_token.py):
 it is loaded into the session's slot when the step runs, and the state after it goes back when asked. A step
 that carries a state and names no session runs in a slot of its own, freed after that one step.
@@ -21,6 +26,7 @@ import functools
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,7 +56,8 @@ class LanguageModel:
     uniforms), so a step of decoding is a few vectorized operations, whatever the number of
     generations; Python loops only over those that join or leave."""
 
-    def __init__(self, runner: Runner, max_generations: int, max_sessions: int, idle_s: float, max_new_tokens: int):
+    def __init__(self, runner: Runner, max_generations: int, max_sessions: int, idle_s: float, max_new_tokens: int,
+                 prompt_cache_bytes: int = 0):
         self.runner, self.max_generations, self.max_sessions, self.idle_s = runner, max_generations, max_sessions, idle_s
         self.vocab_size = int(runner.manifest.outputs[0].shape[-1])  # logits (batch, seq, vocab)
         slots = max_generations + max_sessions
@@ -73,6 +80,8 @@ class LanguageModel:
         self.sessions: dict[str, Session] = {}
         self.stepping: dict[str, Session] = {}  # the sessions with a step waiting, in arrival order
         self.waiting_steps: dict[tuple[bytes, int], Session] = {}  # (front-end, request id) -> its session
+        self.prompt_states: OrderedDict[tuple[int, ...], tuple[list[np.ndarray], np.ndarray]] = OrderedDict()
+        self.max_prompt_states = prompt_cache_bytes // (self.state_bytes + 4 * self.vocab_size)  # ((layers, H) each, (V,))
 
     @property
     def name(self) -> str:
@@ -249,8 +258,9 @@ class LanguageModel:
         generation in another (one token each, no padding). Returns (front-end, reply) pairs (one
         Tokens message per front-end with the next token of each of its generations, and each
         session step's k most likely next tokens)."""
-        prefill, steps = list(self.prompts.items()), self.next_steps(time.monotonic())
-        prefilled = np.array([slot for slot, _ in prefill], np.int64)
+        recalled, recalled_logits, prefill = self.recall(list(self.prompts.items()))
+        steps = self.next_steps(time.monotonic())
+        prefilled = np.array([*recalled, *(slot for slot, _ in prefill)], np.int64)
         if not len(prefilled) and not len(self.decoding) and not steps:
             return []
         sampling = self.max_new[prefilled] > 0  # (P,): the others only score their prompt
@@ -260,10 +270,13 @@ class LanguageModel:
             for _, request, session in steps:
                 if request.state:
                     self.load(session, request)
-            read, scores = self.advance([*prefilled.tolist(), *(session.slot for _, _, session in steps)],
+            read, scores = self.advance([*(slot for slot, _ in prefill), *(session.slot for _, _, session in steps)],
                                         [prompt for _, prompt in prefill] + [request.ids for _, request, _ in steps])
+            self.remember(prefill, read[: len(prefill)])
             decoded, _ = self.advance(self.decoding, None)
-            replies, ended = self.sampled(generating, np.concatenate([read[: len(prefill)][sampling], decoded]))
+            after_prompts = np.concatenate([np.array(recalled_logits, read.dtype).reshape(-1, self.vocab_size),
+                                            read[: len(prefill)]])  # (P, V), as the graph gave them
+            replies, ended = self.sampled(generating, np.concatenate([after_prompts[sampling], decoded]))
         except Exception as e:  # a failing step fails what was in it, and only that
             log.exception("a step of %d generations and %d session steps failed on %s", len(generating), len(steps),
                           self.name)
@@ -281,6 +294,33 @@ class LanguageModel:
             if session.alone:
                 self.close(session.id)
         return replies
+
+    def recall(self, prompts: list[tuple[int, list[int]]]) -> tuple[list[int], list[np.ndarray], list[tuple[int, list[int]]]]:
+        """The (slot, prompt)s of new generations whose prompt's state is kept: their slots, given
+        that state now, and the (V,) logits after it; and the others, whose prompts are to run."""
+        slots, logits, to_run = [], [], []
+        for slot, prompt in prompts:
+            kept = None if slot in self.scored else self.prompt_states.get(key := tuple(prompt))
+            if kept is None:
+                to_run.append((slot, prompt))
+                continue
+            self.prompt_states.move_to_end(key)
+            for state, after in zip(self.pool, kept[0]):
+                state[:, slot] = after  # (layers, H)
+            slots.append(slot)
+            logits.append(kept[1])
+        return slots, logits, to_run
+
+    def remember(self, prompts: list[tuple[int, list[int]]], logits: np.ndarray):
+        """Keep the state each prompt just ran to (now in its slot) and its (V,) row of logits, the
+        least recently used ones out beyond max_prompt_states."""
+        if not self.max_prompt_states:
+            return
+        for (slot, prompt), row in zip(prompts, logits):
+            self.prompt_states[tuple(prompt)] = ([state[:, slot].copy() for state in self.pool], row.copy())
+            self.prompt_states.move_to_end(tuple(prompt))
+        while len(self.prompt_states) > self.max_prompt_states:
+            self.prompt_states.popitem(last=False)
 
     def advance(self, slots, rows: list[list[int]] | None) -> tuple[np.ndarray, dict[int, list[float | None]]]:
         """One call: these slots' states over their rows (None: each slot's last sampled token), the
