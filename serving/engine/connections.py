@@ -3,7 +3,7 @@ per front-end, all in one selector with whatever else wakes the loop (the device
 
     connections = Connections("/tmp/rnnserve-x/engine-0.sock", spin_s=0.001)
     connections.watch(device.done, device.woken)
-    arrived, gone = connections.poll(timeout_s)  # [(front-end, frame)], [front-ends that left]
+    arrived, gone = connections.poll(timeout_s, spin)  # [(front-end, frame)], [front-ends that left]
     connections.send(frontend, payload)          # one frame (serving/common/frames.py)
 
 A front-end is an opaque key (bytes, as a socket identity was): the engine files its requests,
@@ -12,8 +12,8 @@ once (a big frame, a slow reader) waits in that connection's buffer, in order, a
 socket drains. A front-end that closes its connection, or dies, is forgotten here and reported
 gone; a reply still addressed to it is dropped.
 
-Before it sleeps, a poll that follows work keeps looking for up to spin_s: a request that comes
-meanwhile is taken at once. A sleeping process is woken by the kernel, and on a virtual machine a halted CPU's
+Asked to spin, a poll that follows work keeps looking for up to spin_s before it sleeps: a request
+that comes meanwhile is taken at once. A sleeping process is woken by the kernel, and on a virtual machine a halted CPU's
 wake-up and its cold caches cost a one-request turn as much as its loop does (docs/benchmarks.md).
 """
 import itertools
@@ -58,11 +58,12 @@ class Connections:
         """Wake the loop when fd is readable, and call ready()."""
         self.selector.register(fd, selectors.EVENT_READ, ready)
 
-    def poll(self, timeout_s: float) -> tuple[list[tuple[bytes, memoryview]], list[bytes]]:
-        """Sleep until something arrives (at most timeout_s; 0: just look; spinning first), then take
-        it: the frames that arrived, each with its front-end, in order, and the front-ends that left."""
+    def poll(self, timeout_s: float, spin: bool = False) -> tuple[list[tuple[bytes, memoryview]], list[bytes]]:
+        """Sleep until something arrives (at most timeout_s; 0: just look; spin: look for spin_s
+        first), then take it: the frames that arrived, each with its front-end, in order, and the
+        front-ends that left."""
         arrived, gone = [], []
-        for key, events in self.ready(timeout_s):
+        for key, events in self.ready(timeout_s, spin):
             if key.fileobj is self.listener:
                 self.accept()
             elif callable(key.data):
@@ -77,12 +78,12 @@ class Connections:
             self.drop(frontend)
         return arrived, gone
 
-    def ready(self, timeout_s: float) -> list:
-        """What the selector has for the loop: after a poll that found something, looked for without
-        sleeping for spin_s (at most timeout_s), then waited for until timeout_s is up. A poll that
-        found nothing does not spin the next time: an idle engine sleeps."""
+    def ready(self, timeout_s: float, spin: bool) -> list:
+        """What the selector has for the loop: asked to spin after a poll that found something,
+        looked for without sleeping for spin_s (at most timeout_s), then waited for until timeout_s
+        is up. A poll that found nothing does not spin the next time: an idle engine sleeps."""
         started = now = time.perf_counter()
-        spin_until = started + min(self.spin_s, timeout_s) if self.lately else started
+        spin_until = started + min(self.spin_s, timeout_s) if spin and self.lately else started
         while now < spin_until:
             if ready := self.selector.select(0):
                 break

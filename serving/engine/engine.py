@@ -48,6 +48,7 @@ class Engine:
         self.loading: list[tuple[Future, bytes | None, int | None]] = []  # (load, who asked, their request id)
         self.outbox: dict[bytes, list] = {}
         self.stopping = False  # a bool, not an Event: see stop()
+        self.alone = False  # the last frames brought one message: the next poll spins (take())
         self.ready = threading.Event()
         self.next_housekeeping = self.next_poll = 0.0
         self.connections = Connections(address, settings.engine_spin_us / 1e6)
@@ -125,7 +126,11 @@ class Engine:
     # --- take what arrived ---
 
     def take(self, timeout_s: float):
-        arrived, gone = self.connections.poll(timeout_s)
+        """What arrived, handled. After one message alone (a user waiting for each answer) the next
+        poll spins: under load messages come several to a frame, and an engine that slept meanwhile
+        finds more of them to batch."""
+        arrived, gone = self.connections.poll(timeout_s, spin=self.alone)
+        taken = 0
         for sender, frame in arrived:
             try:
                 messages = decode_requests(frame)
@@ -134,6 +139,7 @@ class Engine:
                 self.connections.drop(sender)
                 gone.append(sender)
                 continue
+            taken += len(messages)
             for message in messages:
                 try:
                     self.handle(sender, message)
@@ -142,6 +148,8 @@ class Engine:
                     self.post(sender, Failed(getattr(message, "id", 0), 500, f"{type(e).__name__}: {e}"))
         for sender in gone:
             self.forget(sender)
+        if arrived:
+            self.alone = taken == 1
 
     def forget(self, sender: bytes):
         """A front-end left: its queued requests, generations and session steps are dropped, as its
