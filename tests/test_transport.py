@@ -72,10 +72,10 @@ def test_a_poll_asked_to_spin_after_work_spins_for_spin_s_and_never_past_its_tim
         print(f"spin {connections.spin_s}s: a poll of {timeout_s}s took {wall:.3f}s, {cpu:.3f}s of CPU")
         return [bytes(frame) for _, frame in arrived], wall, cpu
 
-    def spun(cpu: float, wall: float) -> bool:
-        """On the CPU for a quarter of the time at least (a loaded box shares the core), or asleep."""
-        assert cpu >= wall / 4 or cpu < 0.01, f"{cpu:.3f}s of CPU in {wall:.3f}s: neither spinning nor asleep"
-        return cpu >= wall / 4
+    def spun(cpu: float) -> bool:
+        """Asleep, a poll takes microseconds of CPU; spinning, all it gets of a core (0.1 s or more here,
+        shared with whatever else runs on a loaded box)."""
+        return cpu > 0.005
 
     for spin_s in (0.0, 0.3):
         connections = Connections(str(tmp_path / f"engine-{spin_s}.sock"), spin_s)
@@ -86,21 +86,21 @@ def test_a_poll_asked_to_spin_after_work_spins_for_spin_s_and_never_past_its_tim
         try:
             arrived, wall, cpu = timed_poll(connections, 0.5)  # after work
             assert not arrived and 0.5 <= wall < 0.7  # not 0.8: the spin is within the 0.5
-            assert spun(cpu, spin_s or wall) == bool(spin_s)
+            assert spun(cpu) == bool(spin_s)
             arrived, wall, cpu = timed_poll(connections, 0.5)  # after a poll that found nothing
-            assert not arrived and 0.5 <= wall < 0.7 and not spun(cpu, wall)
+            assert not arrived and 0.5 <= wall < 0.7 and not spun(cpu)
             threading.Timer(0.1, front_end.sendall, [pack(b"hello")]).start()
             arrived, wall, cpu = timed_poll(connections, 5.0)
-            assert arrived == [b"hello"] and wall < 2.0 and not spun(cpu, wall)
+            assert arrived == [b"hello"] and wall < 2.0 and not spun(cpu)
             threading.Timer(0.1, front_end.sendall, [pack(b"again")]).start()
             arrived, wall, cpu = timed_poll(connections, 5.0)  # during the spin
-            assert arrived == [b"again"] and wall < 2.0 and spun(cpu, wall) == bool(spin_s)
+            assert arrived == [b"again"] and wall < 2.0 and spun(cpu) == bool(spin_s)
             arrived, wall, _ = timed_poll(connections, 0.1)
             assert not arrived and 0.1 <= wall < 0.25  # not 0.3: the spin stops at the timeout
             front_end.sendall(pack(b"more"))
             assert timed_poll(connections, 1.0)[0] == [b"more"]
             arrived, wall, cpu = timed_poll(connections, 0.5, spin=False)
-            assert not arrived and 0.5 <= wall < 0.7 and not spun(cpu, wall)  # not asked to spin
+            assert not arrived and 0.5 <= wall < 0.7 and not spun(cpu)  # not asked to spin
         finally:
             front_end.close()
             connections.close()
@@ -124,7 +124,7 @@ def test_an_engine_spins_after_a_message_that_came_alone_and_sleeps_after_severa
         ids = iter(range(1, 100))
 
         def engine_cpu_after(requests: int) -> float:
-            """The engine's CPU seconds in the 0.5 s after `requests` sent in one frame are answered."""
+            """The engine's CPU seconds in the 0.2 s after `requests` sent in one frame are answered."""
             rows = Rows.of([[2, 3, 4]])
             wire.send(encode([Infer(next(ids), "clf", version, rows.ids.data, rows.lengths.data, time.monotonic() + 60)
                               for _ in range(requests)]))
@@ -132,18 +132,18 @@ def test_an_engine_spins_after_a_message_that_came_alone_and_sleeps_after_severa
             while answered < requests:
                 answered += sum(len(m.ids) for m in decode_replies(wire.recv()) if isinstance(m, Results))
             before = time.clock_gettime(clock)
-            time.sleep(0.5)
+            time.sleep(0.2)
             cpu = time.clock_gettime(clock) - before
-            print(f"{requests} request(s) in a frame: the engine's CPU in the 0.5 s after: {cpu:.3f} s")
+            print(f"{requests} request(s) in a frame: the engine's CPU in the 0.2 s after: {cpu:.4f} s")
             return cpu
 
-        assert engine_cpu_after(1) >= 0.01  # spun for 0.045 s (on a loaded box, not all of it on a core)
-        assert engine_cpu_after(4) < 0.005
-        assert engine_cpu_after(1) >= 0.01
+        for _ in range(2):
+            alone, several = sum(engine_cpu_after(1) for _ in range(4)), sum(engine_cpu_after(4) for _ in range(4))
+            assert alone > 0.01 and several < 0.004  # spun 4 x 0.045 s (on a loaded box, not all on a core); asleep
         time.sleep(0.5)
         before = time.clock_gettime(clock)
         time.sleep(0.5)
-        assert time.clock_gettime(clock) - before < 0.005  # idle: asleep
+        assert time.clock_gettime(clock) - before < 0.002  # idle: asleep
         wire.close()
     finally:
         s.stop()
