@@ -13,8 +13,9 @@ socket drains. A front-end that closes its connection, or dies, is forgotten her
 gone; a reply still addressed to it is dropped.
 
 Asked to spin, a poll that follows work keeps looking for up to spin_s before it sleeps: a request
-that comes meanwhile is taken at once. A sleeping process is woken by the kernel, and on a virtual machine a halted CPU's
-wake-up and its cold caches cost a one-request turn as much as its loop does (docs/benchmarks.md).
+that comes meanwhile is taken at once. A sleeping process is woken by the kernel, and on a virtual
+machine a halted CPU's wake-up and its cold caches cost a one-request turn as much as its loop does
+(docs/benchmarks.md).
 """
 import itertools
 import os

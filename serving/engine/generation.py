@@ -81,7 +81,7 @@ class LanguageModel:
         self.stepping: dict[str, Session] = {}  # the sessions with a step waiting, in arrival order
         self.waiting_steps: dict[tuple[bytes, int], Session] = {}  # (front-end, request id) -> its session
         self.prompt_states: OrderedDict[tuple[int, ...], tuple[list[np.ndarray], np.ndarray]] = OrderedDict()
-        self.max_prompt_states = prompt_cache_bytes // (self.state_bytes + 4 * self.vocab_size)  # ((layers, H) each, (V,))
+        self.max_prompt_states = prompt_cache_bytes // (self.state_bytes + 4 * self.vocab_size)  # states, (V,) logits
 
     @property
     def name(self) -> str:
@@ -295,7 +295,8 @@ class LanguageModel:
                 self.close(session.id)
         return replies
 
-    def recall(self, prompts: list[tuple[int, list[int]]]) -> tuple[list[int], list[np.ndarray], list[tuple[int, list[int]]]]:
+    def recall(self, prompts: list[tuple[int, list[int]]]
+               ) -> tuple[list[int], list[np.ndarray], list[tuple[int, list[int]]]]:
         """The (slot, prompt)s of new generations whose prompt's state is kept: their slots, given
         that state now, and the (V,) logits after it; and the others, whose prompts are to run."""
         slots, logits, to_run = [], [], []
@@ -317,8 +318,8 @@ class LanguageModel:
         if not self.max_prompt_states:
             return
         for (slot, prompt), row in zip(prompts, logits):
-            self.prompt_states[tuple(prompt)] = ([state[:, slot].copy() for state in self.pool], row.copy())
-            self.prompt_states.move_to_end(tuple(prompt))
+            self.prompt_states[key := tuple(prompt)] = ([state[:, slot].copy() for state in self.pool], row.copy())
+            self.prompt_states.move_to_end(key)
         while len(self.prompt_states) > self.max_prompt_states:
             self.prompt_states.popitem(last=False)
 
