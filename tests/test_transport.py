@@ -3,6 +3,7 @@ serving/frontend/client.py): frames come out whole however the reads cut them, a
 than the socket's buffer reaches its requests whole, and a front-end that leaves mid-work frees
 what it held while the engine goes on serving the others; an engine's poll after work spins before it
 sleeps, within its timeout."""
+import asyncio
 import os
 import socket
 import subprocess
@@ -111,10 +112,12 @@ def repository(tmp_path_factory):
     return tiny_repository(tmp_path_factory.mktemp("transport"))
 
 
-def test_an_engine_spins_after_a_message_that_came_alone_and_sleeps_after_several(repository):
-    """One message alone (a user waiting for each answer): the engine polls for
-    RNNSERVE_ENGINE_SPIN_US before it sleeps (its thread's CPU time). After a frame of several it
-    sleeps at once (under load, what comes meanwhile is batched, not raced for). Idle, it sleeps."""
+def test_an_engine_spins_after_a_request_sent_alone_and_sleeps_after_others(repository):
+    """A request that comes alone from a front-end with nothing else in flight (a user waiting for
+    each answer): the engine polls for RNNSERVE_ENGINE_SPIN_US before it sleeps (its thread's CPU
+    time). After one the front-end sent with others in flight, or a frame of several, it sleeps at
+    once (under load, what comes meanwhile is batched, not raced for). Idle, it sleeps. The
+    front-end marks its requests: one at a time, each alone; sixteen at once, not."""
     s = Server(repository, engine_spin_us=45_000)  # under the loop's longest sleep (IDLE_S), which bounds a spin
     try:
         clock = time.pthread_getcpuclockid(s.engine_thread.ident)
@@ -123,28 +126,42 @@ def test_an_engine_spins_after_a_message_that_came_alone_and_sleeps_after_severa
         version = next(m for m in decode_replies(wire.recv()) if isinstance(m, Catalog)).models[0].version
         ids = iter(range(1, 100))
 
-        def engine_cpu_after(requests: int) -> float:
+        def engine_cpu_after(requests: int, alone: bool) -> float:
             """The engine's CPU seconds in the 0.2 s after `requests` sent in one frame are answered."""
             rows = Rows.of([[2, 3, 4]])
-            wire.send(encode([Infer(next(ids), "clf", version, rows.ids.data, rows.lengths.data, time.monotonic() + 60)
-                              for _ in range(requests)]))
+            wire.send(encode([Infer(next(ids), "clf", version, rows.ids.data, rows.lengths.data, time.monotonic() + 60,
+                                    alone=alone) for _ in range(requests)]))
             answered = 0
             while answered < requests:
                 answered += sum(len(m.ids) for m in decode_replies(wire.recv()) if isinstance(m, Results))
             before = time.clock_gettime(clock)
             time.sleep(0.2)
             cpu = time.clock_gettime(clock) - before
-            print(f"{requests} request(s) in a frame: the engine's CPU in the 0.2 s after: {cpu:.4f} s")
+            print(f"{requests} request(s) in a frame, alone={alone}: the engine's CPU in the 0.2 s after: {cpu:.4f} s")
             return cpu
 
         for _ in range(2):
-            alone, several = sum(engine_cpu_after(1) for _ in range(4)), sum(engine_cpu_after(4) for _ in range(4))
-            assert alone > 0.01 and several < 0.004  # spun 4 x 0.045 s (on a loaded box, not all on a core); asleep
+            assert sum(engine_cpu_after(1, True) for _ in range(4)) > 0.01  # spun 4 x 0.045 s (a loaded box shares the core)
+            assert sum(engine_cpu_after(1, False) for _ in range(4)) < 0.004  # asleep: microseconds
+            assert sum(engine_cpu_after(4, True) for _ in range(4)) < 0.004
         time.sleep(0.5)
         before = time.clock_gettime(clock)
         time.sleep(0.5)
         assert time.clock_gettime(clock) - before < 0.002  # idle: asleep
         wire.close()
+
+        sent, handle = [], s.engine.handle
+        s.engine.handle = lambda sender, m: (sent.append(m.alone) if isinstance(m, Infer) else None, handle(sender, m))[1]
+        url = f"{s.url}/v1/models/clf:predict"
+        for _ in range(4):
+            assert httpx.post(url, json={"instances": ["one at a time"]}).status_code == 200
+
+        async def sixteen():
+            async with httpx.AsyncClient(timeout=30) as client:
+                return await asyncio.gather(*(client.post(url, json={"instances": ["at once"]}) for _ in range(16)))
+        assert all(r.status_code == 200 for r in asyncio.run(sixteen()))
+        print("sent alone:", sent)
+        assert sent[:4] == [True] * 4 and sum(sent[4:]) <= 8  # the first may come before the others connect
     finally:
         s.stop()
 

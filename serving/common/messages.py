@@ -30,6 +30,7 @@ class Infer(Message):
     lengths: bytes  # each row's length, int32
     deadline: float
     trace: str = ""  # the request's W3C traceparent when tracing is on (serving/common/tracing.py)
+    alone: bool = False  # the front-end had no other request in flight: its user waits for each answer
 
 
 class Generate(Message):

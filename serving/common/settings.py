@@ -97,10 +97,11 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads per model (on 2 cores one thread "
                                                        "leaves the other to the event loop)")
     spin_wait: bool = Field(False, description="spinning intra-op threads (they compete with the event loop)")
-    engine_spin_us: float = Field(1000.0, ge=0, description="after a message that came alone (a user waiting for "
-                                                            "each answer), how long the engine keeps polling before "
-                                                            "it sleeps, so that the next one starts without a "
-                                                            "wake-up (at most 50 ms); 0: it sleeps at once")
+    engine_spin_us: float = Field(1000.0, ge=0, description="after a request that came alone, from a front-end with "
+                                                            "nothing else in flight (a user waiting for each answer), "
+                                                            "how long the engine keeps polling before it sleeps, so "
+                                                            "that the next one starts without a wake-up (at most "
+                                                            "50 ms); 0: it sleeps at once")
     device_thread: bool | None = Field(None, description="run classifier calls on a thread beside the engine's loop, "
                                                          "which forms the next batch meanwhile; unset: on with a GPU, "
                                                          "off on the CPU (slower on 2 cores: docs/benchmarks.md)")

@@ -48,7 +48,7 @@ class Engine:
         self.loading: list[tuple[Future, bytes | None, int | None]] = []  # (load, who asked, their request id)
         self.outbox: dict[bytes, list] = {}
         self.stopping = False  # a bool, not an Event: see stop()
-        self.alone = False  # the last frames brought one message: the next poll spins (take())
+        self.alone = False  # the last frames brought one request, sent alone: the next poll spins (take())
         self.ready = threading.Event()
         self.next_housekeeping = self.next_poll = 0.0
         self.connections = Connections(address, settings.engine_spin_us / 1e6)
@@ -126,11 +126,11 @@ class Engine:
     # --- take what arrived ---
 
     def take(self, timeout_s: float):
-        """What arrived, handled. After one message alone (a user waiting for each answer) the next
-        poll spins: under load messages come several to a frame, and an engine that slept meanwhile
-        finds more of them to batch."""
+        """What arrived, handled. After a request that came alone, sent by a front-end with nothing
+        else in flight (a user who waits for each answer), the next poll spins; under load it
+        sleeps, and finds more requests to batch when it wakes."""
         arrived, gone = self.connections.poll(timeout_s, spin=self.alone)
-        taken = 0
+        taken, message = 0, None
         for sender, frame in arrived:
             try:
                 messages = decode_requests(frame)
@@ -149,7 +149,7 @@ class Engine:
         for sender in gone:
             self.forget(sender)
         if arrived:
-            self.alone = taken == 1
+            self.alone = taken == 1 and isinstance(message, Infer) and message.alone
 
     def forget(self, sender: bytes):
         """A front-end left: its queued requests, generations and session steps are dropped, as its

@@ -98,6 +98,7 @@ def entered(front: Front, outcome: Outcome, span: str, carrier: dict, authorizat
     traced = tracing.server_span(span, carrier, **attributes, **{"rnnserve.request_id": outcome.request_id}) \
         if span else nullcontext()
     with count, traced:
+        front.in_flight += 1
         try:
             admit(front, guard, authorization)
             if queued:
@@ -116,4 +117,5 @@ def entered(front: Front, outcome: Outcome, span: str, carrier: dict, authorizat
             outcome.status = counted_as(500)
             raise unexpected(e) from None
         finally:
+            front.in_flight -= 1
             tracing.set_attributes(**{"http.response.status_code": outcome.status or LEFT})

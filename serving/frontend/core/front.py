@@ -22,6 +22,7 @@ class Front:
     engines: EngineClient | None = None
     ready: bool = False
     draining: bool = False
+    in_flight: int = 0  # requests taken and not yet answered, on every transport
 
 
 def ready(front: Front) -> bool:

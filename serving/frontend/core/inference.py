@@ -77,7 +77,7 @@ async def infer(front: Front, name: str, encode, version: str | None = None, tas
         with tracing.span("tokenize"):
             rid, (rows, ran["kept"]) = client.next_id(), encode(ran["version"])
         message = Infer(rid, name, ran["version"].number, rows.ids.data, rows.lengths.data, client.deadline(timeout),
-                        tracing.traceparent())
+                        tracing.traceparent(), alone=front.in_flight == 1)
         return await reply_of(client, link, client.request(link, message, timeout), rid, left)
 
     outputs = await on_the_current_version(front, name, attempt)
