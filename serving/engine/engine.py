@@ -10,7 +10,8 @@ once (with each queue's length, which front-ends shed by), answer the batches wh
 done, send every batch that is due to the device (device_thread.py: with a GPU a thread beside
 the loop runs the classifier calls while the loop goes on; on the CPU they run inline), run one step of every language model with work, hand back the
 results (one frame per front-end), and now and then expire sessions, poll the repository and
-release retired versions. It sleeps only when nothing is due, until a message comes or a call ends.
+release retired versions. It sleeps only when nothing is due, until a message comes or a call ends;
+after a request sent alone it polls for RNNSERVE_ENGINE_SPIN_US first (take()).
 A front-end that leaves (its connection closed: it stopped or died) is forgotten, and what it had
 queued or generating here is dropped as its Cancel would drop it.
 """
