@@ -214,10 +214,14 @@ class LanguageModel:
 
     def load(self, session: Session, request: Step):
         """A carried state into the session's slot: each state input's (layers, H), one after another."""
-        states = np.frombuffer(request.state, np.float32).reshape(len(self.pool), *self.pool[0][:, 0].shape)
-        for state, carried in zip(self.pool, states):
-            state[:, session.slot] = carried  # (layers, H)
+        carried = np.frombuffer(request.state, np.float32).reshape(len(self.pool), *self.pool[0][:, 0].shape)
+        self.put(session.slot, carried)
         session.tokens = request.tokens
+
+    def put(self, slot: int, states):
+        """Into a slot of the pool: one (layers, H) state per state input of the graph."""
+        for state, given in zip(self.pool, states):
+            state[:, slot] = given
 
     def state_of(self, slot: int) -> bytes:
         """The slot's state as a step carries it."""
@@ -306,8 +310,7 @@ class LanguageModel:
                 to_run.append((slot, prompt))
                 continue
             self.prompt_states.move_to_end(key)
-            for state, after in zip(self.pool, kept[0]):
-                state[:, slot] = after  # (layers, H)
+            self.put(slot, kept[0])
             slots.append(slot)
             logits.append(kept[1])
         return slots, logits, to_run
